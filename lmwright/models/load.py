@@ -1,0 +1,106 @@
+"""Resolve and load local model folders: a run folder, a checkpoint folder or a Hugging Face folder.
+
+Nothing is ever downloaded (``local_files_only=True``). Adapter folders (peft or lmwright's own
+methods) are loaded by ``lmwright.methods.load_trained``, one layer up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from lmwright.config import ConfigError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """A run folder -> its ``final/`` (or newest checkpoint's model); other folders unchanged."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"model folder not found: {p}")
+    if (p / "run.json").exists() and not (p / "config.json").exists():
+        if (p / "final").is_dir():
+            return p / "final"
+        ckpts = sorted((p / "checkpoints").glob("step-*"), key=lambda c: int(c.name.split("-")[1])) \
+            if (p / "checkpoints").is_dir() else []
+        if ckpts:
+            return ckpts[-1] / "model"
+        raise ConfigError(f"run folder {p} has no final/ model and no checkpoints yet")
+    if (p / "model").is_dir() and (p / "trainer_state.json").exists():  # a checkpoint folder
+        return p / "model"
+    return p
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"tokenizer folder not found: {p}")
+    try:
+        return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load a tokenizer from {p}: {e}") from None
+
+
+def read_config(path: Path) -> dict:
+    f = path / "config.json"
+    if not f.exists():
+        raise ConfigError(f"{path} has no config.json: not a Hugging Face model folder")
+    return json.loads(f.read_text(encoding="utf-8"))
+
+
+def load_model(path: str | Path, task: str = "causal-lm", model_cfg=None, **extra):
+    """Load a plain Hugging Face model folder for ``task`` (no remote code, safetensors only)."""
+    import transformers as tf
+
+    from lmwright.models.presets import _TASK_CLASSES, resolve_dtype
+
+    p = resolve_model_path(path)
+    read_config(p)
+    auto = getattr(tf, _TASK_CLASSES[task])
+    kwargs = dict(local_files_only=True, trust_remote_code=False, **extra)
+    if model_cfg is not None:
+        kwargs["attn_implementation"] = model_cfg.attn_implementation
+        kwargs["dtype"] = resolve_dtype(model_cfg.dtype)
+        if model_cfg.overrides:
+            kwargs.update(model_cfg.overrides)
+        if model_cfg.quantize != "none":
+            kwargs["quantization_config"] = bnb_config(model_cfg)
+    try:
+        return auto.from_pretrained(str(p), **kwargs)
+    except ValueError as e:
+        raise ConfigError(f"cannot load {p} as {task}: {e}") from None
+
+
+def bnb_config(model_cfg):
+    """bitsandbytes quantization config for ``model.quantize`` (nf4/fp4 4-bit or int8)."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError("model.quantize needs bitsandbytes: pip install 'lmwright[quant]'") from None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if model_cfg.quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=model_cfg.quantize,
+                              bnb_4bit_use_double_quant=model_cfg.double_quant,
+                              bnb_4bit_compute_dtype=compute)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = trainable = 0
+    for p in model.parameters():
+        n = p.numel()
+        if hasattr(p, "quant_state") or p.__class__.__name__ == "Params4bit":
+            n *= 2  # packed 4-bit: two values per byte element
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total

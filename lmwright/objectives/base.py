@@ -1,0 +1,60 @@
+"""The loss contract shared by every objective, and token-level cross-entropy (the one home of
+label shifting and ignore-index masking)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LossOutput:
+    """``loss_sum`` summed over ``n_targets`` target units; ``metrics`` are sums over the same units
+    (the engine reports ``metrics[k] / n_targets``) unless listed in ``means`` (already means)."""
+
+    loss_sum: torch.Tensor
+    n_targets: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    means: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, shift: bool = True,
+                        chunk_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of token NLLs, number of target tokens). ``labels`` use -100 for ignored positions.
+
+    ``shift=True`` predicts token t+1 from position t (causal LMs). ``chunk_size`` > 0 computes the
+    loss over row chunks so a float32 copy of the whole (B, T, V) logits never exists at once.
+    """
+    if shift:
+        logits = logits[:, :-1, :]
+        labels = labels[:, 1:]
+    V = logits.shape[-1]
+    flat_logits = logits.reshape(-1, V)  # (B*T, V)
+    flat_labels = labels.reshape(-1)  # (B*T,)
+    n = (flat_labels != IGNORE_INDEX).sum()
+    if chunk_size and flat_logits.shape[0] > chunk_size:
+        total = flat_logits.new_zeros((), dtype=torch.float32)
+        for s in range(0, flat_logits.shape[0], chunk_size):
+            total = total + F.cross_entropy(flat_logits[s:s + chunk_size].float(), flat_labels[s:s + chunk_size],
+                                            ignore_index=IGNORE_INDEX, reduction="sum")
+        return total, n
+    loss = F.cross_entropy(flat_logits.float(), flat_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, n
+
+
+def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence sum of log p(label) over non-ignored (shifted) positions, and their counts.
+
+    Returns ((B,) summed log-probs, (B,) token counts). Used by DPO-family, PPO/GRPO and UPFT.
+    """
+    logits = logits[:, :-1, :].float()  # (B, T-1, V)
+    labels = labels[:, 1:]  # (B, T-1)
+    mask = labels != IGNORE_INDEX
+    safe = labels.masked_fill(~mask, 0)
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    logp = logp * mask
+    return logp.sum(-1), mask.sum(-1)

@@ -1,0 +1,41 @@
+"""Logging set-up and the silencing of noisy third-party import-time messages."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+_DONE = False
+
+
+def quiet_third_party() -> None:
+    """Silence import-time noise that says nothing to our users (idempotent).
+
+    torchao, when installed, is imported by transformers' quantizer registry and logs missing
+    CUDA kernels on CPU machines; torch's pytree logs a deprecation for torchao's enums. Remove
+    when torchao stops logging on import (checked with torchao 0.18).
+    """
+    global _DONE
+    if _DONE:
+        return
+    _DONE = True
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*torch.utils._pytree.*")
+
+
+def get_logger(name: str = "lmwright") -> logging.Logger:
+    logger = logging.getLogger(name)
+    if not logging.getLogger("lmwright").handlers:
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        root = logging.getLogger("lmwright")
+        root.addHandler(h)
+        root.setLevel(os.environ.get("LMWRIGHT_LOG", "INFO"))
+        root.propagate = False
+    return logger
