@@ -1,0 +1,33 @@
+"""Data configuration shared by every stage (what to read, how to clean, how to split)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from lmwright.config import opt
+
+
+@dataclass
+class CleanConfig:
+    normalize: Literal["NFC", "NFKC", "none"] = opt("NFC", "unicode normalisation form")
+    whitespace: bool = opt(True, "strip ends and collapse runs of spaces/tabs (newlines kept)")
+    min_chars: int = opt(1, "drop records whose text is shorter than this")
+    max_chars: int = opt(1_000_000, "drop records whose text is longer than this")
+    dedup: bool = opt(True, "drop exact duplicates (after normalisation)")
+    near_dedup: bool = opt(False, "drop near-duplicates (MinHash over character shingles)")
+    near_dedup_threshold: float = opt(0.85, "estimated Jaccard similarity at or above which a record is a near-duplicate")
+
+
+@dataclass
+class DataConfig:
+    path: list[str] = opt([], "training data: files (.txt .jsonl .json .csv .parquet), folders, globs, "
+                              "a `lmwright data prepare` output folder or a datasets save_to_disk folder")
+    format: str = opt("text", "record format: text, alpaca, messages, preference, classification, pairs")
+    columns: dict = opt({}, "rename source columns to the format's fields, e.g. {review: text, stars: label}")
+    val_path: list[str] = opt([], "validation data (same kinds of paths); default: split off val_fraction")
+    val_fraction: float = opt(0.05, "share of records held out for validation when val_path is empty")
+    split_seed: int = opt(0, "seed of the deterministic train/validation split")
+    max_records: int | None = opt(None, "read at most this many records (after cleaning)")
+    on_error: Literal["raise", "skip"] = opt("raise", "malformed record: stop with an error, or skip and count it")
+    clean: CleanConfig = opt(CleanConfig(), "cleaning rules")
