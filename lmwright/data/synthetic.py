@@ -1,0 +1,177 @@
+"""Deterministic generators of small corpora for the demo, the tests and the benchmarks.
+
+Nothing is downloaded or copied: every record is built here from word lists and templates with a
+seeded ``random.Random``. The generated worlds have learnable structure (grammar, facts, simple
+rules) so that training visibly works at tiny scale.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Iterator
+
+ANIMALS = ["fox", "cat", "dog", "owl", "bear", "wolf", "horse", "rabbit", "mouse", "lion", "duck", "frog"]
+COLORS = ["red", "blue", "green", "yellow", "black", "white", "brown", "grey"]
+PLACES = ["river", "forest", "hill", "village", "garden", "lake", "market", "castle", "field", "bridge"]
+VERBS = ["runs", "walks", "jumps", "sleeps", "sings", "hides", "swims", "waits", "looks", "dances"]
+TIMES = ["in the morning", "at night", "after the rain", "before dinner", "every day", "in winter"]
+NAMES = ["Anna", "Ben", "Clara", "David", "Emma", "Felix", "Grace", "Hugo", "Iris", "Jack", "Lena", "Max"]
+FOODS = ["apples", "bread", "cheese", "soup", "berries", "fish", "rice", "cake"]
+COUNTRIES = {
+    "Norland": "Frostholm", "Sunmark": "Goldport", "Westria": "Bellhaven", "Ostavia": "Kirren",
+    "Meridia": "Solace", "Valdor": "Ironreach", "Caldera": "Emberfall", "Lumen": "Brightwater",
+    "Tarsis": "Duskmoor", "Aquila": "Windcrest", "Brevia": "Stonebrook", "Zephyr": "Cloudhaven",
+}
+
+
+def story_sentence(rng: random.Random) -> str:
+    kind = rng.random()
+    a, c, p, v, t = (rng.choice(ANIMALS), rng.choice(COLORS), rng.choice(PLACES), rng.choice(VERBS),
+                     rng.choice(TIMES))
+    if kind < 0.35:
+        return f"The {c} {a} {v} to the {p} {t}."
+    if kind < 0.55:
+        n, f = rng.choice(NAMES), rng.choice(FOODS)
+        return f"{n} likes {f}, so {n} goes to the {p} {t}."
+    if kind < 0.75:
+        country = rng.choice(list(COUNTRIES))
+        return f"The capital of {country} is {COUNTRIES[country]}."
+    if kind < 0.9:
+        x, y = rng.randint(1, 9), rng.randint(1, 9)
+        return f"{x} plus {y} is {x + y}."
+    n1, n2 = rng.sample(NAMES, 2)
+    return f"{n1} and {n2} meet at the {p} and talk about the {c} {a}."
+
+
+def story_corpus(n_docs: int = 2000, seed: int = 0, sentences: tuple[int, int] = (2, 6)) -> list[str]:
+    """``n_docs`` short documents of templated sentences (the demo's pretraining corpus)."""
+    rng = random.Random(seed)
+    return [" ".join(story_sentence(rng) for _ in range(rng.randint(*sentences))) for _ in range(n_docs)]
+
+
+def chinese_corpus(n_docs: int = 50, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    subj = ["小猫", "小狗", "老师", "学生", "妈妈", "我们"]
+    verb = ["喜欢", "看见", "想要", "找到"]
+    obj = ["苹果", "大海", "花园", "书本", "月亮"]
+    return [f"{rng.choice(subj)}{rng.choice(verb)}{rng.choice(obj)}。北京是中国的首都。" for _ in range(n_docs)]
+
+
+# ----------------------------------------------------------------------------- instruction tasks
+def instruction_task(n: int = 500, seed: int = 0) -> list[dict]:
+    """Alpaca records with checkable answers: capitals, addition, reversing and upper-casing words."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        k = rng.random()
+        if k < 0.3:
+            country = rng.choice(list(COUNTRIES))
+            out.append({"instruction": f"What is the capital of {country}?", "input": "",
+                        "output": COUNTRIES[country]})
+        elif k < 0.6:
+            x, y = rng.randint(0, 49), rng.randint(0, 49)
+            out.append({"instruction": "Add the two numbers.", "input": f"{x} + {y}", "output": str(x + y)})
+        elif k < 0.8:
+            words = rng.sample(ANIMALS + COLORS, 3)
+            out.append({"instruction": "Reverse the order of the words.", "input": " ".join(words),
+                        "output": " ".join(reversed(words))})
+        else:
+            w = rng.choice(ANIMALS + PLACES)
+            out.append({"instruction": "Write the word in capital letters.", "input": w, "output": w.upper()})
+    return out
+
+
+def chat_task(n: int = 200, seed: int = 0, turns: tuple[int, int] = (1, 3)) -> list[dict]:
+    """Multi-turn ``messages`` records built from the instruction task, some with a system prompt."""
+    rng = random.Random(seed)
+    pool = instruction_task(n * turns[1], seed=seed + 1)
+    out, i = [], 0
+    for _ in range(n):
+        msgs = []
+        if rng.random() < 0.3:
+            msgs.append({"role": "system", "content": "You are a precise assistant. Answer briefly."})
+        for _ in range(rng.randint(*turns)):
+            r = pool[i % len(pool)]
+            i += 1
+            q = r["instruction"] + (f"\n{r['input']}" if r["input"] else "")
+            msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": r["output"]}]
+        out.append({"messages": msgs})
+    return out
+
+
+# --------------------------------------------------------------------------- classification etc.
+POS = ["wonderful", "great", "excellent", "lovely", "delightful", "superb", "fantastic", "pleasant", "brilliant"]
+NEG = ["terrible", "awful", "boring", "dreadful", "poor", "disappointing", "horrible", "dull", "bad"]
+THINGS = ["film", "book", "meal", "concert", "hotel", "game", "trip", "show", "album", "course"]
+
+
+def sentiment_task(n: int = 400, seed: int = 0) -> list[dict]:
+    """``classification`` records (label positive/negative) with some negation to make it non-trivial."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        label = rng.choice(["positive", "negative"])
+        thing = rng.choice(THINGS)
+        word = rng.choice(POS if label == "positive" else NEG)
+        if rng.random() < 0.2:  # negation flips the surface word
+            word = "not " + rng.choice(NEG if label == "positive" else POS)
+        templ = rng.choice(["The {t} was {w}.", "I found the {t} {w}.", "What a {w} {t}!",
+                            "Honestly, this {t} is {w}.", "My friends said the {t} felt {w}."])
+        if word.startswith("not ") and "{w} {t}" in templ:
+            templ = "The {t} was {w}."
+        out.append({"text": templ.format(t=thing, w=word), "label": label})
+    return out
+
+
+def preference_task(n: int = 300, seed: int = 0) -> list[dict]:
+    """``preference`` records whose rule is learnable: the chosen answer is the correct one."""
+    rng = random.Random(seed)
+    out = []
+    for r in instruction_task(n, seed=seed + 7):
+        wrong = _wrong_answer(r, rng)
+        prompt = r["instruction"] + (f"\n{r['input']}" if r["input"] else "")
+        out.append({"prompt": prompt, "chosen": r["output"], "rejected": wrong})
+    return out
+
+
+def _wrong_answer(r: dict, rng: random.Random) -> str:
+    out = r["output"]
+    if out.isdigit():
+        return str(int(out) + rng.choice([-3, -2, -1, 1, 2, 3]) if int(out) > 3 else int(out) + 5)
+    if out in COUNTRIES.values():
+        return rng.choice([c for c in COUNTRIES.values() if c != out])
+    if out.isupper():
+        return out.lower()
+    words = out.split()
+    rng.shuffle(words)
+    alt = " ".join(words)
+    return alt if alt != out else out + " " + rng.choice(ANIMALS)
+
+
+PARA = [
+    ("The {c} {a} {v} to the {p}.", "A {a} that is {c} {v} towards the {p}."),
+    ("{n} likes {f}.", "{f} are something {n} enjoys."),
+    ("The {a} {v} {t}.", "{t}, the {a} {v}."),
+]
+
+
+def paraphrase_pairs(n: int = 300, seed: int = 0) -> list[dict]:
+    """``pairs`` records (anchor, positive) that are paraphrases of each other."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.choice(PARA)
+        kw = dict(c=rng.choice(COLORS), a=rng.choice(ANIMALS), v=rng.choice(VERBS), p=rng.choice(PLACES),
+                  n=rng.choice(NAMES), f=rng.choice(FOODS), t=rng.choice(TIMES))
+        out.append({"anchor": a.format(**kw), "positive": b.format(**kw)})
+    return out
+
+
+def iter_texts(records: list[dict]) -> Iterator[str]:
+    for r in records:
+        for k in ("text", "instruction", "input", "output", "prompt", "chosen", "rejected", "anchor", "positive"):
+            v = r.get(k)
+            if isinstance(v, str) and v:
+                yield v
+        for m in r.get("messages", []) or []:
+            yield m["content"]

@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny tokenizers trained locally, tiny models built from presets."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_configure(config):
+    from lmwright.utils.logging import quiet_third_party
+
+    quiet_third_party()
+    import torch
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs CUDA")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def corpus() -> list[str]:
+    from lmwright.data.synthetic import chat_task, chinese_corpus, instruction_task, iter_texts, story_corpus
+
+    texts = story_corpus(400, seed=1) + chinese_corpus(30)
+    texts += list(iter_texts(instruction_task(200, seed=2))) + list(iter_texts(chat_task(30, seed=3)))
+    return texts
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, corpus):
+    """A byte-level BPE tokenizer (vocab 512, 8 sentinels) saved to a folder."""
+    from lmwright.data.tokenizer import TokenizerConfig, train_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(corpus, TokenizerConfig(vocab_size=512, min_frequency=2, sentinels=8), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+
+
+@pytest.fixture
+def tiny_llama(tokenizer):
+    from lmwright.models import ModelConfig, build_model
+
+    return build_model(ModelConfig(name="llama-tiny"), task="causal-lm", tokenizer=tokenizer, seed=0)
