@@ -24,6 +24,8 @@ class DataConfig:
     path: list[str] = opt([], "training data: files (.txt .jsonl .json .csv .parquet), folders, globs, "
                               "a `lmwright data prepare` output folder or a datasets save_to_disk folder")
     format: str = opt("text", "record format: text, alpaca, messages, preference, classification, pairs")
+    txt_mode: Literal["line", "paragraph", "file"] = opt("line", ".txt files: one record per non-empty line, "
+                                                          "per blank-line separated paragraph, or per file")
     columns: dict = opt({}, "rename source columns to the format's fields, e.g. {review: text, stars: label}")
     val_path: list[str] = opt([], "validation data (same kinds of paths); default: split off val_fraction")
     val_fraction: float = opt(0.05, "share of records held out for validation when val_path is empty")
