@@ -58,3 +58,21 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch
     logp = torch.log_softmax(logits, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
     logp = logp * mask
     return logp.sum(-1), mask.sum(-1)
+
+
+# ------------------------------------------------------------------------ pretraining objectives
+from lmwright.registry import Registry  # noqa: E402
+
+# A pretraining objective bundles what a self-supervised objective needs: the model task it trains,
+# a check run at `lmwright validate` time, dataset construction from texts, a collate function
+# (where random corruption happens, drawing from torch's global RNG so resume is exact), the loss,
+# and extra evaluation. Registered by name (clm, mlm, denoise, contrastive) in this package.
+PRETRAIN_OBJECTIVES = Registry("objective", package="lmwright.objectives")
+
+
+def causal_lm_loss(model, batch: dict, chunk_size: int = 0) -> LossOutput:
+    """Next-token loss of a causal LM on a (packed or padded) batch; sum over target tokens."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                position_ids=batch.get("position_ids"), use_cache=False)
+    loss_sum, n = token_cross_entropy(out.logits, batch["labels"], shift=True, chunk_size=chunk_size)
+    return LossOutput(loss_sum=loss_sum, n_targets=n)

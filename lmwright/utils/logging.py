@@ -24,6 +24,7 @@ def quiet_third_party() -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.getLogger("torchao").setLevel(logging.ERROR)
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*torch.utils._pytree.*")
@@ -39,3 +40,11 @@ def get_logger(name: str = "lmwright") -> logging.Logger:
         root.setLevel(os.environ.get("LMWRIGHT_LOG", "INFO"))
         root.propagate = False
     return logger
+
+
+def quiet_transformers() -> None:
+    """No per-save 'Writing model shards' bars inside our own progress bar."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()

@@ -1,0 +1,5 @@
+import sys
+
+from lmwright.cli import main
+
+sys.exit(main())

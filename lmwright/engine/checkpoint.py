@@ -1,0 +1,134 @@
+"""Checkpoint layout, atomic writes and exact resume: the one home of the checkpoint format.
+
+``checkpoints/step-N/`` holds
+  ``trainable.safetensors``  every trainable parameter (the resume truth; frozen weights are rebuilt)
+  ``optimizer.pt``           optimizer state (tensors only; loaded with ``weights_only=True``)
+  ``rng.pt`` / ``rng.json``  torch (+CUDA) RNG states / Python RNG state
+  ``trainer_state.json``     step, data position, scheduler step, best metric, patience counter
+  ``model/``                 the model as the method saves it, so a checkpoint is also loadable
+
+A checkpoint is written to ``.tmp-step-N`` and renamed into place: a kill mid-save leaves the
+previous checkpoint intact, and temp folders are ignored and cleaned on the next start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+STATE_FILE = "trainer_state.json"
+
+
+class ResumeError(RuntimeError):
+    """A resume was asked for but cannot continue exactly; never silently restart from step 0."""
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[Path]:
+    if not ckpt_dir.is_dir():
+        return []
+    out = [p for p in ckpt_dir.iterdir()
+           if p.is_dir() and p.name.startswith("step-") and (p / STATE_FILE).exists()]
+    return sorted(out, key=lambda p: int(p.name.split("-")[1]))
+
+
+def clean_temp(ckpt_dir: Path) -> None:
+    if ckpt_dir.is_dir():
+        for p in ckpt_dir.iterdir():
+            if p.name.startswith(".tmp-"):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda{i}"] = s
+    py = random.getstate()
+    return tensors, {"python": [py[0], list(py[1]), py[2]]}
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], py: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(tensors) if k.startswith("cuda")]
+        if states:
+            torch.cuda.set_rng_state_all(states)
+    v = py["python"]
+    random.setstate((v[0], tuple(v[1]), v[2]))
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, model: torch.nn.Module, optimizer, state: dict[str, Any],
+                    save_model: Callable[[Path], None] | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    final = ckpt_dir / f"step-{step}"
+    tmp = ckpt_dir / f".tmp-step-{step}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    tensors, py = rng_state()
+    torch.save(tensors, tmp / "rng.pt")
+    (tmp / "rng.json").write_text(json.dumps(py))
+    if save_model is not None:
+        save_model(tmp / "model")
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))  # written last: marks completeness
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(ckpt_dir)
+    return final
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer) -> dict[str, Any]:
+    """Restore parameters, optimizer and RNG states; return the trainer state."""
+    from safetensors.torch import load_file
+
+    need = ["trainable.safetensors", "optimizer.pt", "rng.pt", "rng.json", STATE_FILE]
+    missing = [n for n in need if not (path / n).exists()]
+    if missing:
+        raise ResumeError(f"checkpoint {path} is incomplete (missing {', '.join(missing)}); "
+                          f"delete it or pass train.resume=never to start over")
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    if set(weights) != expected:
+        extra, lost = sorted(set(weights) - expected)[:3], sorted(expected - set(weights))[:3]
+        raise ResumeError(f"checkpoint {path} does not match this model/method (unexpected {extra}, "
+                          f"missing {lost}); resume with the config the run was started with")
+    with torch.no_grad():
+        for n, t in weights.items():
+            params[n].copy_(t.to(params[n].device, params[n].dtype))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    set_rng_state(torch.load(path / "rng.pt", weights_only=True), json.loads((path / "rng.json").read_text()))
+    return json.loads((path / STATE_FILE).read_text())
+
+
+def prune_checkpoints(ckpt_dir: Path, keep_last: int, keep: set[int]) -> None:
+    ckpts = list_checkpoints(ckpt_dir)
+    for p in ckpts[:-keep_last] if keep_last > 0 else ckpts:
+        if int(p.name.split("-")[1]) not in keep:
+            shutil.rmtree(p, ignore_errors=True)

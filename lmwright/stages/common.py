@@ -1,0 +1,94 @@
+"""Glue shared by the stages: the stage registry, tokenizer/model resolution, saving ``final/``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lmwright.config import ConfigError
+from lmwright.registry import Registry
+
+STAGES = Registry("stage", package="lmwright.stages")
+
+
+def resolve_tokenizer(model_cfg, tokenizer_path: str | None):
+    """The tokenizer for a model: explicit path, else the model folder's (or its run's) tokenizer."""
+    from lmwright.models.load import load_tokenizer, resolve_model_path
+
+    if tokenizer_path:
+        return load_tokenizer(tokenizer_path)
+    if model_cfg.is_preset():
+        raise ConfigError(f"model.name={model_cfg.name} is a preset built from scratch: set tokenizer=<folder> "
+                          f"(train one with `lmwright data tokenizer`)")
+    p = resolve_model_path(model_cfg.name)
+    for cand in (p, p.parent / "tokenizer"):
+        if (cand / "tokenizer_config.json").exists():
+            return load_tokenizer(cand)
+    raise ConfigError(f"no tokenizer found in {p}: set tokenizer=<folder>")
+
+
+def model_family(model_cfg) -> str | None:
+    """Preset family, or the model_type of a local folder (llama, gpt2, bert, t5, ...)."""
+    from lmwright.models.presets import PRESETS
+
+    if model_cfg.is_preset():
+        return PRESETS[model_cfg.name]["family"]
+    from lmwright.models.load import read_config, resolve_model_path
+
+    p = resolve_model_path(model_cfg.name)
+    if (p / "adapter_config.json").exists() and not (p / "config.json").exists():
+        return None
+    return read_config(p).get("model_type")
+
+
+def save_final(model, tokenizer, out: Path, task: str, extra: dict[str, Any] | None = None,
+               method_cfg=None, base_path: str | None = None) -> Path:
+    """Write ``final/``: the model as its method saves it, the tokenizer, generation defaults and
+    ``lmwright.json`` (task, method, base)."""
+    from lmwright.utils.logging import quiet_transformers
+
+    quiet_transformers()
+    out.mkdir(parents=True, exist_ok=True)
+    if method_cfg is not None and method_cfg.name != "full":
+        from lmwright.methods import save_trained
+
+        save_trained(model, method_cfg, out)
+    else:
+        model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    if task == "causal-lm":
+        write_generation_config(model, tokenizer, out)
+    meta = {"task": task, "method": method_cfg.name if method_cfg is not None else "full", "base": base_path}
+    meta.update(extra or {})
+    (out / "lmwright.json").write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def write_generation_config(model, tokenizer, out: Path) -> None:
+    from transformers import GenerationConfig
+
+    from lmwright.data.chat import stop_token_ids
+
+    gc = GenerationConfig(eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                          bos_token_id=tokenizer.bos_token_id, do_sample=True, temperature=0.8, top_p=0.95,
+                          max_new_tokens=128)
+    gc.save_pretrained(str(out))
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x non-embedding parameters + attention (12 x layers x d x T)."""
+    cfg = model.config
+    n_params = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "wte" not in n
+                   and "wpe" not in n and "lm_head" not in n)
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 0) or 0
+    d = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 0) or 0
+    vocab = getattr(cfg, "vocab_size", 0)
+    return 6.0 * n_params + 12.0 * layers * d * seq_len + 6.0 * d * vocab  # + the output projection
+
+
+def data_texts(records: list[dict], fmt: str) -> list[str]:
+    from lmwright.data import FORMATS
+
+    f = FORMATS.get(fmt)
+    return [f.text_of(r) for r in records]

@@ -1,0 +1,187 @@
+"""``lmwright train pretrain``: a model trained from scratch or continued, with a self-supervised
+objective (``clm`` here; ``mlm``, ``denoise``, ``contrastive`` are registered the same way).
+
+Read top to bottom: config -> tokenizer -> data -> model -> engine.train -> final/ -> samples -> report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmwright.config import ConfigError, opt
+from lmwright.data.config import DataConfig
+from lmwright.engine.config import TrainConfig
+from lmwright.models.presets import ModelConfig
+from lmwright.stages.common import STAGES, data_texts, flops_per_token, model_family, resolve_tokenizer, save_final
+from lmwright.utils.logging import get_logger
+
+log = get_logger("lmwright.pretrain")
+
+
+@dataclass
+class SampleConfig:
+    prompts: list[str] = opt(["The", "The capital of"], "prompts continued at the end of training")
+    max_new_tokens: int = opt(40, "tokens per sample")
+    temperature: float = opt(0.8, "sampling temperature (0 = greedy)")
+    top_k: int = opt(50, "sample from the k most likely tokens")
+
+
+@dataclass
+class PretrainConfig:
+    stage: str = opt("pretrain", "stage id (lets `lmwright validate` know what the file configures)")
+    objective: str = opt("clm", "self-supervised objective: clm, mlm, denoise, contrastive")
+    model: ModelConfig = opt(ModelConfig(), "the model to train")
+    tokenizer: str | None = opt(None, "tokenizer folder (required for presets)")
+    data: DataConfig = opt(DataConfig(), "training text")
+    train: TrainConfig = opt(TrainConfig(), "the training loop")
+    seq_len: int = opt(256, "tokens per training row")
+    packing: bool = opt(True, "pack documents into full rows (no attention across documents)")
+    sample: SampleConfig = opt(SampleConfig(), "samples generated at the end (causal LMs)")
+    objective_args: dict = opt({}, "options of the objective (see docs/objectives.md), e.g. {mlm_probability: 0.15}")
+
+    def check(self) -> None:
+        if self.seq_len < 8:
+            raise ConfigError(f"seq_len = {self.seq_len} is too short; use at least 8")
+
+
+def objective_for(cfg: PretrainConfig):
+    from lmwright.objectives.base import PRETRAIN_OBJECTIVES
+
+    cls = PRETRAIN_OBJECTIVES.get(cfg.objective)
+    return cls(cfg.objective_args) if cfg.objective_args or _takes_args(cls) else cls()
+
+
+def _takes_args(cls) -> bool:
+    import inspect
+
+    return len(inspect.signature(cls).parameters) > 0
+
+
+def check(cfg: PretrainConfig) -> dict[str, Any]:
+    """Everything that can be verified before training (used by `lmwright validate`)."""
+    tokenizer = resolve_tokenizer(cfg.model, cfg.tokenizer)
+    obj = objective_for(cfg)
+    obj.check(model_family(cfg.model), tokenizer)
+    if not cfg.data.path:
+        raise ConfigError("data.path is empty: point it at text files or a prepared data folder")
+    if cfg.seq_len > tokenizer.model_max_length:
+        raise ConfigError(f"seq_len={cfg.seq_len} exceeds the tokenizer's model_max_length="
+                          f"{tokenizer.model_max_length}")
+    return {"tokenizer": tokenizer, "objective": obj}
+
+
+def run(cfg: PretrainConfig) -> Path:
+    import torch
+
+    from lmwright.data import load_records
+    from lmwright.engine import Run, train
+    from lmwright.engine.loop import evaluate_loss
+    from lmwright.engine.report import table, write_report
+    from lmwright.models import build_model, count_parameters
+
+    ctx = check(cfg)
+    tokenizer, obj = ctx["tokenizer"], ctx["objective"]
+
+    # data
+    train_recs, val_recs, manifest = load_records(cfg.data)
+    train_ds = obj.build_dataset(data_texts(train_recs, cfg.data.format), tokenizer, cfg.seq_len, cfg.packing)
+    val_ds = obj.build_dataset(data_texts(val_recs, cfg.data.format), tokenizer, cfg.seq_len, cfg.packing) \
+        if val_recs else None
+    collate = obj.collate(tokenizer, cfg.packing)
+    log.info("data: %d train records -> %d rows of %d tokens; %d validation rows", len(train_recs), len(train_ds),
+             cfg.seq_len, len(val_ds or []))
+
+    # model
+    model = build_model(cfg.model, task=obj.task, tokenizer=tokenizer, seed=cfg.train.seed)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    trainable, total = count_parameters(model)
+
+    run_ = Run.create(cfg.train.output_dir, cfg.train.run_name, "pretrain")
+    run_.write_config(cfg)
+    manifest_hash = manifest.get("sha256") or hashlib.sha256(
+        json.dumps(manifest, sort_keys=True, default=str).encode()).hexdigest()
+    run_.write_info(objective=cfg.objective, model=cfg.model.name, parameters=total, trainable=trainable,
+                    data_manifest_sha256=manifest_hash, data_counts=manifest.get("counts"),
+                    train_rows=len(train_ds), val_rows=len(val_ds or []))
+    tokenizer.save_pretrained(str(run_.dir / "tokenizer"))
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    before = {}
+    if val_ds:
+        before = evaluate_loss(model.to(device), obj.loss, val_ds, collate, cfg.train.micro_batch_size, device,
+                               cfg.train.eval_max_batches)
+        before.update(obj.metrics_from_eval(before))
+        log.info("before training: %s", _fmt(before))
+
+    def evaluate(m) -> dict[str, float]:
+        return obj.extra_eval(m, val_ds, tokenizer) if hasattr(obj, "extra_eval") and val_ds else {}
+
+    def save_model(m, d: Path) -> None:
+        save_final(m, tokenizer, d, obj.task)
+
+    result = train(model, train_ds, collate, obj.loss, cfg.train, run_, val_data=val_ds,
+                   evaluate=evaluate if val_ds else None, derive_metrics=obj.metrics_from_eval,
+                   save_model=save_model,
+                   flops_per_token=flops_per_token(model, cfg.seq_len) if obj.task == "causal-lm" else None)
+    if result.interrupted:
+        return run_.dir
+    after = dict(result.eval_history[-1]) if result.eval_history else {}
+    after.pop("step", None)
+    if cfg.train.load_best_at_end and result.best_step is not None and val_ds:
+        after = evaluate_loss(model, obj.loss, val_ds, collate, cfg.train.micro_batch_size, device,
+                              cfg.train.eval_max_batches)
+        after.update(obj.metrics_from_eval(after))
+    save_final(model, tokenizer, run_.final, obj.task, extra={"objective": cfg.objective})
+    if hasattr(obj, "finalize"):
+        obj.finalize(model, tokenizer, run_.final)
+
+    samples = _samples(model, tokenizer, cfg.sample) if obj.task == "causal-lm" else []
+    summary = {"objective": cfg.objective, "model": cfg.model.name, "parameters": total, "steps": result.step,
+               "train_seconds": round(result.train_seconds, 1)}
+    for k, v in before.items():
+        summary[f"before {k}"] = v
+    for k, v in after.items():
+        summary[f"after {k}"] = v
+    run_.write_info(before=before, after=after, samples=samples)
+    sections = []
+    if samples:
+        sections.append(("Samples", table([{"prompt": s["prompt"], "continuation": s["text"]} for s in samples])))
+    write_report(run_.dir, f"lmwright pretrain ({cfg.objective}) - {run_.dir.name}", sections, summary)
+    return run_.dir
+
+
+def _fmt(m: dict) -> str:
+    return ", ".join(f"{k}={v:.4g}" for k, v in m.items() if isinstance(v, (int, float)))
+
+
+def _samples(model, tokenizer, sc: SampleConfig) -> list[dict[str, str]]:
+    import torch
+
+    model.eval()
+    out = []
+    torch.manual_seed(0)
+    for prompt in sc.prompts:
+        enc = tokenizer(prompt, return_tensors="pt").to(model.device)
+        with torch.no_grad():
+            ids = model.generate(**enc, max_new_tokens=sc.max_new_tokens, do_sample=sc.temperature > 0,
+                                 temperature=max(sc.temperature, 1e-5), top_k=sc.top_k,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        text = tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        out.append({"prompt": prompt, "text": text})
+    return out
+
+
+class _Stage:
+    name = "pretrain"
+    Config = PretrainConfig
+    check = staticmethod(check)
+    run = staticmethod(run)
+
+
+STAGES.register("pretrain", _Stage)
