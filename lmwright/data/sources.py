@@ -10,6 +10,7 @@ Every record keeps where it came from (``file``, ``line``) so that every later e
 ``data/train.jsonl:17: ...``. For line-oriented files ``line`` is the line number; for row-oriented
 ones (csv, parquet, datasets folders, ``{"data": [...]}`` json) it is the 1-based row number.
 
+Text files are read as UTF-8; a leading byte-order mark (Windows editors write one) is dropped.
 ``pyarrow`` and ``datasets`` are imported inside the readers that need them, so that importing
 this module stays cheap.
 """
@@ -153,7 +154,7 @@ def read_records(paths: Iterable[str | Path] | str | Path, *, txt_mode: TxtMode 
 
 
 def _read_txt(path: str, txt_mode: TxtMode = "line", **_) -> Iterator[Record | DataError]:
-    with open(path, encoding="utf-8", errors="strict", newline=None) as f:
+    with open(path, encoding="utf-8-sig", errors="strict", newline=None) as f:
         try:
             if txt_mode == "file":
                 text = f.read()
@@ -184,7 +185,7 @@ def _read_txt(path: str, txt_mode: TxtMode = "line", **_) -> Iterator[Record | D
 
 
 def _read_jsonl(path: str, **_) -> Iterator[Record | DataError]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -201,7 +202,7 @@ def _read_jsonl(path: str, **_) -> Iterator[Record | DataError]:
 
 
 def _read_json(path: str, **_) -> Iterator[Record | DataError]:
-    text = Path(path).read_text(encoding="utf-8")
+    text = Path(path).read_text(encoding="utf-8-sig")
     stripped = text.lstrip()
     if stripped.startswith("["):
         # Decode element by element so that each record keeps its real line number.
@@ -268,7 +269,7 @@ def _scan_json_array(text: str, path: str) -> Iterator[Record | DataError]:
 
 
 def _read_csv(path: str, **_) -> Iterator[Record | DataError]:
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames:
             return
@@ -319,7 +320,9 @@ def _read_datasets(path: str, split: str = "train", **_) -> Iterator[Record | Da
 
 
 def _read_prepared(path: str, split: str = "train", **_) -> Iterator[Record | DataError]:
-    yield from _read_jsonl(os.path.join(path, f"{split}.jsonl"))
+    file = os.path.join(path, f"{split}.jsonl")
+    if os.path.exists(file):
+        yield from _read_jsonl(file)
 
 
 _READERS: dict[str, Callable[..., Iterator[Record | DataError]]] = {

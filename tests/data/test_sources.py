@@ -128,3 +128,11 @@ def test_lazy(tmp_path):
     assert next(it).data == {"text": "ok"}  # the bad line is only reached when asked for
     with pytest.raises(DataError):
         next(it)
+
+
+def test_byte_order_mark_is_dropped(tmp_path):
+    for name, body in (("a.jsonl", '{"text": "x"}\n'), ("b.txt", "x\n"), ("c.csv", "text\nx\n"),
+                       ("d.json", '[{"text": "x"}]')):
+        p = tmp_path / name
+        p.write_bytes(b"\xef\xbb\xbf" + body.encode())
+        assert _texts(p) == ["x"], name
