@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001 - data/registry errors carry user-facing messages
+    except Exception as e:
         from lmwright.registry import RegistryError
 
         if isinstance(e, RegistryError) or type(e).__name__ in ("DataError", "TokenizerError", "ExportError"):

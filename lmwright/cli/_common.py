@@ -5,6 +5,26 @@ from __future__ import annotations
 import argparse
 
 
+class IntermixedParser(argparse.ArgumentParser):
+    """Let positionals (inputs, key=value overrides) come after options too.
+
+    Plain argparse stops filling a ``nargs="*"`` positional at the first option, so
+    ``prepare in.jsonl --format alpaca data.val_fraction=0.1`` would fail on the last word. The
+    intermixed parse calls ``parse_known_args`` itself, hence the re-entrancy flag.
+    """
+
+    _inside = False
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        if self._inside:
+            return super().parse_known_args(args, namespace)
+        self._inside = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inside = False
+
+
 def config_epilog(cls) -> str:
     from lmwright.config import iter_options
 

@@ -26,7 +26,9 @@ def register(sub) -> None:
     p = sub.add_parser("train", help="train a stage: " + ", ".join(STAGE_HELP),
                        description="Train a stage. Every option is a config key: set it in a -c YAML file or "
                                    "as key=value (see `lmwright train <stage> --help`).")
-    stages = p.add_subparsers(dest="stage", metavar="<stage>")
+    from lmwright.cli._common import IntermixedParser
+
+    stages = p.add_subparsers(dest="stage", metavar="<stage>", parser_class=IntermixedParser)
     from lmwright.stages import STAGES
 
     for name in STAGES.names():
