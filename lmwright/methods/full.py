@@ -18,7 +18,7 @@ class Full:
             p.requires_grad_(True)
         return model
 
-    def save(self, model: Any, out_dir: Path) -> None:
+    def save(self, model: Any, out_dir: Path, base_path: str | None = None) -> None:
         model.save_pretrained(str(out_dir), safe_serialization=True)
 
     def merge(self, model: Any) -> Any:

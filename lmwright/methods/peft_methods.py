@@ -1,0 +1,224 @@
+"""The peft-backed methods: ``lora``, ``dora``, ``ia3``, ``prefix``, ``ptuning``, ``prompt``.
+
+peft does the maths (adapter layers, merge, save/load); this file maps ``MethodConfig`` to peft
+configs, makes new task heads trainable (``modules_to_save``), points the saved adapter at a real
+local base folder, and handles quantized (bitsandbytes) bases: QLoRA = ``model.quantize=nf4`` +
+``method.name=lora``. Merging onto a quantized base first dequantizes it into a float model, since
+folding a LoRA update into 4-bit weights would re-quantize (and lose) most of it.
+
+Prompt-learning methods (prefix, ptuning, prompt) feed extra inputs rather than changing weights, so
+they cannot merge; ``prefix`` with ``prefix_projection=true`` is the P-tuning v2 "deep prompt"
+setting (trainable key/values in every layer, reparametrised by an MLP).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lmwright.config import ConfigError
+from lmwright.methods.base import (
+    METHODS,
+    MethodConfig,
+    head_module_names,
+    linear_module_names,
+    normalize_targets,
+)
+
+_TASK_TYPES = {"causal-lm": "CAUSAL_LM", "classification": "SEQ_CLS", "reward": "SEQ_CLS",
+               "seq2seq": "SEQ_2_SEQ_LM", "masked-lm": None, "embedding": "FEATURE_EXTRACTION"}
+
+
+def _task_type(task: str) -> Any:
+    from peft import TaskType
+
+    tt = _TASK_TYPES.get(task)
+    return TaskType[tt] if tt else None
+
+
+def _modules_to_save(model: Any, cfg: MethodConfig, task: str) -> list[str] | None:
+    mods = head_module_names(model, task) + [m for m in cfg.modules_to_save]
+    return sorted(set(mods)) or None
+
+
+def is_quantized(model: Any) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+                or getattr(getattr(model, "config", None), "quantization_config", None) is not None)
+
+
+class _PeftMethod:
+    """Shared apply/save/merge; subclasses build the peft config."""
+
+    name = ""
+    merges = True
+
+    def peft_config(self, model: Any, cfg: MethodConfig, task: str) -> Any:
+        raise NotImplementedError
+
+    def apply(self, model: Any, cfg: MethodConfig, task: str) -> Any:
+        from peft import get_peft_model
+
+        if is_quantized(model):
+            from peft import prepare_model_for_kbit_training
+
+            # casts norms/head to fp32 and freezes the base; gradient checkpointing is the engine's call
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        return get_peft_model(model, self.peft_config(model, cfg, task))
+
+    def save(self, model: Any, out_dir: Path, base_path: str | None = None) -> None:
+        if base_path is not None:
+            for c in model.peft_config.values():
+                c.base_model_name_or_path = base_path
+        model.save_pretrained(str(out_dir), safe_serialization=True)
+
+    def merge(self, model: Any) -> Any:
+        """A plain transformers model with the adapter folded in (consumes ``model``)."""
+        if not self.merges:
+            raise ConfigError(f"method.name={self.name} cannot be merged into the base weights")
+        if is_quantized(model.get_base_model()):
+            model = _requantize_free(model)
+        return model.merge_and_unload()
+
+
+def _lora_targets(model: Any, cfg: MethodConfig) -> str | list[str]:
+    t = normalize_targets(cfg.targets)
+    if t == "auto":
+        return "all-linear"
+    if isinstance(t, list):
+        _check_targets(model, t)
+    return t
+
+
+def _check_targets(model: Any, targets: list[str]) -> None:
+    names = {n for n, _ in model.named_modules()}
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise ConfigError(f"method.targets {missing} not found in the model; its linear modules are: "
+                          f"{', '.join(linear_module_names(model))} (or use method.targets=all-linear)")
+
+
+@METHODS.register("lora")
+class LoRA(_PeftMethod):
+    name = "lora"
+    use_dora = False
+
+    def peft_config(self, model: Any, cfg: MethodConfig, task: str) -> Any:
+        from peft import LoraConfig
+
+        return LoraConfig(task_type=_task_type(task), r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                          target_modules=_lora_targets(model, cfg), use_rslora=cfg.rslora,
+                          use_dora=self.use_dora, modules_to_save=_modules_to_save(model, cfg, task))
+
+
+@METHODS.register("dora")
+class DoRA(LoRA):
+    name = "dora"
+    use_dora = True
+
+
+@METHODS.register("ia3")
+class IA3(_PeftMethod):
+    name = "ia3"
+
+    def peft_config(self, model: Any, cfg: MethodConfig, task: str) -> Any:
+        from peft import IA3Config
+
+        t = normalize_targets(cfg.targets)
+        kwargs: dict[str, Any] = {}
+        if isinstance(t, list):
+            _check_targets(model, t)
+            # IA3 scales the *input* of feed-forward output projections; these names are those projections
+            ff = {"down_proj", "fc2", "wo", "c_proj", "dense"}
+            kwargs = {"target_modules": t, "feedforward_modules": [m for m in t if m.rsplit(".", 1)[-1] in ff]}
+        elif t == "all-linear":
+            kwargs = {"target_modules": "all-linear", "feedforward_modules": []}
+        return IA3Config(task_type=_task_type(task), modules_to_save=_modules_to_save(model, cfg, task), **kwargs)
+
+
+class _PromptMethod(_PeftMethod):
+    merges = False
+
+
+@METHODS.register("prefix")
+class Prefix(_PromptMethod):
+    name = "prefix"
+
+    def peft_config(self, model: Any, cfg: MethodConfig, task: str) -> Any:
+        from peft import PrefixTuningConfig
+
+        return PrefixTuningConfig(task_type=_task_type(task), num_virtual_tokens=cfg.num_virtual_tokens,
+                                  prefix_projection=cfg.prefix_projection,
+                                  encoder_hidden_size=cfg.encoder_hidden_size,
+                                  modules_to_save=_modules_to_save(model, cfg, task))
+
+
+@METHODS.register("ptuning")
+class PTuning(_PromptMethod):
+    name = "ptuning"
+
+    def peft_config(self, model: Any, cfg: MethodConfig, task: str) -> Any:
+        from peft import PromptEncoderConfig
+
+        return PromptEncoderConfig(task_type=_task_type(task), num_virtual_tokens=cfg.num_virtual_tokens,
+                                   encoder_hidden_size=cfg.encoder_hidden_size,
+                                   modules_to_save=_modules_to_save(model, cfg, task))
+
+
+@METHODS.register("prompt")
+class Prompt(_PromptMethod):
+    name = "prompt"
+
+    def peft_config(self, model: Any, cfg: MethodConfig, task: str) -> Any:
+        from peft import PromptTuningConfig
+
+        return PromptTuningConfig(task_type=_task_type(task), num_virtual_tokens=cfg.num_virtual_tokens,
+                                  modules_to_save=_modules_to_save(model, cfg, task))
+
+
+# ------------------------------------------------------------------------------------ quantized bases
+def _requantize_free(model: Any) -> Any:
+    """The same peft model on a dequantized float copy of its bitsandbytes base (consumes ``model``).
+
+    Why not merge in place: peft's bnb merge adds the update then re-quantizes to 4 bits, throwing
+    most of a small LoRA update away. We dequantize every bnb layer into ``nn.Linear``, re-attach the
+    trained adapter state and let peft merge in float.
+    """
+    import torch
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    config = model.peft_config["default"]
+    state = {k: v.detach().float().clone() for k, v in get_peft_model_state_dict(model).items()}
+    base = model.unload()  # base model with bnb layers, adapters removed
+    dequantize_base(base)
+    base = base.to(torch.float32)
+    fresh = get_peft_model(base, config)
+    set_peft_model_state_dict(fresh, state)
+    return fresh
+
+
+def dequantize_base(model: Any) -> Any:
+    """Replace every bitsandbytes Linear4bit/Linear8bitLt in ``model`` by a float32 ``nn.Linear`` (in place)."""
+    import bitsandbytes as bnb
+    import torch
+    from peft.utils.integrations import dequantize_module_weight
+
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            w = dequantize_module_weight(mod).to(torch.float32)
+            lin = torch.nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None,
+                                  dtype=torch.float32)
+            with torch.no_grad():
+                lin.weight.copy_(w)
+                if mod.bias is not None:
+                    lin.bias.copy_(mod.bias.float())
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, lin)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"):
+        if hasattr(model, attr):
+            setattr(model, attr, False)
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    model.quantization_method = None
+    return model
