@@ -1,0 +1,253 @@
+"""The Python API: ``lmwright.load(path)`` -> an object that generates, chats, embeds or classifies.
+
+The same guardrails, chat template and sampling code as the server, so a reply from the Python API
+equals the server's reply for the same request and seed.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Iterator
+
+from lmwright.config import ConfigError
+from lmwright.serve.generation import GenerationResult, SamplingParams, generate
+from lmwright.serve.guardrails import Guardrails, load_guardrails
+
+GENERATIVE = ("causal-lm",)
+ENCODERS = ("embedding", "masked-lm")
+
+
+def sampling_params(**params: Any) -> SamplingParams:
+    """SamplingParams from keyword arguments; unknown names fail with a suggestion."""
+    from lmwright.registry import suggest
+
+    names = [f.name for f in fields(SamplingParams)]
+    aliases = {"max_new_tokens": "max_tokens"}
+    kw = {}
+    for k, v in params.items():
+        k = aliases.get(k, k)
+        if k not in names:
+            raise ConfigError(f"unknown generation parameter '{k}'.{suggest(k, names)} Valid: {', '.join(names)}")
+        kw[k] = list(v) if k == "stop" and isinstance(v, (list, tuple)) else ([v] if k == "stop" and v else v)
+    if kw.get("stop") is None:
+        kw.pop("stop", None)
+    p = SamplingParams(**kw)
+    p.check()
+    return p
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class LoadedModel:
+    """A model ready for inference: what a run folder can do depends on its task."""
+
+    def __init__(self, model, tokenizer, task: str, path: str | Path = "", guardrails: Guardrails | None = None,
+                 name: str | None = None):
+        self.model, self.tokenizer, self.task = model, tokenizer, task
+        self.path = str(path)
+        self.name = name or (Path(path).name if path else "model")
+        self.guardrails = guardrails or Guardrails()
+        self._engine = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"LoadedModel(name={self.name!r}, task={self.task!r}, path={self.path!r})"
+
+    def _need(self, tasks: tuple[str, ...], what: str) -> None:
+        if self.task not in tasks:
+            raise ConfigError(f"{what} needs a {' or '.join(tasks)} model; {self.name} is a {self.task} model")
+
+    @property
+    def max_context(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
+
+    # ---------------------------------------------------------------- generation
+    def engine(self, **kw: Any):
+        """The batching engine over this model (created on first use, shared afterwards)."""
+        self._need(GENERATIVE, "serving")
+        with self._lock:
+            if self._engine is None:
+                from lmwright.serve.engine import LocalEngine
+
+                self._engine = LocalEngine(self.model, self.tokenizer, name=self.name, **kw)
+            return self._engine
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        return list(self.tokenizer(prompt)["input_ids"])
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        from lmwright.data.chat import render_prompt_ids
+
+        return render_prompt_ids(self.tokenizer, messages)
+
+    def _run(self, ids: list[int], params: SamplingParams) -> GenerationResult:
+        return generate(self.model, self.tokenizer, ids, params)
+
+    def _guarded(self, ids: list[int], params: SamplingParams) -> str:
+        g = self.guardrails
+        if not g.active_output:
+            return self._run(ids, params).text
+        seeds = iter(range(1000))
+
+        def produce() -> str:  # a retry must not repeat the same seeded sample
+            k = next(seeds)
+            p = params if k == 0 or params.seed is None else sampling_params(**{**params.__dict__,
+                                                                                 "seed": params.seed + k})
+            return self._run(ids, p).text
+
+        return g.generate_checked(produce).text
+
+    def generate(self, prompt: str, **params: Any) -> str:
+        """Continue ``prompt`` (raw text, no chat template)."""
+        self._need(GENERATIVE, "generate()")
+        v = self.guardrails.check_input(prompt)
+        if v.refused:
+            return self.guardrails.refusal
+        p = sampling_params(**params)
+        p.stop = self.guardrails.stop_strings(p.stop)
+        return self._guarded(self.prompt_ids(v.text), p)
+
+    def _messages(self, messages: list[dict] | str, system: str | None = None) -> list[dict]:
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        if system:
+            messages = [{"role": "system", "content": system}] + list(messages)
+        return list(messages)
+
+    def chat(self, messages: list[dict] | str, system: str | None = None, **params: Any) -> str:
+        """The assistant's reply to a conversation (a string is one user message)."""
+        self._need(GENERATIVE, "chat()")
+        msgs, v = self.guardrails.check_messages(self._messages(messages, system))
+        if v.refused:
+            return self.guardrails.refusal
+        p = sampling_params(**params)
+        p.stop = self.guardrails.stop_strings(p.stop)
+        return self._guarded(self.chat_ids(msgs), p)
+
+    def stream_chat(self, messages: list[dict] | str, system: str | None = None, **params: Any) -> Iterator[str]:
+        """Like :meth:`chat`, yielding text as it is produced (stop iterating to cancel)."""
+        self._need(GENERATIVE, "stream_chat()")
+        msgs, v = self.guardrails.check_messages(self._messages(messages, system))
+        if v.refused:
+            yield self.guardrails.refusal
+            return
+        p = sampling_params(**params)
+        p.stop = self.guardrails.stop_strings(p.stop)
+        yield from self.stream_ids(self.chat_ids(msgs), p)
+
+    def stream(self, prompt: str, **params: Any) -> Iterator[str]:
+        """Like :meth:`generate`, yielding text as it is produced."""
+        self._need(GENERATIVE, "stream()")
+        v = self.guardrails.check_input(prompt)
+        if v.refused:
+            yield self.guardrails.refusal
+            return
+        p = sampling_params(**params)
+        p.stop = self.guardrails.stop_strings(p.stop)
+        yield from self.stream_ids(self.prompt_ids(v.text), p)
+
+    def stream_ids(self, ids: list[int], params: SamplingParams) -> Iterator[str]:
+        """Stream from token ids with output guardrails; generation runs in a worker thread."""
+        q: queue.Queue = queue.Queue()
+        stop = threading.Event()
+
+        def on_text(delta: str) -> None:
+            if stop.is_set():
+                raise _Cancelled
+            q.put(delta)
+
+        def work() -> None:
+            try:
+                generate(self.model, self.tokenizer, ids, params, on_text=on_text)
+            except _Cancelled:
+                pass
+            except Exception as e:  # noqa: BLE001 - handed to the consumer
+                q.put(e)
+            q.put(None)
+
+        guard = self.guardrails.stream_filter()
+        t = threading.Thread(target=work, daemon=True)
+        t.start()
+        try:
+            while (item := q.get()) is not None:
+                if isinstance(item, Exception):
+                    raise item
+                if out := guard.push(item):
+                    yield out
+            if tail := guard.finish():
+                yield tail
+        finally:
+            stop.set()
+
+    # ---------------------------------------------------------------- encoders
+    def embed(self, texts: list[str] | str) -> list[list[float]]:
+        """Unit-length sentence vectors: mean of the last hidden state over real tokens."""
+        self._need(ENCODERS + GENERATIVE, "embed()")
+        import torch
+
+        single = isinstance(texts, str)
+        batch = [texts] if single else list(texts)
+        enc = self.tokenizer(batch, padding=True, truncation=True, max_length=self.max_context,
+                             return_tensors="pt", return_token_type_ids=False)
+        with torch.inference_mode():
+            out = self.model(**enc, output_hidden_states=True)
+            hidden = out.last_hidden_state if getattr(out, "last_hidden_state", None) is not None \
+                else out.hidden_states[-1]  # (B, T, H)
+            m = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+            pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
+        return pooled.tolist()
+
+    def count_tokens(self, texts: list[str]) -> int:
+        return sum(len(self.tokenizer(t)["input_ids"]) for t in texts)
+
+    def classify(self, texts: list[str] | str) -> list[dict[str, Any]]:
+        """Label and probability per text (reward models: the scalar score)."""
+        self._need(("classification", "reward"), "classify()")
+        import torch
+
+        batch = [texts] if isinstance(texts, str) else list(texts)
+        enc = self.tokenizer(batch, padding=True, truncation=True, max_length=self.max_context,
+                             return_tensors="pt", return_token_type_ids=False)
+        with torch.inference_mode():
+            logits = self.model(**enc).logits.float()  # (B, C)
+        if logits.shape[-1] == 1:
+            return [{"score": float(s)} for s in logits[:, 0]]
+        probs = torch.softmax(logits, dim=-1)
+        id2label = getattr(self.model.config, "id2label", {}) or {}
+        out = []
+        for row in probs:
+            k = int(row.argmax())
+            out.append({"label": id2label.get(k, str(k)), "score": float(row[k]),
+                        "scores": {id2label.get(i, str(i)): float(p) for i, p in enumerate(row)}})
+        return out
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.shutdown(drain_timeout_s=0)
+            self._engine = None
+
+
+def load(path: str | Path, guardrails: Guardrails | str | Path | None = None, task: str | None = None,
+         name: str | None = None, **kwargs: Any) -> LoadedModel:
+    """Load a run folder, checkpoint, Hugging Face folder or adapter folder for inference."""
+    from lmwright.methods.base import _guess_task, load_trained
+    from lmwright.models.load import resolve_model_path
+
+    p = resolve_model_path(path)
+    task = task or _guess_task(p)
+    model, tokenizer = load_trained(path, task=task, **kwargs)
+    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # batching encoders needs a pad token
+    g = guardrails if isinstance(guardrails, Guardrails) else load_guardrails(guardrails)
+    return LoadedModel(model, tokenizer, task, path, g, name=name or _default_name(Path(path)))
+
+
+def _default_name(p: Path) -> str:
+    p = p.resolve()
+    return p.parent.name if p.name in ("final", "model") else p.name

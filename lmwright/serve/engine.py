@@ -1,0 +1,531 @@
+"""Serving engines: the interface, the built-in continuous-batching engine, and a vLLM adapter.
+
+The built-in engine runs one scheduler thread that owns the model. Requests wait in a bounded queue;
+at every step boundary finished sequences leave the running batch and waiting ones join it
+(continuous batching). A new request is prefilled alone (batch 1, no padding, so its prompt sees
+exactly what it would see unbatched), then its KV cache is left-padded to the running batch's length
+and concatenated along the batch axis. Each decode step feeds one token per row with a per-row
+attention mask (zeros over the left padding) and per-row position ids, so every row computes what it
+would compute alone. Columns that every row masks are trimmed when rows leave.
+
+Models whose cache is not a plain ``DynamicCache`` of ``DynamicLayer`` (sliding-window or hybrid
+caches) cannot be concatenated safely; for those the engine admits a request only into an empty
+batch (one request at a time, still streaming).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Iterator, Protocol
+
+from lmwright.config import ConfigError
+from lmwright.serve.generation import (SamplingParams, SequenceState, TokenChoice, default_stop_ids,
+                                       make_generator, sample_next)
+
+log = logging.getLogger("lmwright.serve")
+
+
+class EngineError(RuntimeError):
+    """Base of the errors a client can cause or must be told about."""
+
+
+class QueueFull(EngineError):
+    """The waiting queue is at its bound (HTTP 429)."""
+
+
+class EngineClosed(EngineError):
+    """The engine is shutting down and accepts no new work (HTTP 503)."""
+
+
+class ContextOverflow(ConfigError):
+    """The prompt (plus the requested tokens) does not fit the model's context (HTTP 400)."""
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass
+class TokenEvent:
+    """One step of one choice: the text it releases, and the finish reason on the last one.
+
+    finish_reason: ``stop`` | ``length`` | ``cancelled`` | ``timeout`` | ``error`` (None while running).
+    """
+
+    index: int
+    text: str = ""
+    token_id: int | None = None
+    logprob: TokenChoice | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+class RequestStream:
+    """The events of one request, iterable with ``async for`` (server) or ``for`` (CLI, Python API).
+
+    The scheduler thread pushes; the consumer pulls. ``None`` ends the stream.
+    """
+
+    def __init__(self, request_id: str):
+        self.request_id = request_id
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+            self._aq: asyncio.Queue | None = asyncio.Queue()
+        except RuntimeError:
+            self._loop, self._aq = None, None
+        self._q: queue.Queue = queue.Queue()
+        self.first_token_at: float | None = None
+        self.created = time.perf_counter()
+
+    def put(self, event: TokenEvent | None) -> None:
+        if event is not None and self.first_token_at is None and event.token_id is not None:
+            self.first_token_at = time.perf_counter()
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._aq.put_nowait, event)
+            except RuntimeError:  # the consumer's loop is gone (client went away during shutdown)
+                pass
+        else:
+            self._q.put(event)
+
+    def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        return self._agen()
+
+    async def _agen(self):
+        if self._aq is None:
+            raise RuntimeError("this stream was created outside an event loop; iterate it with `for`")
+        while True:
+            ev = await self._aq.get()
+            if ev is None:
+                return
+            yield ev
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        if self._aq is not None:
+            raise RuntimeError("this stream was created inside an event loop; iterate it with `async for`")
+        while True:
+            ev = self._q.get()
+            if ev is None:
+                return
+            yield ev
+
+
+class Engine(Protocol):
+    """What the HTTP layer, the chat CLI and the web UI need from an engine."""
+
+    tokenizer: Any
+    max_context: int
+
+    def submit(self, request: GenerationRequest) -> RequestStream:
+        """Queue a request; raises QueueFull / EngineClosed / ContextOverflow at once."""
+        ...
+
+    def cancel(self, request_id: str) -> None: ...
+
+    def stats(self) -> dict[str, float]: ...
+
+    def shutdown(self, drain_timeout_s: float = 30.0) -> None: ...
+
+
+# ---------------------------------------------------------------------------------- built-in engine
+@dataclass
+class _Request:
+    req: GenerationRequest
+    stream: RequestStream
+    deadline: float | None
+    open_choices: int = 0
+    cancelled: bool = False
+
+
+class _Sequence:
+    def __init__(self, owner: _Request, index: int, tokenizer, stop_ids: list[int], device):
+        p = owner.req.params
+        self.owner, self.index = owner, index
+        self.params = p
+        self.state = SequenceState(tokenizer, p, stop_ids)
+        seed = None if p.seed is None else p.seed + index
+        self.generator = make_generator(seed, device)
+        self.prompt = list(owner.req.prompt_ids)
+        self.next_pos = len(self.prompt)
+        self.last_token = -1
+        self.done = False
+
+
+def _is_prompt_learning(model) -> bool:
+    cfg = getattr(model, "active_peft_config", None)
+    return bool(getattr(cfg, "is_prompt_learning", False))
+
+
+class LocalEngine:
+    """transformers model + KV cache + a scheduler thread doing continuous batching.
+
+    max_seqs bounds the running batch (sequences, so a request with n=4 takes 4); queue_size bounds
+    the requests waiting to join; both overflowing -> QueueFull.
+    """
+
+    def __init__(self, model, tokenizer, max_seqs: int = 8, queue_size: int = 32,
+                 timeout_s: float | None = None, max_context: int | None = None, name: str = "model"):
+        if _is_prompt_learning(model):
+            raise ConfigError("prompt-learning adapters (prefix, ptuning, prompt) inject their own KV cache and "
+                              "cannot be batched by the built-in engine; serve a LoRA/adapter model or a full "
+                              "fine-tune instead")
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.max_seqs, self.queue_size, self.timeout_s = max_seqs, queue_size, timeout_s
+        cfg = getattr(model, "config", None)
+        self.max_context = int(max_context or getattr(cfg, "max_position_embeddings", None) or 2048)
+        self.stop_ids = default_stop_ids(tokenizer)
+        self.device = next(model.parameters()).device
+        self._cv = threading.Condition()
+        self._waiting: deque[_Request] = deque()
+        self._requests: dict[str, _Request] = {}
+        self._active: list[_Sequence] = []
+        self._cache = None
+        self._mask = None  # (B, T) long, 0 over left padding
+        self._mergeable = True
+        self._closing = False
+        self._stopped = False
+        self._counters = {"requests": 0, "finished": 0, "cancelled": 0, "timeouts": 0, "errors": 0,
+                          "prompt_tokens": 0, "completion_tokens": 0, "steps": 0, "rejected_queue_full": 0}
+        self._thread = threading.Thread(target=self._loop, name=f"lmwright-engine-{name}", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ client side (any thread)
+    def submit(self, request: GenerationRequest) -> RequestStream:
+        p = request.params
+        p.check()
+        n_prompt = len(request.prompt_ids)
+        if n_prompt == 0:
+            raise ContextOverflow("the prompt is empty")
+        if n_prompt >= self.max_context:
+            raise ContextOverflow(f"the prompt has {n_prompt} tokens; this model's context is {self.max_context}")
+        if p.n > self.max_seqs:
+            raise ConfigError(f"n={p.n} exceeds this server's max concurrent sequences ({self.max_seqs})")
+        stream = RequestStream(request.request_id)
+        timeout = p.timeout_s if p.timeout_s is not None else self.timeout_s
+        r = _Request(request, stream, time.monotonic() + timeout if timeout else None)
+        with self._cv:
+            if self._closing:
+                raise EngineClosed("the server is shutting down")
+            if len(self._waiting) >= self.queue_size:
+                self._counters["rejected_queue_full"] += 1
+                raise QueueFull(f"the queue is full ({self.queue_size} waiting); retry later")
+            self._waiting.append(r)
+            self._requests[request.request_id] = r
+            self._counters["requests"] += 1
+            self._cv.notify()
+        return stream
+
+    def cancel(self, request_id: str) -> None:
+        with self._cv:
+            r = self._requests.get(request_id)
+            if r is not None:
+                r.cancelled = True
+                self._cv.notify()
+
+    def stats(self) -> dict[str, float]:
+        with self._cv:
+            return dict(self._counters, queue_depth=len(self._waiting), active_sequences=len(self._active),
+                        max_seqs=self.max_seqs, queue_size=self.queue_size)
+
+    def shutdown(self, drain_timeout_s: float = 30.0) -> None:
+        """Stop accepting work, let running and queued requests finish, then stop the thread.
+
+        Whatever is still running after ``drain_timeout_s`` ends with finish_reason ``cancelled``, so
+        every stream is closed cleanly rather than cut.
+        """
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        end = time.monotonic() + drain_timeout_s
+        while time.monotonic() < end:
+            with self._cv:
+                if not self._waiting and not self._active:
+                    break
+            time.sleep(0.02)
+        with self._cv:
+            for r in list(self._requests.values()):
+                r.cancelled = True
+            self._stopped = True
+            self._cv.notify()
+        self._thread.join(timeout=10)
+
+    def generate_sync(self, prompt_ids: list[int], params: SamplingParams) -> list[TokenEvent]:
+        """Convenience for tests and scripts: run one request to the end from a plain thread."""
+        return list(self.submit(GenerationRequest(list(prompt_ids), params)))
+
+    # ------------------------------------------------------------------ scheduler thread
+    def _loop(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while not self._stopped and not self._waiting and not self._active:
+                        self._cv.wait(timeout=0.5)
+                    if self._stopped and not self._active and not self._waiting:
+                        return
+                try:
+                    self._expire_and_cancel()
+                    self._admit()
+                    if self._active:
+                        self._step()
+                except Exception as e:  # noqa: BLE001 - one bad batch must not kill the server
+                    log.exception("engine step failed")
+                    self._fail_all(f"{type(e).__name__}: {e}")
+
+    def _emit(self, seq: _Sequence, text: str, token: TokenChoice | None) -> None:
+        r = seq.owner
+        ev = TokenEvent(seq.index, text, token.token_id if token else None,
+                        token if (token and (seq.params.logprobs or seq.params.top_logprobs)) else None,
+                        seq.state.finish_reason, len(seq.prompt), len(seq.state.token_ids))
+        r.stream.put(ev)
+        if seq.state.finish_reason:
+            self._close_seq(seq)
+
+    def _close_seq(self, seq: _Sequence, reason: str | None = None, error: str | None = None) -> None:
+        if seq.done:
+            return
+        seq.done = True
+        r = seq.owner
+        if reason:  # ended from outside (cancel, timeout, error): tell the client why
+            seq.state.finish_reason = reason
+            r.stream.put(TokenEvent(seq.index, "", None, None, reason, len(seq.prompt),
+                                    len(seq.state.token_ids), error))
+        with self._cv:
+            self._counters["completion_tokens"] += len(seq.state.token_ids)
+            key = {"cancelled": "cancelled", "timeout": "timeouts", "error": "errors"}.get(reason or "", "finished")
+            self._counters[key] += 1
+            r.open_choices -= 1
+            if r.open_choices <= 0:
+                self._requests.pop(r.req.request_id, None)
+                r.stream.put(None)
+
+    def _fail_request_waiting(self, r: _Request, reason: str) -> None:
+        for i in range(r.req.params.n):
+            r.stream.put(TokenEvent(i, "", None, None, reason, len(r.req.prompt_ids), 0))
+        with self._cv:
+            self._counters["cancelled" if reason == "cancelled" else "timeouts"] += 1
+            self._requests.pop(r.req.request_id, None)
+        r.stream.put(None)
+
+    def _expire_and_cancel(self) -> None:
+        now = time.monotonic()
+        with self._cv:
+            gone = [r for r in self._waiting if r.cancelled or (r.deadline and now > r.deadline)]
+            for r in gone:
+                self._waiting.remove(r)
+        for r in gone:
+            self._fail_request_waiting(r, "cancelled" if r.cancelled else "timeout")
+        for seq in self._active:
+            r = seq.owner
+            if r.cancelled:
+                self._close_seq(seq, "cancelled")
+            elif r.deadline and now > r.deadline:
+                self._close_seq(seq, "timeout")
+        self._compact()
+
+    def _admit(self) -> None:
+        while True:
+            with self._cv:
+                if not self._waiting or self._stopped:
+                    return
+                r = self._waiting[0]
+                room = self.max_seqs - len(self._active)
+                if self._active and (r.req.params.n > room or not self._mergeable):
+                    return
+                self._waiting.popleft()
+                self._counters["prompt_tokens"] += len(r.req.prompt_ids)
+            self._prefill(r)
+
+    def _prefill(self, r: _Request) -> None:
+        import torch
+        from transformers import DynamicCache
+
+        ids = torch.tensor([r.req.prompt_ids], device=self.device)  # (1, P)
+        pos = torch.arange(ids.shape[1], device=self.device)[None]
+        out = self.model(input_ids=ids, position_ids=pos, past_key_values=DynamicCache(), use_cache=True)
+        cache = out.past_key_values
+        logits = out.logits[0, -1]
+        n = r.req.params.n
+        seqs = [_Sequence(r, i, self.tokenizer, self.stop_ids, self.device) for i in range(n)]
+        r.open_choices = n
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+        self._merge(cache, torch.ones(n, ids.shape[1], dtype=torch.long, device=self.device))
+        self._active.extend(seqs)
+        for seq in seqs:
+            self._take(seq, logits)
+        self._compact()
+
+    def _take(self, seq: _Sequence, logits) -> None:
+        """Sample one token for ``seq`` from its logits row, record it, stream the released text."""
+        choice = sample_next(logits, seq.params, seq.generator, seq.prompt + seq.state.token_ids)
+        text = seq.state.add(choice.token_id)
+        seq.last_token = choice.token_id
+        if not seq.state.finish_reason and seq.next_pos >= self.max_context:
+            seq.state.finish_reason = "length"
+            text += seq.state._finish_text()
+        self._emit(seq, text, choice)
+
+    def _merge(self, cache, mask) -> None:
+        import torch
+        import torch.nn.functional as F
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        layers = getattr(cache, "layers", [])
+        if not all(type(layer) is DynamicLayer for layer in layers):
+            self._mergeable = False
+        if self._cache is None or not self._active:
+            self._cache, self._mask = cache, mask
+            return
+        l1, l2 = self._mask.shape[1], mask.shape[1]
+        t = max(l1, l2)
+        data = []
+        for a, b in zip(self._cache.layers, cache.layers):
+            k = torch.cat([F.pad(a.keys, (0, 0, t - l1, 0)), F.pad(b.keys, (0, 0, t - l2, 0))])
+            v = torch.cat([F.pad(a.values, (0, 0, t - l1, 0)), F.pad(b.values, (0, 0, t - l2, 0))])
+            data.append((k, v))
+        self._cache = DynamicCache(ddp_cache_data=data)
+        self._mask = torch.cat([F.pad(self._mask, (t - l1, 0)), F.pad(mask, (t - l2, 0))])
+
+    def _compact(self) -> None:
+        """Drop finished rows from the batch and the cache; trim columns no row attends to."""
+        import torch
+
+        keep = [i for i, s in enumerate(self._active) if not s.done]
+        if len(keep) == len(self._active):
+            return
+        if not keep:
+            self._active, self._cache, self._mask = [], None, None
+            return
+        idx = torch.tensor(keep, device=self.device)
+        self._cache.batch_select_indices(idx)
+        self._mask = self._mask[idx]
+        self._active = [self._active[i] for i in keep]
+        used = (self._mask.sum(0) > 0).nonzero()
+        first = int(used[0]) if len(used) else 0
+        if first > 0:
+            for layer in self._cache.layers:
+                layer.keys = layer.keys[:, :, first:]
+                layer.values = layer.values[:, :, first:]
+            self._mask = self._mask[:, first:]
+
+    def _step(self) -> None:
+        import torch
+
+        b = len(self._active)
+        ids = torch.tensor([[s.last_token] for s in self._active], device=self.device)  # (B, 1)
+        pos = torch.tensor([[s.next_pos] for s in self._active], device=self.device)  # (B, 1)
+        self._mask = torch.cat([self._mask, torch.ones(b, 1, dtype=torch.long, device=self.device)], dim=1)
+        out = self.model(input_ids=ids, attention_mask=self._mask, position_ids=pos,
+                         past_key_values=self._cache, use_cache=True)
+        self._cache = out.past_key_values
+        logits = out.logits[:, -1]  # (B, V)
+        with self._cv:
+            self._counters["steps"] += 1
+        for i, seq in enumerate(self._active):
+            seq.next_pos += 1
+            self._take(seq, logits[i])
+        self._compact()
+
+    def _fail_all(self, message: str) -> None:
+        for seq in list(self._active):
+            self._close_seq(seq, "error", message)
+        self._active, self._cache, self._mask = [], None, None
+
+
+# ---------------------------------------------------------------------------------- vLLM engine
+class VllmEngine:
+    """The same interface on vLLM's ``AsyncLLMEngine`` (GPUs, tensor parallel, paged attention).
+
+    vLLM is imported here only; it must be installed on a CUDA machine (``pip install lmwright[serve-gpu]``).
+    vLLM yields cumulative outputs per step; this class turns them into the same ``TokenEvent`` deltas
+    (text deltas from vLLM's own incremental detokeniser).
+    """
+
+    def __init__(self, model_path: str, tokenizer, max_seqs: int = 256, queue_size: int = 1024,
+                 timeout_s: float | None = None, **engine_kwargs: Any):
+        try:
+            from vllm import AsyncEngineArgs, AsyncLLMEngine
+        except ImportError:
+            raise ConfigError("engine 'vllm' needs vllm on a CUDA machine: pip install 'lmwright[serve-gpu]'") from None
+        args = AsyncEngineArgs(model=str(model_path), max_num_seqs=max_seqs, **engine_kwargs)
+        self._engine = AsyncLLMEngine.from_engine_args(args)
+        self.tokenizer = tokenizer
+        self.max_context = int(getattr(args, "max_model_len", None) or 2048)
+        self.queue_size, self.timeout_s = queue_size, timeout_s
+        self._inflight: set[str] = set()
+        self._counters = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        self._closing = False
+
+    def _sampling(self, p: SamplingParams):
+        from vllm import SamplingParams as VSP
+
+        return VSP(n=p.n, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k if p.top_k > 0 else -1,
+                   repetition_penalty=p.repetition_penalty, seed=p.seed, stop=list(p.stop) or None,
+                   stop_token_ids=p.stop_token_ids or default_stop_ids(self.tokenizer), max_tokens=p.max_tokens,
+                   logprobs=(p.top_logprobs or 1) if (p.logprobs or p.top_logprobs) else None)
+
+    def submit(self, request: GenerationRequest) -> RequestStream:
+        request.params.check()
+        if self._closing:
+            raise EngineClosed("the server is shutting down")
+        if len(self._inflight) >= self.queue_size:
+            raise QueueFull(f"{len(self._inflight)} requests in flight; retry later")
+        if len(request.prompt_ids) >= self.max_context:
+            raise ContextOverflow(f"the prompt has {len(request.prompt_ids)} tokens; context is {self.max_context}")
+        stream = RequestStream(request.request_id)
+        self._inflight.add(request.request_id)
+        self._counters["requests"] += 1
+        asyncio.get_running_loop().create_task(self._pump(request, stream))
+        return stream
+
+    async def _pump(self, request: GenerationRequest, stream: RequestStream) -> None:
+        sent = {}
+        try:
+            gen = self._engine.generate({"prompt_token_ids": list(request.prompt_ids)},
+                                        self._sampling(request.params), request.request_id)
+            async for out in gen:
+                for c in out.outputs:
+                    prev_text, prev_n = sent.get(c.index, ("", 0))
+                    lp = None
+                    if c.logprobs and len(c.token_ids) > prev_n:
+                        tid = c.token_ids[-1]
+                        lp = TokenChoice(tid, c.logprobs[-1][tid].logprob)
+                    stream.put(TokenEvent(c.index, c.text[len(prev_text):],
+                                          c.token_ids[-1] if c.token_ids else None, lp, c.finish_reason,
+                                          len(request.prompt_ids), len(c.token_ids)))
+                    sent[c.index] = (c.text, len(c.token_ids))
+        except Exception as e:  # noqa: BLE001
+            stream.put(TokenEvent(0, "", None, None, "error", len(request.prompt_ids), 0, str(e)))
+        finally:
+            self._inflight.discard(request.request_id)
+            stream.put(None)
+
+    def cancel(self, request_id: str) -> None:
+        asyncio.get_running_loop().create_task(self._engine.abort(request_id))
+
+    def stats(self) -> dict[str, float]:
+        return dict(self._counters, queue_depth=0, active_sequences=len(self._inflight))
+
+    def shutdown(self, drain_timeout_s: float = 30.0) -> None:
+        self._closing = True
+        shutdown = getattr(self._engine, "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+
+
+ENGINES = {"builtin": LocalEngine, "vllm": VllmEngine}
