@@ -1,7 +1,7 @@
 """Tokenisation of documents and packing into fixed-length rows without cross-contamination.
 
 A packed row concatenates several samples. Each sample's ``position_ids`` restart at 0, and the
-model is called with ``attention_mask=None`` so transformers builds a block-diagonal causal mask
+model is called with ``attention_mask=None`` and ``use_cache=False`` so transformers builds a block-diagonal causal mask
 from the position ids (``masking_utils.find_packed_sequence_indices``): no token attends across a
 sample boundary. The first token of every sample gets label -100 so the shifted loss never asks
 the last token of one sample to predict the first token of the next. The result: the loss of a
@@ -16,7 +16,7 @@ Two strategies:
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 IGNORE = -100
 
