@@ -11,9 +11,10 @@ BERT-style and, like BERT, does not preserve whitespace exactly (use it for enco
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Literal
+from typing import Literal
 
 from lmwright.config import ConfigError, opt
 from lmwright.data.chat import CHAT_TEMPLATE, IM_END, IM_START
@@ -79,8 +80,8 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig | None = None, ou
     elif cfg.type == "unigram":
         tok = Tokenizer(models.Unigram())
         tok.normalizer = normalizers.Sequence(norm)
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="never")
         trainer = trainers.UnigramTrainer(vocab_size=cfg.vocab_size, special_tokens=specials, unk_token=UNK,
                                           show_progress=False, max_piece_length=16)
     elif cfg.type == "wordpiece":
