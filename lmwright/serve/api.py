@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from lmwright.config import ConfigError
 from lmwright.serve.generation import GenerationResult, SamplingParams, generate

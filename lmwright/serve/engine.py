@@ -22,12 +22,19 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Iterator, Protocol
+from typing import Any, Protocol
 
 from lmwright.config import ConfigError
-from lmwright.serve.generation import (SamplingParams, SequenceState, TokenChoice, default_stop_ids,
-                                       make_generator, sample_next)
+from lmwright.serve.generation import (
+    SamplingParams,
+    SequenceState,
+    TokenChoice,
+    default_stop_ids,
+    make_generator,
+    sample_next,
+)
 
 log = logging.getLogger("lmwright.serve")
 
@@ -154,7 +161,7 @@ class _Sequence:
         p = owner.req.params
         self.owner, self.index = owner, index
         self.params = p
-        self.state = SequenceState(tokenizer, p, stop_ids)
+        self.state = SequenceState(tokenizer, p, stop_ids if p.stop_token_ids is None else p.stop_token_ids)
         seed = None if p.seed is None else p.seed + index
         self.generator = make_generator(seed, device)
         self.prompt = list(owner.req.prompt_ids)
@@ -374,7 +381,7 @@ class LocalEngine:
         choice = sample_next(logits, seq.params, seq.generator, seq.prompt + seq.state.token_ids)
         text = seq.state.add(choice.token_id)
         seq.last_token = choice.token_id
-        if not seq.state.finish_reason and seq.next_pos >= self.max_context:
+        if not seq.state.finish_reason and seq.next_pos + 1 >= self.max_context:  # prompt + output fill it
             seq.state.finish_reason = "length"
             text += seq.state._finish_text()
         self._emit(seq, text, choice)

@@ -12,9 +12,10 @@ import json
 import logging
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from lmwright.config import ConfigError, opt
 
@@ -66,7 +67,7 @@ class GuardrailsConfig:
                     raise ConfigError(f"{where}.block_patterns: {p!r} is not a valid regex: {e}") from None
 
 
-def load_guardrails(path: str | Path | None) -> "Guardrails":
+def load_guardrails(path: str | Path | None) -> Guardrails:
     """A ``Guardrails`` from a YAML file (``None`` -> no rules)."""
     if not path:
         return Guardrails(GuardrailsConfig())
@@ -199,7 +200,7 @@ class Guardrails:
             v = self.check_output(produce())
         return v
 
-    def stream_filter(self) -> "StreamGuard":
+    def stream_filter(self) -> StreamGuard:
         return StreamGuard(self)
 
 

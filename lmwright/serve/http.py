@@ -164,7 +164,7 @@ def create_app(engine_or_models: Any, cfg: ServeConfig | None = None, guardrails
     from pydantic import BaseModel, ConfigDict, Field
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from lmwright.serve.engine import (ContextOverflow, EngineClosed, GenerationRequest, QueueFull)
+    from lmwright.serve.engine import ContextOverflow, EngineClosed, GenerationRequest, QueueFull
     from lmwright.serve.generation import SamplingParams
     from lmwright.serve.guardrails import Guardrails, load_guardrails
 
@@ -643,7 +643,17 @@ def create_app(engine_or_models: Any, cfg: ServeConfig | None = None, guardrails
 
 def serve(app, cfg: ServeConfig) -> None:
     """Run the app with uvicorn; SIGINT/SIGTERM stop accepting, finish in-flight streams, then exit."""
+    import signal
+    import threading
+
     import uvicorn
 
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn drains, then re-raises the signal it caught; after a clean drain that is a normal exit
+        def _exit_clean(signum, frame):
+            raise SystemExit(0)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _exit_clean)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info",
                 timeout_graceful_shutdown=int(cfg.drain_timeout_s) + 1)

@@ -1,0 +1,60 @@
+"""``lmwright serve``: an OpenAI-compatible HTTP server for a run, checkpoint or model folder."""
+
+from __future__ import annotations
+
+from lmwright.cli._common import add_config_args, subparser
+
+
+def register(sub) -> None:
+    from lmwright.serve.http import ServeConfig
+
+    p = subparser(sub, "serve", "serve a model over an OpenAI-compatible HTTP API (streaming, batching)",
+                  ServeConfig)
+    add_config_args(p)
+    p.add_argument("--model", help="run, checkpoint or model folder (same as model=...)")
+    p.add_argument("--name", help="model id in the API (default: the run folder's name)")
+    p.add_argument("--host", help="interface to bind (default 127.0.0.1; others need an API key)")
+    p.add_argument("--port", type=int, help="TCP port (default 8000)")
+    p.add_argument("--api-key", help="require this bearer token (or env LMWRIGHT_API_KEY)")
+    p.add_argument("--api-key-file", help="file holding the API key")
+    p.add_argument("--guardrails", metavar="FILE", help="YAML file of guardrail rules")
+    p.add_argument("--engine", choices=["builtin", "vllm"], help="serving engine (default builtin)")
+    p.add_argument("--max-seqs", type=int, help="sequences decoded together")
+    p.add_argument("--queue-size", type=int, help="requests allowed to wait; beyond -> 429")
+    p.set_defaults(func=run_serve)
+
+
+def _overrides(args) -> list[str]:
+    out = list(args.overrides)
+    for flag, key in (("model", "model"), ("name", "name"), ("host", "host"), ("port", "port"),
+                      ("api_key", "api_key"), ("api_key_file", "api_key_file"), ("guardrails", "guardrails"),
+                      ("engine", "engine"), ("max_seqs", "max_seqs"), ("queue_size", "queue_size")):
+        v = getattr(args, flag, None)
+        if v is not None:
+            out.append(f"{key}={v}")
+    return out
+
+
+def run_serve(args) -> int:
+    from lmwright.config import ConfigError, load_config
+    from lmwright.serve.http import ServeConfig, create_app, resolve_api_key, serve
+
+    cfg = load_config(ServeConfig, args.config, _overrides(args))
+    if not cfg.model:
+        raise ConfigError("lmwright serve needs --model RUN_OR_FOLDER")
+    resolve_api_key(cfg)  # fail before loading weights when the server would be open to the network
+    if cfg.engine == "vllm":
+        from lmwright.models.load import load_tokenizer, resolve_model_path
+        from lmwright.serve.engine import VllmEngine
+
+        path = resolve_model_path(cfg.model)
+        target = VllmEngine(str(path), load_tokenizer(path), max_seqs=cfg.max_seqs, queue_size=cfg.queue_size,
+                            timeout_s=cfg.timeout_s)
+    else:
+        from lmwright.serve.api import load
+
+        target = load(cfg.model, guardrails=cfg.guardrails, name=cfg.name or None)
+    name = cfg.name or getattr(target, "name", "model")
+    print(f"serving {name} from {cfg.model} on http://{cfg.host}:{cfg.port}/v1 (engine {cfg.engine})", flush=True)
+    serve(create_app({name: target}, cfg), cfg)
+    return 0

@@ -1,0 +1,154 @@
+"""The built-in engine: batched == alone, streaming, n, cancellation, queue bound, timeouts."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from lmwright.serve.engine import GenerationRequest, LocalEngine, QueueFull
+from lmwright.serve.generation import SamplingParams, generate
+
+
+@pytest.fixture
+def engine(lm):
+    eng = LocalEngine(lm.model, lm.tokenizer, max_seqs=8, queue_size=8)
+    yield eng
+    eng.shutdown(drain_timeout_s=1)
+
+
+PROMPTS = ["Once upon a time", "The cat sat on the mat and then the dog ran far away into the woods", "Hi",
+           "小猫在花园里", "A bird"]
+
+
+def _tokens(events, index=0):
+    return [e.token_id for e in events if e.index == index and e.token_id is not None
+            and not (e.finish_reason == "stop" and e.text == "" and e.token_id is None)]
+
+
+def test_batched_greedy_equals_alone(lm, engine):
+    """Different-length prompts joining at different steps give exactly the tokens they give alone."""
+    ids = [lm.prompt_ids(p) for p in PROMPTS]
+    alone = [generate(lm.model, lm.tokenizer, i, SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[]))
+             for i in ids]
+    out: dict[int, list[int]] = {}
+
+    def run(k):
+        time.sleep(0.01 * k)  # staggered arrivals: requests join a batch that is already decoding
+        params = SamplingParams(max_tokens=24 + 4 * (k % 2), temperature=0, stop_token_ids=[])
+        out[k] = [e.token_id for e in engine.generate_sync(ids[k], params) if e.token_id is not None]
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(ids))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k in range(len(ids)):
+        assert out[k][:24] == alone[k].token_ids, f"prompt {k} differs when batched"
+    assert engine.stats()["steps"] < sum(len(v) for v in out.values())  # rows really shared steps
+    assert engine.stats()["active_sequences"] == 0
+
+
+def test_seeded_sampling_in_batch_equals_alone(lm, engine):
+    ids = lm.prompt_ids("The dog")
+    p = dict(max_tokens=12, temperature=0.9, top_k=50, seed=11, stop_token_ids=[])
+    alone = generate(lm.model, lm.tokenizer, ids, SamplingParams(**p)).token_ids
+    other = threading.Thread(target=engine.generate_sync,
+                             args=(lm.prompt_ids("Something else entirely"), SamplingParams(max_tokens=20)))
+    other.start()
+    got = [e.token_id for e in engine.generate_sync(ids, SamplingParams(**p)) if e.token_id is not None]
+    other.join()
+    assert got == alone
+
+
+def test_n_choices_use_seed_plus_index(lm, engine):
+    ids = lm.prompt_ids("Hello")
+    evs = engine.generate_sync(ids, SamplingParams(max_tokens=6, temperature=1.0, seed=5, n=3, stop_token_ids=[]))
+    for i in range(3):
+        toks = [e.token_id for e in evs if e.index == i and e.token_id is not None]
+        ref = generate(lm.model, lm.tokenizer, ids, SamplingParams(max_tokens=6, temperature=1.0, seed=5 + i,
+                                                                   stop_token_ids=[])).token_ids
+        assert toks == ref
+    assert sorted(e.index for e in evs if e.finish_reason) == [0, 1, 2]
+
+
+def test_streamed_text_equals_decode(lm, engine):
+    ids = lm.prompt_ids("小猫")
+    evs = engine.generate_sync(ids, SamplingParams(max_tokens=30, temperature=0, stop_token_ids=[]))
+    toks = [e.token_id for e in evs if e.token_id is not None]
+    assert "".join(e.text for e in evs) == lm.tokenizer.decode(toks, skip_special_tokens=True)
+    assert evs[-1].finish_reason == "length" and evs[-1].completion_tokens == 30
+
+
+def test_cancel_frees_slot(lm):
+    eng = LocalEngine(lm.model, lm.tokenizer, max_seqs=1, queue_size=4)
+    try:
+        long = eng.submit(GenerationRequest(lm.prompt_ids("A"), SamplingParams(max_tokens=200, stop_token_ids=[])))
+        it = iter(long)
+        next(it)
+        eng.cancel(long.request_id)
+        rest = list(it)
+        assert rest[-1].finish_reason == "cancelled"
+        evs = eng.generate_sync(lm.prompt_ids("B"), SamplingParams(max_tokens=3, temperature=0, stop_token_ids=[]))
+        assert evs[-1].finish_reason == "length"
+        assert eng.stats()["cancelled"] == 1
+    finally:
+        eng.shutdown(drain_timeout_s=1)
+
+
+def test_queue_bound_and_timeout(lm):
+    eng = LocalEngine(lm.model, lm.tokenizer, max_seqs=1, queue_size=1)
+    try:
+        a = eng.submit(GenerationRequest(lm.prompt_ids("A"), SamplingParams(max_tokens=200, stop_token_ids=[])))
+        time.sleep(0.1)  # a is running; b waits; c overflows
+        b = eng.submit(GenerationRequest(lm.prompt_ids("B"), SamplingParams(max_tokens=5, timeout_s=0.05)))
+        with pytest.raises(QueueFull):
+            eng.submit(GenerationRequest(lm.prompt_ids("C"), SamplingParams(max_tokens=5)))
+        assert list(b)[-1].finish_reason == "timeout"  # expired while waiting for a slot
+        eng.cancel(a.request_id)
+        assert list(a)[-1].finish_reason == "cancelled"
+    finally:
+        eng.shutdown(drain_timeout_s=1)
+
+
+def test_context_limit_ends_with_length(lm):
+    from lmwright.serve.engine import ContextOverflow
+
+    eng = LocalEngine(lm.model, lm.tokenizer, max_seqs=2, max_context=20)
+    try:
+        ids = lm.prompt_ids("Once upon a time")
+        evs = eng.generate_sync(ids, SamplingParams(max_tokens=100, temperature=0, stop_token_ids=[]))
+        assert evs[-1].finish_reason == "length"
+        assert len(ids) + evs[-1].completion_tokens == 20
+        with pytest.raises(ContextOverflow):
+            eng.submit(GenerationRequest(list(range(5, 30)), SamplingParams()))
+    finally:
+        eng.shutdown(drain_timeout_s=1)
+
+
+def test_peft_lora_served_unmerged_equals_merged(lm):
+    peft = pytest.importorskip("peft")
+    import copy
+
+    import torch
+
+    base = copy.deepcopy(lm.model)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_alpha=8))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    model.eval()
+    ids = lm.prompt_ids("Once upon a time")
+    params = SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[])
+    eng = LocalEngine(model, lm.tokenizer, max_seqs=2)
+    try:
+        unmerged = [e.token_id for e in eng.generate_sync(ids, params) if e.token_id is not None]
+    finally:
+        eng.shutdown(drain_timeout_s=1)
+    merged = model.merge_and_unload()
+    ref = generate(merged, lm.tokenizer, ids, params).token_ids
+    base_only = generate(lm.model, lm.tokenizer, ids, params).token_ids
+    assert unmerged == ref
+    assert unmerged != base_only  # the adapter really changed the output
