@@ -205,7 +205,9 @@ def train(model: torch.nn.Module, train_data: Sequence, collate: Callable, objec
     model.train()
     optimizer = build_optimizer(model, cfg)
     steps = total_steps(cfg, len(train_data), world)
-    data = MicroBatches(train_data, collate, cfg.micro_batch_size, cfg.seed, rank, world)
+    # an online stage (ppo, grpo) passes its own batch source: ``get(position)`` makes rollouts as needed
+    data = train_data if hasattr(train_data, "get") else \
+        MicroBatches(train_data, collate, cfg.micro_batch_size, cfg.seed, rank, world)
 
     # ---- resume
     start_step, position, best, best_step, bad_evals, eval_history = 0, 0, None, None, 0, []

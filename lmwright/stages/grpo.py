@@ -1,0 +1,187 @@
+"""``lmwright train grpo``: group-relative policy optimisation (Shao et al. 2024, DeepSeekMath) with
+verifiable rewards: registered reward functions (``exact_answer``, ``format``, ``length``, ...) and/or a
+reward model. No value model: each prompt is answered ``group_size`` times and each completion's advantage
+is its reward relative to its group's mean (and std).
+
+Each rollout: ``rollout.batch_size / group_size`` prompts, ``group_size`` samples each -> rewards -> group
+advantages -> ``rollout.epochs`` passes of the clipped GRPO loss (+ ``beta`` x k3 KL to the reference) over
+micro-batches, through the engine's one training loop (the rollout buffer is the engine's batch source).
+
+Read top to bottom: config -> prompts -> policy + reference -> rollout -> loss -> engine.train -> final/.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from lmwright.config import ConfigError, opt
+from lmwright.data.config import DataConfig
+from lmwright.engine.config import TrainConfig
+from lmwright.methods import MethodConfig
+from lmwright.models.presets import ModelConfig
+from lmwright.objectives.base import LossOutput
+from lmwright.stages._online import RewardSpec, RolloutConfig
+from lmwright.stages.common import STAGES, resolve_tokenizer, save_final
+from lmwright.utils.logging import get_logger
+
+log = get_logger("lmwright.grpo")
+
+
+@dataclass
+class GRPOConfig:
+    stage: str = opt("grpo", "stage id")
+    model: ModelConfig = opt(ModelConfig(), "the policy (usually an SFT run)")
+    tokenizer: str | None = opt(None, "tokenizer folder (default: the model's)")
+    method: MethodConfig = opt(MethodConfig(), "how the policy's weights are adapted (full, lora, ...)")
+    data: DataConfig = opt(DataConfig(format="alpaca"), "prompts + reference answers: alpaca, messages, preference or text")
+    train: TrainConfig = opt(TrainConfig(lr=1e-5, micro_batch_size=8, max_steps=100, metric_for_best="val_reward",
+                                         warmup_steps=0, scheduler="constant", eval_every=20), "the training loop")
+    rollout: RolloutConfig = opt(RolloutConfig(), "sampling of completions (epochs = GRPO iterations per rollout)")
+    reward: RewardSpec = opt(RewardSpec(functions=["exact_answer"]), "reward functions and/or a reward model")
+    group_size: int = opt(8, "completions per prompt")
+    beta: float = opt(0.04, "weight of the k3 KL to the reference (0 = no reference model)")
+    max_kl: float = opt(20.0, "stop (TrainingDiverged, last checkpoint kept) if the mean KL per sequence exceeds this (0 = off)")
+    clip_eps: float = opt(0.2, "lower ratio clipping")
+    clip_eps_high: float | None = opt(None, "upper ratio clipping (DAPO clip-higher); default clip_eps")
+    scale_rewards: Literal["group", "batch", "none"] = opt("group", "divide advantages by the group std, the batch std, or not (Dr. GRPO)")
+    loss_type: Literal["dapo", "bnpo", "grpo", "dr_grpo"] = opt("dapo", "token aggregation of the loss (as trl)")
+
+    def check(self) -> None:
+        if self.group_size < 2:
+            raise ConfigError(f"group_size must be >= 2 (advantages are relative to the group), got {self.group_size}")
+        if self.rollout.batch_size % self.group_size:
+            raise ConfigError(f"rollout.batch_size={self.rollout.batch_size} must be a multiple of "
+                              f"group_size={self.group_size}")
+        if self.beta < 0:
+            raise ConfigError(f"beta must be >= 0, got {self.beta}")
+
+
+def check(cfg: GRPOConfig) -> dict[str, Any]:
+    from lmwright.methods import check_compat
+    from lmwright.stages._online import check_reward
+
+    if not cfg.data.path:
+        raise ConfigError("data.path is empty: point it at prompts with reference answers (e.g. alpaca records)")
+    check_compat(cfg.method, cfg.model, "causal-lm", cfg.model.gradient_checkpointing)
+    tokenizer = resolve_tokenizer(cfg.model, cfg.tokenizer or cfg.model.tokenizer)
+    check_reward(cfg.reward, tokenizer, "grpo")
+    if cfg.train.nproc > 1:
+        raise ConfigError("grpo runs in one process (train.nproc=1); use a GPU for speed")
+    return {"tokenizer": tokenizer}
+
+
+def make_rollout_fn(cfg: GRPOConfig, policy, ref, scorer, tokenizer):
+    from lmwright.objectives.rl import entropy_from_logits, grpo_advantages, kl_penalty, masked_mean
+    from lmwright.stages._align import completion_logprobs, decode_completions, sample
+    from lmwright.stages._online import check_divergence
+
+    rc, G = cfg.rollout, cfg.group_size
+    monitor_kl = cfg.beta > 0 or cfg.max_kl > 0
+
+    @torch.no_grad()
+    def make_rollout(k: int, prompts: list[dict]) -> dict[str, torch.Tensor]:
+        group = [p for p in prompts for _ in range(G)]  # consecutive groups of G samples of one prompt
+        b = sample(policy, tokenizer, [p["ids"] for p in group], rc.max_new_tokens, rc.temperature, rc.top_k, rc.top_p)
+        texts = decode_completions(tokenizer, b)
+        rewards = scorer([p["messages"] for p in group], texts, [p["reference"] for p in group])  # (B,)
+        mask = b["completion_mask"].float()
+        logp, logits, _ = completion_logprobs(policy, b, rc.temperature)
+        out = {**b, "advantages": grpo_advantages(rewards, G, cfg.scale_rewards).to(logp.device)}
+        if rc.epochs > 1:
+            out["old_logp"] = logp
+        seq_kl = 0.0
+        if monitor_kl:
+            with ref() as ref_model:
+                ref_logp, _, _ = completion_logprobs(ref_model, b, rc.temperature)
+            out["ref_logp"] = ref_logp
+            seq_kl = float((kl_penalty(logp, ref_logp, "k3") * mask).sum(-1).mean())
+        check_divergence(seq_kl, float(rewards.mean()), cfg.max_kl, f"rollout {k}")
+        solved = (rewards.view(-1, G).std(1) == 0).float().mean()  # groups with no learning signal
+        stats = {"rollout/reward": rewards.mean(), "rollout/reward_std": rewards.view(-1, G).std(1).mean(),
+                 "rollout/kl": torch.tensor(seq_kl), "rollout/entropy": masked_mean(entropy_from_logits(logits), mask),
+                 "rollout/length": mask.sum(-1).mean(), "rollout/zero_std_groups": solved}
+        return {**out, **{k_: v.detach().float().cpu().reshape(()) for k_, v in stats.items()}}
+
+    return make_rollout
+
+
+def make_objective(cfg: GRPOConfig):
+    from lmwright.objectives.rl import grpo_loss
+    from lmwright.stages._align import completion_logprobs
+
+    def objective(model, batch: dict[str, torch.Tensor]) -> LossOutput:
+        logp, _, _ = completion_logprobs(model, batch, cfg.rollout.temperature)
+        out = grpo_loss(logp, batch["advantages"], batch["completion_mask"].float(), batch.get("old_logp"),
+                        batch.get("ref_logp"), cfg.beta, cfg.clip_eps, cfg.clip_eps_high, cfg.loss_type,
+                        cfg.rollout.max_new_tokens)
+        out.means.update({k: v for k, v in batch.items() if k.startswith("rollout/")})
+        return out
+
+    return objective
+
+
+def run(cfg: GRPOConfig) -> Path:
+    from lmwright.data import load_records
+    from lmwright.engine import Run, train
+    from lmwright.engine.report import write_report
+    from lmwright.models import count_parameters
+    from lmwright.stages._align import Reference, base_path_of, load_policy
+    from lmwright.stages._online import RolloutSource, Scorer, build_prompts, make_eval
+
+    tokenizer = check(cfg)["tokenizer"]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    train_recs, val_recs, manifest = load_records(cfg.data)
+    prompts, skipped = build_prompts(train_recs, cfg.data.format, tokenizer, cfg.rollout)
+    val_prompts, _ = build_prompts(val_recs, cfg.data.format, tokenizer, cfg.rollout) if val_recs else ([], 0)
+    val_prompts = val_prompts[:cfg.rollout.eval_prompts]
+    log.info("prompts: %d train, %d validation, %d skipped (over rollout.max_prompt_tokens)", len(prompts),
+             len(val_prompts), skipped)
+
+    policy = load_policy(cfg.model, cfg.method, tokenizer, cfg.train.seed).to(device)
+    ref = Reference(policy, keep_copy=cfg.beta > 0 or cfg.max_kl > 0)
+    scorer = Scorer(cfg.reward, device)
+    source = RolloutSource(prompts, cfg.rollout.batch_size // cfg.group_size, cfg.rollout.batch_size,
+                           cfg.train.micro_batch_size, cfg.rollout.epochs, cfg.train.seed,
+                           make_rollout_fn(cfg, policy, ref, scorer, tokenizer))
+    evaluate = make_eval(val_prompts, scorer, tokenizer, cfg.rollout, lambda m: m)
+    trainable, total = count_parameters(policy)
+
+    run_ = Run.create(cfg.train.output_dir, cfg.train.run_name, "grpo")
+    run_.write_config(cfg)
+    run_.write_info(model=cfg.model.name, method=cfg.method.name, parameters=total, trainable=trainable,
+                    data_manifest_sha256=manifest.get("sha256"), prompts=len(prompts), skipped_prompts=skipped)
+    before = evaluate(policy)
+    log.info("before training: %s", before)
+    base = base_path_of(cfg.model)
+
+    def save_model(m, d: Path) -> None:
+        save_final(m, tokenizer, d, "causal-lm", method_cfg=cfg.method, base_path=base)
+
+    result = train(policy, source, None, make_objective(cfg), cfg.train, run_,
+                   evaluate=evaluate if val_prompts else None, save_model=save_model)
+    if result.interrupted:
+        return run_.dir
+    after = evaluate(policy)
+    save_final(policy, tokenizer, run_.final, "causal-lm", method_cfg=cfg.method, base_path=base,
+               extra={"stage": "grpo"})
+    summary = {"model": cfg.model.name, "method": cfg.method.name, "steps": result.step,
+               "train_seconds": round(result.train_seconds, 1), "skipped prompts": skipped}
+    summary.update({f"before {k}": v for k, v in before.items()})
+    summary.update({f"after {k}": v for k, v in after.items()})
+    run_.write_info(before=before, after=after)
+    write_report(run_.dir, f"lmwright grpo - {run_.dir.name}", [], summary)
+    return run_.dir
+
+
+class _Stage:
+    name = "grpo"
+    Config = GRPOConfig
+    check = staticmethod(check)
+    run = staticmethod(run)
+
+
+STAGES.register("grpo", _Stage)
