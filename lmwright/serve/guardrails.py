@@ -222,10 +222,14 @@ class StreamGuard:
         self.buf += delta
         if self.g.buffers_output:
             return ""
-        safe = self.buf[:max(0, len(self.buf) - self.hold)]
-        return self._release(safe, final=False)
+        cut = max(0, len(self.buf) - self.hold)
+        if self.g._out_block is not None:  # never release half of a match
+            for m in self.g._out_block.finditer(self.buf):
+                if m.start() < cut < m.end():
+                    cut = m.start()
+        return self._release(self.buf[:cut])
 
-    def _release(self, text: str, final: bool) -> str:
+    def _release(self, text: str) -> str:
         o = self.g.cfg.output
         if self.g._out_block is not None:
             masked = self.g._out_block.sub(o.mask, text)
