@@ -475,9 +475,11 @@ def _load_base(base: str | None, task: str, quantize: str | None, **kwargs: Any)
         raise ConfigError(f"the adapter's base model folder '{base}' does not exist; pass the folder the "
                           f"adapter was trained on (lmwright.json 'base')")
     if quantize:
+        from lmwright.methods.peft_methods import disable_bnb_cpu_repack
         from lmwright.models.presets import ModelConfig
 
-        return load_model(base, task=task, model_cfg=ModelConfig(name=base, quantize=quantize), **kwargs)
+        model = load_model(base, task=task, model_cfg=ModelConfig(name=base, quantize=quantize), **kwargs)
+        return disable_bnb_cpu_repack(model)
     return load_model(base, task=task, **kwargs)
 
 

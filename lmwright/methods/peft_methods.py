@@ -61,6 +61,8 @@ class _PeftMethod:
         if is_quantized(model):
             from peft import prepare_model_for_kbit_training
 
+            disable_bnb_cpu_repack(model)
+
             # casts norms/head to fp32 and freezes the base; gradient checkpointing is the engine's call
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         return get_peft_model(model, self.peft_config(model, cfg, task))
@@ -204,6 +206,7 @@ def dequantize_base(model: Any) -> Any:
 
     for name, mod in list(model.named_modules()):
         if isinstance(mod, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            _unpack_cpu_layout(mod)
             w = dequantize_module_weight(mod).to(torch.float32)
             lin = torch.nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None,
                                   dtype=torch.float32)
@@ -221,4 +224,32 @@ def dequantize_base(model: Any) -> Any:
     if hasattr(model, "hf_quantizer"):
         model.hf_quantizer = None
     model.quantization_method = None
+    return model
+
+
+def _unpack_cpu_layout(mod: Any) -> None:
+    """Undo bitsandbytes' CPU repacking of a 4-bit weight, which generic dequantization misreads.
+
+    Why: on CPUs with avx512_bf16, ``Linear4bit.forward`` in eval/no-grad mode repacks the weight for
+    a bf16 CPU kernel (``quant_state.packing_format_for_cpu``); ``dequantize_4bit`` then returns wrong
+    values. bitsandbytes undoes it itself only when saving or moving to CUDA (checked on 0.50).
+    """
+    qs = getattr(mod.weight, "quant_state", None)
+    if qs is not None and getattr(qs, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        mod.weight.data, mod.weight.quant_state = _convert_weight_packed_for_cpu_inverse(mod.weight.data, qs)
+
+
+def disable_bnb_cpu_repack(model: Any) -> Any:
+    """Keep bitsandbytes 4-bit layers on the plain dequantize + float matmul path on CPU.
+
+    Why: bitsandbytes 0.50, on CPUs with avx512_bf16, repacks a 4-bit weight for a bf16 kernel at the
+    first eval/no-grad forward, rounding its scales to bf16 for good; peft's DoRA then dequantizes the
+    repacked layout as if it were the normal one and returns wrong outputs (~0.16 off on a tiny llama),
+    and eval no longer computes what training saw. Remove when both libraries handle the CPU layout.
+    """
+    for mod in model.modules():
+        if hasattr(mod, "support_avx512bf16_for_cpu"):
+            mod.support_avx512bf16_for_cpu = False
     return model
