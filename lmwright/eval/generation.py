@@ -1,0 +1,77 @@
+"""``generation``: exact match and contains-match of greedy answers on a Q/A set.
+
+Prompts are rendered with the tokenizer's chat template (``render_prompt_ids``: the same tokens the
+server feeds) and decoding stops at ``stop_token_ids`` (``<|im_end|>``/eos), so the score is that of
+the model as it is served. Answers are compared after normalising case and whitespace.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lmwright.eval import EVAL_TASKS
+
+
+def normalize(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    return normalize(prediction) == normalize(reference)
+
+
+def contains_match(prediction: str, reference: str) -> bool:
+    return normalize(reference) in normalize(prediction)
+
+
+def qa_pair(record: dict, fmt: str) -> tuple[list[dict], str]:
+    """(prompt messages, reference answer) of an alpaca or messages record."""
+    if fmt == "alpaca":
+        msgs = [{"role": "system", "content": record["system"]}] if record.get("system") else []
+        user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+        return msgs + [{"role": "user", "content": user}], record["output"]
+    messages = record["messages"]
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return messages[:last], messages[last]["content"]
+
+
+def generate_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int = 64) -> list[str]:
+    """Greedy continuations of each prompt, stopped at the chat stop tokens (one prompt at a time: no
+    padding, so every answer is exactly what a single request would get)."""
+    import torch
+
+    from lmwright.data.chat import stop_token_ids
+
+    stops = stop_token_ids(tokenizer)
+    out = []
+    model.eval()
+    with torch.no_grad():
+        for ids in prompts:
+            x = torch.tensor([ids])
+            gen = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                                 do_sample=False, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
+            new = [t for t in gen[0, len(ids):].tolist() if t not in stops]
+            out.append(tokenizer.decode(new, skip_special_tokens=True))
+    return out
+
+
+@EVAL_TASKS.register("generation")
+class Generation:
+    name = "generation"
+    formats = ("alpaca", "messages")
+    model_task = "causal-lm"
+
+    def run(self, model: Any, tokenizer: Any, records: list[dict], fmt: str = "alpaca", max_new_tokens: int = 64,
+            **_: Any) -> dict[str, Any]:
+        from lmwright.data.chat import render_prompt_ids
+
+        pairs = [qa_pair(r, fmt) for r in records]
+        preds = generate_answers(model, tokenizer, [render_prompt_ids(tokenizer, m) for m, _ in pairs],
+                                 max_new_tokens)
+        refs = [ref for _, ref in pairs]
+        n = len(refs)
+        em = sum(exact_match(p, r) for p, r in zip(preds, refs, strict=True))
+        cm = sum(contains_match(p, r) for p, r in zip(preds, refs, strict=True))
+        return {"exact_match": em / n if n else 0.0, "contains_match": cm / n if n else 0.0, "examples": n,
+                "samples": [{"prompt": m[-1]["content"], "reference": r, "prediction": p}
+                            for (m, r), p in list(zip(pairs, preds))[:5]]}
