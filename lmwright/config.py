@@ -12,9 +12,10 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import MISSING, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, TypeVar, get_args, get_origin
+from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 
@@ -162,6 +163,10 @@ def _coerce(tp: Any, value: Any, key: str, sources: dict | None) -> Any:
             f"{_where(key, sources)}'{key}' = {value!r} does not fit {tp}")
     if origin is Literal:
         choices = get_args(tp)
+        if isinstance(value, bool) and value not in choices:  # YAML reads no/yes/off/on as booleans
+            for word in (("no", "false", "off") if not value else ("yes", "true", "on")):
+                if word in choices:
+                    return word
         if value not in choices:
             raise ConfigError(f"{_where(key, sources)}'{key}' = {value!r} is not one of "
                               f"{', '.join(map(repr, choices))}.{suggest(str(value), [str(c) for c in choices])}")
@@ -216,13 +221,19 @@ def _coerce(tp: Any, value: Any, key: str, sources: dict | None) -> Any:
 
 def from_dict(cls: type[T], data: dict, prefix: str = "", sources: dict | None = None) -> T:
     hints = _type_hints(cls)
-    names = [f.name for f in fields(cls)]
+    by_name = {f.name: f for f in fields(cls)}
+    names = list(by_name)
     kwargs = {}
     for k, v in data.items():
         key = f"{prefix}{k}"
         if k not in names:
             raise ConfigError(f"{_where(key, sources)}unknown key '{key}'.{suggest(str(k), names)}"
                               f" Valid keys under '{prefix.rstrip('.') or 'top level'}': {', '.join(names)}")
+        default = by_name[k].default_factory  # type: ignore[misc]
+        if isinstance(v, dict) and is_dataclass(hints[k]) and default is not MISSING:
+            # a section keeps the defaults its parent gave it (e.g. sft's data.format=alpaca)
+            kwargs[k] = _onto(default(), v, key, sources)
+            continue
         kwargs[k] = _coerce(hints[k], v, key, sources)
     try:
         obj = cls(**kwargs)
@@ -234,6 +245,18 @@ def from_dict(cls: type[T], data: dict, prefix: str = "", sources: dict | None =
             check()
         except ConfigError as e:
             raise ConfigError(f"{prefix}{e}" if prefix and not str(e).startswith(prefix) else str(e)) from None
+    return obj
+
+
+def _onto(base: Any, data: dict, key: str, sources: dict | None) -> Any:
+    """``base`` (a dataclass instance) with ``data`` applied, validated like :func:`from_dict`."""
+    merged = {f.name: getattr(base, f.name) for f in fields(base) if f.init and f.name not in data}
+    obj = from_dict(type(base), data, prefix=key + ".", sources=sources)
+    if merged:
+        obj = dataclasses.replace(obj, **merged)
+        check = getattr(obj, "check", None)
+        if callable(check):
+            check()
     return obj
 
 

@@ -66,3 +66,8 @@ def test_override_parsing():
 def test_options_table_lists_help():
     table = options_table(PretrainConfig)
     assert "| `train.lr` | float |" in table and "peak learning rate" in table
+
+
+def test_yaml_booleans_map_to_literal_words():
+    cfg = load_config(PretrainConfig, [], ["train.mixed_precision=no"])
+    assert cfg.train.mixed_precision == "no"
