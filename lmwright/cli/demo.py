@@ -1,0 +1,30 @@
+"""``lmwright demo``: the whole chain on a generated corpus, on CPU, in minutes."""
+
+from __future__ import annotations
+
+from lmwright.cli._common import add_config_args, subparser
+
+
+def register(sub) -> None:
+    from lmwright.demo import DemoConfig
+
+    p = subparser(sub, "demo", "run the whole chain (data, tokenizer, pretrain, SFT, align, report) on CPU",
+                  DemoConfig)
+    add_config_args(p)
+    p.add_argument("--workdir", help="output folder (same as workdir=...)")
+    p.add_argument("--quick", action="store_true", help="a ~1-minute smoke version with tiny budgets")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from lmwright.config import load_config
+    from lmwright.demo import DemoConfig, run_demo
+
+    overrides = list(args.overrides)
+    if args.workdir:
+        overrides.append(f"workdir={args.workdir}")
+    if args.quick:
+        overrides = ["docs=600", "pretrain_steps=20", "sft_steps=10", "align_steps=4", "model=llama-tiny",
+                     "micro_batch_size=8"] + overrides
+    run_demo(load_config(DemoConfig, args.config, overrides))
+    return 0
