@@ -20,22 +20,49 @@ STAGE_HELP = {
 }
 
 
+def stage_names() -> list[str]:
+    """Stage modules in lmwright/stages (a stage's name is its module's name), found without importing
+    them: `lmwright --help` must not load torch."""
+    import pkgutil
+
+    import lmwright.stages as pkg
+
+    return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__)
+                  if not m.name.startswith("_") and m.name not in ("common", "compare"))
+
+
+def _lazy_help(stage: str):
+    import argparse
+
+    class StageHelp(argparse.Action):
+        """-h/--help that imports the stage only when asked, to list every config option."""
+
+        def __init__(self, option_strings, dest, **kw):
+            super().__init__(option_strings, dest, nargs=0, help="show this help with every config option and exit")
+
+        def __call__(self, parser, namespace, values, option_string=None):
+            from lmwright.stages import STAGES
+
+            parser.epilog = config_epilog(STAGES.get(stage).Config)
+            parser.print_help()
+            parser.exit()
+
+    return StageHelp
+
+
 def register(sub) -> None:
     import argparse
+
+    from lmwright.cli._common import IntermixedParser
 
     p = sub.add_parser("train", help="train a stage: " + ", ".join(STAGE_HELP),
                        description="Train a stage. Every option is a config key: set it in a -c YAML file or "
                                    "as key=value (see `lmwright train <stage> --help`).")
-    from lmwright.cli._common import IntermixedParser
-
     stages = p.add_subparsers(dest="stage", metavar="<stage>", parser_class=IntermixedParser)
-    from lmwright.stages import STAGES
-
-    for name in STAGES.names():
-        stage = STAGES.get(name)
+    for name in stage_names():
         sp = stages.add_parser(name, help=STAGE_HELP.get(name, name), description=STAGE_HELP.get(name, name),
-                               epilog=config_epilog(stage.Config),
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+                               formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
+        sp.add_argument("-h", "--help", action=_lazy_help(name))
         add_config_args(sp)
         sp.add_argument("--nproc", type=int, default=1,
                         help="data-parallel processes (torchrun underneath; gloo on CPU, nccl on GPU)")

@@ -4,9 +4,10 @@ label shifting and ignore-index masking)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
+if TYPE_CHECKING:  # torch is imported inside the functions: `lmwright --help` must not load it
+    import torch
 
 IGNORE_INDEX = -100
 
@@ -29,6 +30,9 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, shift: bool 
     ``shift=True`` predicts token t+1 from position t (causal LMs). ``chunk_size`` > 0 computes the
     loss over row chunks so a float32 copy of the whole (B, T, V) logits never exists at once.
     """
+    import torch
+    import torch.nn.functional as F
+
     if shift:
         logits = logits[:, :-1, :]
         labels = labels[:, 1:]
@@ -51,6 +55,8 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch
 
     Returns ((B,) summed log-probs, (B,) token counts). Used by DPO-family, PPO/GRPO and UPFT.
     """
+    import torch
+
     logits = logits[:, :-1, :].float()  # (B, T-1, V)
     labels = labels[:, 1:]  # (B, T-1)
     mask = labels != IGNORE_INDEX
@@ -61,7 +67,7 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch
 
 
 # ------------------------------------------------------------------------ pretraining objectives
-from lmwright.registry import Registry  # noqa: E402
+from lmwright.registry import Registry
 
 # A pretraining objective bundles what a self-supervised objective needs: the model task it trains,
 # a check run at `lmwright validate` time, dataset construction from texts, a collate function
