@@ -67,3 +67,18 @@ def render_training_ids(tokenizer, messages: list[dict], train_on: str = "assist
         mask = [1 if (last_start is not None and i >= last_start and mask[i]) else 0 for i in range(len(mask))]
     labels = [t if m else -100 for t, m in zip(ids, mask)]
     return ids, labels
+
+
+def alpaca_to_messages(record: dict, system_prompt: str | None = None) -> list[dict]:
+    """An ``alpaca`` record as a conversation: optional system, user = instruction (+ "\\n" + input),
+    assistant = output. The record's own ``system`` wins over ``system_prompt``; without ``output``
+    (a prompt to answer) the conversation ends with the user turn."""
+    msgs = []
+    system = record.get("system") or system_prompt
+    if system:
+        msgs.append({"role": "system", "content": system})
+    user = record["instruction"] + (f"\n{record['input']}" if record.get("input") else "")
+    msgs.append({"role": "user", "content": user})
+    if record.get("output"):
+        msgs.append({"role": "assistant", "content": record["output"]})
+    return msgs

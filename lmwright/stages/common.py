@@ -53,13 +53,17 @@ def save_final(model, tokenizer, out: Path, task: str, extra: dict[str, Any] | N
     if method_cfg is not None and method_cfg.name != "full":
         from lmwright.methods import save_trained
 
-        save_trained(model, method_cfg, out)
+        save_trained(model, method_cfg, out, base_path=base_path, task=task)
     else:
         model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
     if task == "causal-lm":
         write_generation_config(model, tokenizer, out)
-    meta = {"task": task, "method": method_cfg.name if method_cfg is not None else "full", "base": base_path}
+    # keep what save_trained wrote (num_labels, id2label, quantize): load_trained needs it
+    meta = json.loads((out / "lmwright.json").read_text()) if (out / "lmwright.json").exists() else {}
+    meta.update({"task": task, "method": method_cfg.name if method_cfg is not None else "full"})
+    if base_path is not None or "base" not in meta:
+        meta["base"] = str(Path(base_path).resolve()) if base_path is not None else None
     meta.update(extra or {})
     (out / "lmwright.json").write_text(json.dumps(meta, indent=2))
     return out

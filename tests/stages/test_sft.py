@@ -1,0 +1,205 @@
+"""sft: the conversion and tokenisation path, train/serve token parity, validate-time errors, a fast
+LoRA run from a local base folder, and (slow) held-out exact match from ~0 to high on a pretrained base."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lmwright.config import ConfigError, load_config
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def base_dir(tmp_path, tokenizer):
+    """A tiny llama saved as a local Hugging Face folder (a base for methods that need one)."""
+    from lmwright.models import ModelConfig, build_model
+
+    model = build_model(ModelConfig(name="llama-tiny"), task="causal-lm", tokenizer=tokenizer, seed=0)
+    out = tmp_path / "base"
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+def _cfg(overrides: list[str]):
+    from lmwright.stages.sft import SFTConfig
+
+    return load_config(SFTConfig, overrides=overrides)
+
+
+def test_alpaca_to_messages():
+    from lmwright.data.chat import alpaca_to_messages
+
+    r = {"system": "", "instruction": "Add the two numbers.", "input": "2 + 3", "output": "5"}
+    assert alpaca_to_messages(r) == [{"role": "user", "content": "Add the two numbers.\n2 + 3"},
+                                     {"role": "assistant", "content": "5"}]
+    assert alpaca_to_messages(r, "Be brief.")[0] == {"role": "system", "content": "Be brief."}
+    own = dict(r, system="Own system.", input="")
+    msgs = alpaca_to_messages(own, "Be brief.")
+    assert msgs[0]["content"] == "Own system." and msgs[1]["content"] == "Add the two numbers."
+    assert alpaca_to_messages(dict(r, output=""))[-1]["role"] == "user"  # a prompt to answer
+
+
+def test_trained_tokens_equal_served_tokens(tokenizer):
+    """The ids SFT trains on start with exactly what the server feeds, and the trained tokens that
+    follow are the assistant's answer and its end-of-turn token."""
+    from lmwright.data.chat import IM_END, render_prompt_ids
+    from lmwright.stages.sft import conversations, encode
+
+    recs = [{"messages": [{"role": "user", "content": "What is the capital of Norland?"},
+                          {"role": "assistant", "content": "Oslo"},
+                          {"role": "user", "content": "Write the word in capital letters.\nfox"},
+                          {"role": "assistant", "content": "FOX"}]}]
+    for train_on in ("assistant", "last"):
+        convs = conversations(recs, "messages", system_prompt="You are a precise assistant.")
+        assert convs[0][0]["role"] == "system"
+        (ids, labels), = encode(tokenizer, convs, train_on, seq_len=512)[0]
+        prompt = render_prompt_ids(tokenizer, convs[0][:-1])
+        assert ids[:len(prompt)] == prompt
+        trained_after = []
+        for t, lab in zip(ids[len(prompt):], labels[len(prompt):]):
+            if lab == -100:
+                break
+            assert t == lab
+            trained_after.append(t)
+        want = tokenizer("FOX", add_special_tokens=False)["input_ids"] + [tokenizer.convert_tokens_to_ids(IM_END)]
+        assert trained_after == want
+        assert all(lab == -100 for lab in labels[:len(prompt)][-3:])  # the prompt itself is not trained
+        first_answer_trained = any(lab != -100 for lab in labels[:len(prompt)])
+        assert first_answer_trained == (train_on == "assistant")
+
+
+def test_keep_first_trained_and_truncation(tokenizer):
+    from lmwright.stages.sft import encode
+
+    conv = [[{"role": "user", "content": "Reverse the order of the words.\ncat dog fox"},
+             {"role": "assistant", "content": "fox dog cat and a much longer tail of words to cut"}]]
+    (full_ids, full_lab), = encode(tokenizer, conv, "last", 512)[0]
+    (ids, lab), = encode(tokenizer, conv, "last", 512, keep_trained=[3])[0]
+    assert sum(x != -100 for x in lab) == 3 and ids == full_ids[:len(ids)]
+    assert sum(x != -100 for x in full_lab) > 3
+    samples, stats = encode(tokenizer, conv, "last", 8)
+    assert stats["dropped_no_target"] == 1 and not samples  # the answer was cut off entirely
+
+
+def test_validate_errors_name_the_option(tmp_path, tokenizer_dir, base_dir):
+    from lmwright.stages.sft import check
+
+    data = _write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Hi", "output": "Hello"}] * 4)
+    common = [f"tokenizer={tokenizer_dir}", f"data.path=[{data}]"]
+    with pytest.raises(ConfigError, match="data.format"):
+        check(_cfg(common + ["data.format=text"]))
+    with pytest.raises(ConfigError, match="packing=false"):
+        check(_cfg(common + [f"model.name={base_dir}", "method.name=prefix", "packing=true"]))
+    with pytest.raises(ConfigError, match="model.name"):
+        check(_cfg(common + ["model.name=bert-tiny"]))
+    with pytest.raises(ConfigError, match="model.quantize"):
+        check(_cfg(common + ["model.name=llama-tiny", "model.quantize=nf4", "method.name=lora"]))
+    with pytest.raises(ConfigError, match="model.quantize"):
+        check(_cfg(common + [f"model.name={base_dir}", "model.quantize=nf4", "method.name=full"]))
+    with pytest.raises(ConfigError, match="prefix_tokens"):
+        from lmwright.stages.upft import UPFTConfig
+
+        load_config(UPFTConfig, overrides=["prefix_tokens=40"])
+    ok = check(_cfg(common + [f"model.name={base_dir}", "method.name=lora"]))
+    assert ok["tokenizer"].chat_template
+
+
+def test_sft_lora_fast(tmp_path, base_dir):
+    """LoRA from a local base folder: val loss drops, final/ is an adapter that loads to the same logits."""
+    import torch
+
+    from lmwright.data.synthetic import instruction_task
+    from lmwright.methods import load_trained
+    from lmwright.stages.sft import run
+
+    data = _write_jsonl(tmp_path / "inst.jsonl", instruction_task(100, seed=3))
+    cfg = _cfg([f"model.name={base_dir}", "method.name=lora", "method.r=8", f"data.path=[{data}]",
+                "data.val_fraction=0.15", "seq_len=128", "train.max_steps=8", "train.micro_batch_size=8",
+                "train.lr=3e-3", "train.warmup_steps=2", "train.eval_every=0", "train.save_every=0",
+                f"train.output_dir={tmp_path}/runs", "train.run_name=lora", "train.progress=false",
+                "eval_generate=4", "max_new_tokens=6", "samples=2"])
+    d = run(cfg)
+    info = json.loads((d / "run.json").read_text())
+    assert info["after"]["val_loss"] < info["before"]["val_loss"] - 0.1
+    assert 0 < info["trainable_pct"] < 50 and info["packing"] is True
+    assert len(info["samples"]) == 2 and {"prompt", "reference", "before", "after"} <= set(info["samples"][0])
+    final = d / "final"
+    meta = json.loads((final / "lmwright.json").read_text())
+    assert meta["method"] == "lora" and meta["task"] == "causal-lm" and meta["base"] == str(base_dir.resolve())
+    assert json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base_dir.resolve())
+    assert "exact_match" in (d / "report.html").read_text()
+    model, tok = load_trained(final)
+    ids = torch.tensor([tok("What is the capital of")["input_ids"]])
+    base, _ = load_trained(base_dir)
+    with torch.no_grad():
+        assert not torch.allclose(model(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-4)
+
+
+def test_sft_padded_prompt_tuning_runs(tmp_path, base_dir):
+    """Virtual-token methods train on padded rows (their logits carry the virtual positions)."""
+    from lmwright.data.synthetic import chat_task
+    from lmwright.stages.sft import run
+
+    data = _write_jsonl(tmp_path / "chat.jsonl", chat_task(60, seed=4))
+    cfg = _cfg([f"model.name={base_dir}", "method.name=prompt", "method.num_virtual_tokens=4", f"data.path=[{data}]",
+                "data.format=messages", "seq_len=256", "train.max_steps=4", "train.micro_batch_size=4",
+                "train.lr=1e-2", "train.eval_every=0", "train.save_every=0", f"train.output_dir={tmp_path}/runs",
+                "train.run_name=prompt", "train.progress=false", "eval_generate=2", "max_new_tokens=4"])
+    d = run(cfg)
+    info = json.loads((d / "run.json").read_text())
+    assert info["packing"] is False and info["after"]["val_loss"] < info["before"]["val_loss"]
+    assert (d / "final" / "adapter_config.json").exists()
+
+
+# ------------------------------------------------------------------------------------ realistic (slow)
+def _no_addition(recs: list[dict]) -> list[dict]:
+    # two-digit addition is not learnable by a model this small in minutes; capitals, reversing and
+    # upper-casing are
+    return [r for r in recs if not r["instruction"].startswith("Add")]
+
+
+@pytest.fixture(scope="session")
+def pretrained_base(tmp_path_factory):
+    """A 3 x 128 llama pretrained for 300 steps on stories + plain question/answer lines (no chat format)."""
+    from lmwright.data.synthetic import instruction_task, story_corpus
+    from lmwright.data.tokenizer import TokenizerConfig, train_tokenizer
+    from lmwright.stages.pretrain import PretrainConfig
+    from lmwright.stages.pretrain import run as pretrain
+
+    d = tmp_path_factory.mktemp("sft-base")
+    qa = [" ".join(x for x in (r["instruction"], r["input"], r["output"]) if x)
+          for r in _no_addition(instruction_task(6000, seed=14))]
+    texts = story_corpus(800, seed=15) + qa
+    (d / "base.txt").write_text("\n".join(texts) + "\n")
+    train_tokenizer(texts, TokenizerConfig(vocab_size=768, sentinels=0), d / "tok")
+    cfg = load_config(PretrainConfig, overrides=[
+        "model.name=llama-tiny", "model.overrides={hidden_size: 128, intermediate_size: 352, num_hidden_layers: 3}",
+        f"tokenizer={d / 'tok'}", f"data.path=[{d / 'base.txt'}]", "seq_len=128", "train.max_steps=300",
+        "train.micro_batch_size=16", "train.lr=3e-3", "train.warmup_steps=20", "train.eval_every=0",
+        "train.save_every=0", f"train.output_dir={d}", "train.run_name=base", "train.progress=false",
+        "sample.prompts=[What is]"])
+    return pretrain(cfg)
+
+
+@pytest.mark.slow
+def test_sft_lora_exact_match_rises(tmp_path, pretrained_base):
+    from lmwright.data.synthetic import instruction_task
+    from lmwright.stages.sft import run
+
+    data = _write_jsonl(tmp_path / "sft.jsonl", _no_addition(instruction_task(1500, seed=20)))
+    cfg = _cfg([f"model.name={pretrained_base}", "method.name=lora", "method.r=16", "method.alpha=32",
+                f"data.path=[{data}]", "seq_len=128", "train.max_steps=200", "train.micro_batch_size=8",
+                "train.lr=2e-3", "train.warmup_steps=10", "train.eval_every=0", "train.save_every=0",
+                f"train.output_dir={tmp_path}/runs", "train.run_name=lora", "train.progress=false",
+                "eval_generate=48", "max_new_tokens=16"])
+    info = json.loads((run(cfg) / "run.json").read_text())
+    assert info["before"]["val_exact_match"] <= 0.1
+    assert info["after"]["val_exact_match"] >= 0.6, info["samples"]
