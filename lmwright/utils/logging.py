@@ -27,6 +27,9 @@ def quiet_third_party() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.getLogger("torchao").setLevel(logging.ERROR)
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    # bitsandbytes on AVX512-BF16 CPUs offers a hub-downloaded kernel; we never download, so the
+    # warning that it is missing is noise (bitsandbytes 0.50; its built-in CPU path is used).
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*torch.utils._pytree.*")
 
 
