@@ -31,6 +31,8 @@ def quiet_third_party() -> None:
     # warning that it is missing is noise (bitsandbytes 0.50; its built-in CPU path is used).
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*torch.utils._pytree.*")
+    # peft 0.21 calls transformers' deprecated is_gradient_checkpointing (transformers 5.x)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def get_logger(name: str = "lmwright") -> logging.Logger:
