@@ -37,13 +37,13 @@ def _percentile(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-def build(preset: str, vocab: int, workdir: Path):
+def build(preset: str, vocab: int, workdir: Path, n_docs: int = 1500):
     """A tokenizer trained here on synthetic stories, and a fresh model of ``preset`` saved with it."""
     from lmwright.data.synthetic import story_corpus
     from lmwright.data.tokenizer import TokenizerConfig, train_tokenizer
     from lmwright.models import ModelConfig, build_model
 
-    tok = train_tokenizer(story_corpus(1500, seed=0), TokenizerConfig(vocab_size=vocab, min_frequency=2),
+    tok = train_tokenizer(story_corpus(n_docs, seed=0), TokenizerConfig(vocab_size=vocab, min_frequency=2),
                           workdir / "tokenizer")
     model = build_model(ModelConfig(name=preset, dtype="float32"), task="causal-lm", tokenizer=tok, seed=0)
     model.save_pretrained(workdir / "model")
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     flops = measure_matmul_flops(256 if args.smoke else 1024, 0.2 if args.smoke else 0.5)
     with tempfile.TemporaryDirectory() as d:
-        lm = load(build(preset, vocab, Path(d)), name="bench")
+        lm = load(build(preset, vocab, Path(d), 300 if args.smoke else 1500), name="bench")
         n_params = sum(p.numel() for p in lm.model.parameters())
         load_before = os.getloadavg()
         # the baseline runs before and after the serving runs: on a shared machine the load drifts, and

@@ -472,7 +472,8 @@ class VllmEngine:
         args = AsyncEngineArgs(model=str(model_path), max_num_seqs=max_seqs, **engine_kwargs)
         self._engine = AsyncLLMEngine.from_engine_args(args)
         self.tokenizer = tokenizer
-        self.max_context = int(getattr(args, "max_model_len", None) or 2048)
+        model_config = getattr(self._engine, "model_config", None)  # AsyncLLM (V1) resolves max_model_len
+        self.max_context = int(getattr(model_config, "max_model_len", None) or args.max_model_len or 2048)
         self.queue_size, self.timeout_s = queue_size, timeout_s
         self._inflight: set[str] = set()
         self._counters = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
