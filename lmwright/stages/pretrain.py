@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,17 @@ from lmwright.config import ConfigError, opt
 from lmwright.data.config import DataConfig
 from lmwright.engine.config import TrainConfig
 from lmwright.models.presets import ModelConfig
-from lmwright.stages.common import STAGES, data_texts, flops_per_token, model_family, resolve_tokenizer, save_final
+from lmwright.objectives.contrastive import ContrastiveConfig
+from lmwright.objectives.denoise import DenoiseConfig
+from lmwright.objectives.mlm import MLMConfig
+from lmwright.stages.common import (
+    STAGES,
+    data_texts,
+    flops_per_token,
+    model_family,
+    resolve_tokenizer,
+    save_final,
+)
 from lmwright.utils.logging import get_logger
 
 log = get_logger("lmwright.pretrain")
@@ -42,7 +52,9 @@ class PretrainConfig:
     seq_len: int = opt(256, "tokens per training row")
     packing: bool = opt(True, "pack documents into full rows (no attention across documents)")
     sample: SampleConfig = opt(SampleConfig(), "samples generated at the end (causal LMs)")
-    objective_args: dict = opt({}, "options of the objective (see docs/objectives.md), e.g. {mlm_probability: 0.15}")
+    mlm: MLMConfig = opt(MLMConfig(), "options of objective=mlm (masking)")
+    denoise: DenoiseConfig = opt(DenoiseConfig(), "options of objective=denoise (span corruption / infilling)")
+    contrastive: ContrastiveConfig = opt(ContrastiveConfig(), "options of objective=contrastive (InfoNCE)")
 
     def check(self) -> None:
         if self.seq_len < 8:
@@ -53,13 +65,8 @@ def objective_for(cfg: PretrainConfig):
     from lmwright.objectives.base import PRETRAIN_OBJECTIVES
 
     cls = PRETRAIN_OBJECTIVES.get(cfg.objective)
-    return cls(cfg.objective_args) if cfg.objective_args or _takes_args(cls) else cls()
-
-
-def _takes_args(cls) -> bool:
-    import inspect
-
-    return len(inspect.signature(cls).parameters) > 0
+    section = getattr(cfg, cfg.objective, None)  # the objective's own options section, if it has one
+    return cls(section) if section is not None else cls()
 
 
 def check(cfg: PretrainConfig) -> dict[str, Any]:
@@ -69,6 +76,14 @@ def check(cfg: PretrainConfig) -> dict[str, Any]:
     obj.check(model_family(cfg.model), tokenizer)
     if not cfg.data.path:
         raise ConfigError("data.path is empty: point it at text files or a prepared data folder")
+    formats = getattr(obj, "formats", None)
+    if formats and cfg.data.format not in formats:
+        raise ConfigError(f"objective={cfg.objective} reads data.format {' or '.join(sorted(formats))}, got "
+                          f"data.format={cfg.data.format}: change data.format or the objective")
+    if getattr(obj, "input", "texts") == "records":  # record-level objectives: check the records now
+        from lmwright.data import load_records
+
+        load_records(cfg.data)
     if cfg.seq_len > tokenizer.model_max_length:
         raise ConfigError(f"seq_len={cfg.seq_len} exceeds the tokenizer's model_max_length="
                           f"{tokenizer.model_max_length}")
@@ -89,9 +104,10 @@ def run(cfg: PretrainConfig) -> Path:
 
     # data
     train_recs, val_recs, manifest = load_records(cfg.data)
-    train_ds = obj.build_dataset(data_texts(train_recs, cfg.data.format), tokenizer, cfg.seq_len, cfg.packing)
-    val_ds = obj.build_dataset(data_texts(val_recs, cfg.data.format), tokenizer, cfg.seq_len, cfg.packing) \
-        if val_recs else None
+    if getattr(obj, "input", "texts") != "records":  # most objectives read plain texts
+        train_recs, val_recs = data_texts(train_recs, cfg.data.format), data_texts(val_recs, cfg.data.format)
+    train_ds = obj.build_dataset(train_recs, tokenizer, cfg.seq_len, cfg.packing)
+    val_ds = obj.build_dataset(val_recs, tokenizer, cfg.seq_len, cfg.packing) if val_recs else None
     collate = obj.collate(tokenizer, cfg.packing)
     log.info("data: %d train records -> %d rows of %d tokens; %d validation rows", len(train_recs), len(train_ds),
              cfg.seq_len, len(val_ds or []))
@@ -100,27 +116,32 @@ def run(cfg: PretrainConfig) -> Path:
     model = build_model(cfg.model, task=obj.task, tokenizer=tokenizer, seed=cfg.train.seed)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if hasattr(obj, "prepare_model"):
+        model = obj.prepare_model(model)
     trainable, total = count_parameters(model)
 
-    run_ = Run.create(cfg.train.output_dir, cfg.train.run_name, "pretrain")
+    is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes
+    run_ = Run.create(cfg.train.output_dir, cfg.train.run_name, "pretrain", is_main=is_main)
     run_.write_config(cfg)
     manifest_hash = manifest.get("sha256") or hashlib.sha256(
         json.dumps(manifest, sort_keys=True, default=str).encode()).hexdigest()
     run_.write_info(objective=cfg.objective, model=cfg.model.name, parameters=total, trainable=trainable,
                     data_manifest_sha256=manifest_hash, data_counts=manifest.get("counts"),
                     train_rows=len(train_ds), val_rows=len(val_ds or []))
-    tokenizer.save_pretrained(str(run_.dir / "tokenizer"))
+    if is_main:
+        tokenizer.save_pretrained(str(run_.dir / "tokenizer"))
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    def evaluate(m) -> dict[str, float]:
+        return obj.extra_eval(m, val_ds, tokenizer) if hasattr(obj, "extra_eval") and val_ds else {}
+
     before = {}
     if val_ds:
         before = evaluate_loss(model.to(device), obj.loss, val_ds, collate, cfg.train.micro_batch_size, device,
                                cfg.train.eval_max_batches)
+        before.update(evaluate(model))
         before.update(obj.metrics_from_eval(before))
         log.info("before training: %s", _fmt(before))
-
-    def evaluate(m) -> dict[str, float]:
-        return obj.extra_eval(m, val_ds, tokenizer) if hasattr(obj, "extra_eval") and val_ds else {}
 
     def save_model(m, d: Path) -> None:
         save_final(m, tokenizer, d, obj.task)
@@ -136,7 +157,10 @@ def run(cfg: PretrainConfig) -> Path:
     if cfg.train.load_best_at_end and result.best_step is not None and val_ds:
         after = evaluate_loss(model, obj.loss, val_ds, collate, cfg.train.micro_batch_size, device,
                               cfg.train.eval_max_batches)
+        after.update(evaluate(model))
         after.update(obj.metrics_from_eval(after))
+    if not is_main:
+        return run_.dir
     save_final(model, tokenizer, run_.final, obj.task, extra={"objective": cfg.objective})
     if hasattr(obj, "finalize"):
         obj.finalize(model, tokenizer, run_.final)
