@@ -319,11 +319,11 @@ class LocalEngine:
                 self._requests.pop(r.req.request_id, None)
                 r.stream.put(None)
 
-    def _fail_request_waiting(self, r: _Request, reason: str) -> None:
+    def _fail_request_waiting(self, r: _Request, reason: str, error: str | None = None) -> None:
         for i in range(r.req.params.n):
-            r.stream.put(TokenEvent(i, "", None, None, reason, len(r.req.prompt_ids), 0))
+            r.stream.put(TokenEvent(i, "", None, None, reason, len(r.req.prompt_ids), 0, error))
         with self._cv:
-            self._counters["cancelled" if reason == "cancelled" else "timeouts"] += 1
+            self._counters[{"cancelled": "cancelled", "timeout": "timeouts"}.get(reason, "errors")] += 1
             self._requests.pop(r.req.request_id, None)
         r.stream.put(None)
 
@@ -362,7 +362,12 @@ class LocalEngine:
 
         ids = torch.tensor([r.req.prompt_ids], device=self.device)  # (1, P)
         pos = torch.arange(ids.shape[1], device=self.device)[None]
-        out = self.model(input_ids=ids, position_ids=pos, past_key_values=DynamicCache(), use_cache=True)
+        try:
+            out = self.model(input_ids=ids, position_ids=pos, past_key_values=DynamicCache(), use_cache=True)
+        except Exception as e:  # noqa: BLE001 - this request fails alone; the running batch is untouched
+            log.exception("prefill failed")
+            self._fail_request_waiting(r, "error", f"{type(e).__name__}: {e}")
+            return
         cache = out.past_key_values
         logits = out.logits[0, -1]
         n = r.req.params.n

@@ -129,6 +129,9 @@ IGNORED_FIELDS = ("frequency_penalty", "presence_penalty", "logit_bias", "user",
                   "best_of", "suffix", "prompt_cache_key", "safety_identifier", "verbosity")
 
 
+KNOWN_PATHS = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/health", "/metrics")
+
+
 class HTTPError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None):
@@ -288,17 +291,17 @@ def create_app(engine_or_models: Any, cfg: ServeConfig | None = None, guardrails
         if api_key and path != "/health":
             auth = request.headers.get("authorization", "")
             if auth != f"Bearer {api_key}":
-                metrics.request(path, 401)
+                metrics.request(path if path in KNOWN_PATHS else "other", 401)
                 return err(401, "missing or invalid API key (Authorization: Bearer <key>)", code="invalid_api_key")
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > cfg.max_request_bytes:
-            metrics.request(path, 413)
+            metrics.request(path if path in KNOWN_PATHS else "other", 413)
             return err(413, f"request body larger than {cfg.max_request_bytes} bytes", code="request_too_large")
         try:
             response = await call_next(request)
         except _TooLarge:
             response = err(413, f"request body larger than {cfg.max_request_bytes} bytes", code="request_too_large")
-        metrics.request(path, response.status_code)
+        metrics.request(path if path in KNOWN_PATHS else "other", response.status_code)  # bounded label set
         return response
 
     # ---------------------------------------------------------------- helpers

@@ -155,3 +155,27 @@ def test_peft_lora_served_unmerged_equals_merged(lm):
     base_only = generate(lm.model, lm.tokenizer, ids, params).token_ids
     assert unmerged == ref
     assert unmerged != base_only  # the adapter really changed the output
+
+
+def test_failing_prefill_fails_only_its_request(lm):
+    class Boom:
+        def __init__(self, model):
+            self.model, self.config = model, model.config
+
+        def parameters(self):
+            return self.model.parameters()
+
+        def __call__(self, input_ids, **kw):
+            if input_ids.shape[1] > 1 and int(input_ids[0, -1]) == 7:
+                raise RuntimeError("bad prompt")
+            return self.model(input_ids=input_ids, **kw)
+
+    eng = LocalEngine(Boom(lm.model), lm.tokenizer, max_seqs=4)
+    try:
+        bad = eng.generate_sync([2, 5, 7], SamplingParams(max_tokens=3))
+        assert bad[-1].finish_reason == "error" and "bad prompt" in bad[-1].error
+        ok = eng.generate_sync(lm.prompt_ids("Hi"), SamplingParams(max_tokens=3, temperature=0, stop_token_ids=[]))
+        assert ok[-1].finish_reason == "length"
+        assert eng.stats()["errors"] == 1
+    finally:
+        eng.shutdown(drain_timeout_s=1)
