@@ -82,3 +82,15 @@ def test_embeddings(client, embedder):
     assert vecs[0] == pytest.approx(vecs[2], abs=1e-5)
     assert abs(sum(x * x for x in vecs[0]) - 1) < 1e-4
     assert r.usage.prompt_tokens == embedder.count_tokens(["a cat", "a dog", "a cat"])
+
+
+def test_completions_n_logprobs_echo(client):
+    r = client.completions.create(model="tiny", prompt="The dog", max_tokens=4, temperature=0.8, seed=3, n=2,
+                                  logprobs=2, echo=True, stop=None)
+    assert [c.index for c in r.choices] == [0, 1]
+    for c in r.choices:
+        assert c.text.startswith("The dog")
+        lp = c.logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs)
+        assert all(len(t) <= 2 for t in lp.top_logprobs)
+    assert r.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in r.choices)
