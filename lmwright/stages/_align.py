@@ -115,12 +115,27 @@ def base_path_of(model_cfg) -> str | None:
     return str(resolve_model_path(model_cfg.name).resolve())
 
 
+def is_adapter_folder(path: str | Path) -> bool:
+    from lmwright.models.load import resolve_model_path
+
+    p = resolve_model_path(path)
+    return (p / "adapter_config.json").exists() and not (p / "config.json").exists()
+
+
 def load_policy(model_cfg, method_cfg, tokenizer, seed: int):
     """The causal LM to train, with its method applied."""
     from lmwright.methods import apply_method
     from lmwright.models import build_model
 
-    model = build_model(model_cfg, task="causal-lm", tokenizer=tokenizer, seed=seed)
+    if not model_cfg.is_preset() and is_adapter_folder(model_cfg.name):
+        from lmwright.methods import load_trained
+
+        # start from an adapter run (e.g. an SFT LoRA run): fold it into its base, then apply our method
+        model, _ = load_trained(model_cfg.name, task="causal-lm")
+        model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        model.train()
+    else:
+        model = build_model(model_cfg, task="causal-lm", tokenizer=tokenizer, seed=seed)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if model_cfg.gradient_checkpointing:

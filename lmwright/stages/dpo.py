@@ -61,8 +61,6 @@ class DPOConfig:
     def check(self) -> None:
         if self.beta <= 0:
             raise ConfigError(f"beta must be > 0, got {self.beta}")
-        if self.max_prompt_tokens >= self.max_length:
-            raise ConfigError(f"max_prompt_tokens={self.max_prompt_tokens} must be < max_length={self.max_length}")
 
 
 def check(cfg: DPOConfig) -> dict[str, Any]:

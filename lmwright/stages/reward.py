@@ -40,10 +40,6 @@ class RewardConfig:
     margin: float | None = opt(None, "ask the chosen reward to exceed the rejected one by this much (Llama 2)")
     center_rewards_coefficient: float | None = opt(None, "add c * (r_chosen + r_rejected)^2 to keep rewards centred")
 
-    def check(self) -> None:
-        if self.max_prompt_tokens >= self.max_length:
-            raise ConfigError(f"max_prompt_tokens={self.max_prompt_tokens} must be < max_length={self.max_length}")
-
 
 def check(cfg: RewardConfig) -> dict[str, Any]:
     from lmwright.methods import check_compat
