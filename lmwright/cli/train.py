@@ -93,7 +93,9 @@ def launch(args) -> int:
     argv = ["--standalone", f"--nproc_per_node={args.nproc}", "-m", "lmwright.cli", "train", args.stage]
     for c in args.config:
         argv += ["-c", c]
-    argv += list(args.overrides) + [f"--nproc={args.nproc}"]
+    # the worker learns the process count from the override (torchrun's own parser would read a
+    # trailing "--nproc=N" as an ambiguous abbreviation of its --nproc-per-node and exit)
+    argv += list(args.overrides) + [f"train.nproc={args.nproc}"]
     try:
         torchrun(argv)
     except SystemExit as e:  # torchrun exits on failure; surface its code
