@@ -49,7 +49,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     import shutil
 
     from lmwright.data import DataConfig, prepare
-    from lmwright.data.synthetic import instruction_task, preference_task, story_corpus
+    from lmwright.data.synthetic import preference_task, skills_task, story_corpus
     from lmwright.data.tokenizer import TokenizerConfig, train_tokenizer
 
     t0 = time.perf_counter()
@@ -68,7 +68,7 @@ def run_demo(cfg: DemoConfig) -> Path:
                        overwrite=True)
     counts = manifest.get("counts", {})
     print(f"   {json.dumps(counts)}")
-    instr = instruction_task(1400, seed=11)
+    instr = skills_task(1400, seed=11)
     _write_jsonl(work / "data" / "instructions.jsonl", instr)
     _write_jsonl(work / "data" / "preferences.jsonl", preference_task(400, seed=12))
     timings["data"] = time.perf_counter() - t
