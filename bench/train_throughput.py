@@ -1,0 +1,381 @@
+"""Training throughput: lmwright's loop against the usual Hugging Face paths, same model, data and batch.
+
+    python bench/train_throughput.py --stage pretrain            # ours vs a plain HF Trainer
+    python bench/train_throughput.py --stage sft --method lora   # ours (packing) vs HF+peft (padding),
+                                                                 # TRL SFTTrainer (bfd packing), LLaMA-Factory
+    python bench/train_throughput.py --stage sft --method full
+    python bench/train_throughput.py --smoke ...                 # tiny model, a few steps (test suite)
+
+Each contender trains ``llama-20m`` (smoke: ``llama-tiny``) from the same seeded initial weights, in
+its own fresh process so peak RSS is comparable. Figures: real (non-pad) tokens/s over the steps
+after the warm-up, median step time, peak RSS, mean loss of the last steps. SFT data is multi-turn
+chat with a long-tailed (lognormal) number of turns and answer lengths, so padding to the longest
+in a batch wastes what it wastes on real data. LLaMA-Factory runs from a separate interpreter
+(``--llamafactory-python``, default ``/tmp/lf/bin/python``) when it is installed there, because it
+pins its own transformers/peft/trl; it is skipped (and said so) otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+LF_PYTHON = "/tmp/lf/bin/python"
+
+
+# ----------------------------------------------------------------------------------------- data
+def longtail_chats(n: int, seed: int) -> list[list[dict]]:
+    """Multi-turn chats with lognormal turns and answer lengths (median ~2 turns / ~2 sentences, long tail)."""
+    from lmwright.data.synthetic import instruction_task, story_sentence
+
+    rng = random.Random(seed)
+    pool = instruction_task(4 * n, seed=seed + 1)
+    out, k = [], 0
+    for _ in range(n):
+        msgs: list[dict] = []
+        if rng.random() < 0.3:
+            msgs.append({"role": "system", "content": "You are a precise assistant. Answer briefly."})
+        turns = min(8, max(1, round(rng.lognormvariate(0.4, 0.6))))
+        for _ in range(turns):
+            r = pool[k % len(pool)]
+            k += 1
+            q = r["instruction"] + (f"\n{r['input']}" if r["input"] else "")
+            if rng.random() < 0.5:  # an open question with a long-tailed answer
+                n_sent = min(40, max(1, round(rng.lognormvariate(0.8, 0.9))))
+                q = "Tell me a short story. " + q
+                answer = " ".join(story_sentence(rng) for _ in range(n_sent))
+            else:
+                answer = r["output"]
+            msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": answer}]
+        out.append(msgs)
+    return out
+
+
+def prepare(args, workdir: Path) -> dict[str, Any]:
+    """Tokenizer, data files and the worker spec shared by every contender."""
+    from lmwright.data.packing import pack_concat, tokenize_documents
+    from lmwright.data.synthetic import story_corpus
+    from lmwright.utils.hardware import choose_mixed_precision
+
+    tok = common.bench_tokenizer(workdir, args.vocab)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    spec = {"stage": args.stage, "method": args.method, "preset": args.preset, "vocab": args.vocab,
+            "tokenizer": str(workdir / f"tokenizer-{args.vocab}"), "steps": args.steps, "warmup": args.warmup,
+            "seq_len": args.seq_len, "precision": choose_mixed_precision(args.precision), "threads": args.threads, "lr": args.lr,
+            "workdir": str(workdir), "pad_id": pad_id}
+    if args.stage == "pretrain":
+        need = args.steps * args.micro * args.accum
+        texts = story_corpus(max(200, need * args.seq_len // 40), seed=1)
+        rows = pack_concat(tokenize_documents(tok, texts), args.seq_len)
+        while len(rows) < need:
+            rows += rows
+        (workdir / "rows.json").write_text(json.dumps(rows))
+        spec.update(micro=args.micro, accum=args.accum, data=str(workdir / "rows.json"))
+        stats = {"rows": len(rows), "row_tokens": args.seq_len}
+    else:
+        from lmwright.stages.sft import encode
+
+        convs = longtail_chats(args.conversations, seed=3)
+        samples, enc = encode(tok, convs, "assistant", args.seq_len)
+        lens = sorted(len(i) for i, _ in samples)
+        mean_len = sum(lens) / len(lens)
+        # same real tokens per optimizer step for both layouts: padded micro-batch of `micro` samples,
+        # packed micro-batch of the rows those samples fill
+        packed_micro = max(1, round(args.micro * mean_len / args.seq_len))
+        (workdir / "samples.json").write_text(json.dumps(samples))
+        (workdir / "convs.json").write_text(json.dumps([{"messages": c} for c in convs]))
+        spec.update(micro=args.micro, packed_micro=packed_micro, accum=args.accum,
+                    data=str(workdir / "samples.json"), convs=str(workdir / "convs.json"))
+        stats = {"samples": len(samples), "truncated": enc["truncated"], "mean_len": mean_len,
+                 "median_len": lens[len(lens) // 2], "p90_len": lens[int(len(lens) * 0.9)], "max_len": lens[-1],
+                 "padded_micro": args.micro, "packed_micro": packed_micro, "seq_len": args.seq_len}
+    return {"spec": spec, "data_stats": stats}
+
+
+# -------------------------------------------------------------------------------------- workers
+def _setup(spec: dict):
+    import torch
+    from transformers import AutoTokenizer
+
+    from lmwright.utils.hardware import choose_mixed_precision
+    from lmwright.utils.logging import quiet_third_party
+
+    quiet_third_party()
+    try:  # contenders run in-process with --smoke: accelerate keeps one precision per process otherwise
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(True)
+    except Exception:  # noqa: BLE001 - private API; a fresh process does not need it
+        pass
+    common.set_threads(spec.get("threads"))
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(spec["tokenizer"])
+    model = common.build_lm(spec["preset"], tok, spec["vocab"])
+    return tok, model, choose_mixed_precision(spec["precision"])
+
+
+def _lora_config(task_type: str = "CAUSAL_LM"):
+    from peft import LoraConfig
+
+    # identical to lmwright's MethodConfig defaults for lora (r 8, alpha 16, dropout 0.05, all-linear)
+    return LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear", task_type=task_type)
+
+
+def worker_lmwright(spec: dict) -> dict:
+    from lmwright.data.packing import collate_packed, pack_bfd
+    from lmwright.engine import Run, train
+    from lmwright.engine.config import TrainConfig
+    from lmwright.methods import MethodConfig, apply_method
+    from lmwright.objectives.base import causal_lm_loss
+    from lmwright.stages.sft import sft_loss
+
+    tok, model, mp = _setup(spec)
+    data = json.loads(Path(spec["data"]).read_text())
+    micro = spec["micro"]
+    if spec["stage"] == "sft":
+        data = pack_bfd([tuple(s) for s in data], spec["seq_len"], spec["pad_id"])
+        micro = spec["packed_micro"]
+        model = apply_method(model, MethodConfig(name=spec["method"]), "causal-lm")
+        objective = sft_loss
+    else:
+        objective = partial(causal_lm_loss, chunk_size=spec["chunk"]) if spec.get("chunk") else causal_lm_loss
+    clock = common.StepClock(spec["accum"])
+
+    def collate(rows):
+        b = collate_packed(rows)
+        clock.count(common.real_tokens(b))
+        return b
+
+    cfg = TrainConfig(output_dir=spec["workdir"], run_name=f"ours-{time.time_ns()}", max_steps=spec["steps"],
+                      micro_batch_size=micro, grad_accum=spec["accum"], lr=spec["lr"], warmup_steps=2,
+                      log_every=1, eval_every=0, save_every=0, load_best_at_end=False, progress=False,
+                      mixed_precision=mp, compile=bool(spec.get("compile")))
+    run = Run.create(cfg.output_dir, cfg.run_name, spec["stage"])
+    clock.t0 = time.perf_counter()
+    train(model, data, collate, objective, cfg, run, on_log=lambda rec: clock.step_end(rec["loss"]))
+    return _finish(clock, spec, mp, micro=micro, layout="packed (bfd)" if spec["stage"] == "sft" else "packed rows")
+
+
+def _hf_args(spec: dict, mp: str, micro: int, **extra):
+
+    kw = dict(output_dir=str(Path(spec["workdir"]) / f"hf-{time.time_ns()}"), per_device_train_batch_size=micro,
+              gradient_accumulation_steps=spec["accum"], max_steps=spec["steps"], learning_rate=spec["lr"],
+              warmup_steps=2, lr_scheduler_type="cosine", weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.95,
+              max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to=[], bf16=mp == "bf16",
+              use_cpu=True, dataloader_num_workers=0, remove_unused_columns=False, seed=0, disable_tqdm=True)
+    kw.update(extra)
+    return kw
+
+
+def _clock_callback(clock):
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            clock.step_end()
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                clock.losses.append(float(logs["loss"]))
+
+    return Clock()
+
+
+def worker_hf(spec: dict) -> dict:
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    from lmwright.data.packing import collate_padded
+
+    tok, model, mp = _setup(spec)
+    data = json.loads(Path(spec["data"]).read_text())
+    clock = common.StepClock(spec["accum"])
+    if spec["stage"] == "pretrain":  # the run_clm way: fixed rows, plain causal attention
+        data = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in data]
+
+        def base_collate(rows):
+            return {k: torch.tensor([r[k] for r in rows]) for k in ("input_ids", "labels")}
+        layout = "packed rows (no position reset)"
+    else:  # the usual SFT path: one sample per row, padded to the longest in the batch
+        data = [{"input_ids": i, "labels": lab} for i, lab in data]
+
+        def base_collate(rows):
+            return collate_padded(rows, pad_id=spec["pad_id"])
+        layout = "padded to longest"
+        if spec["method"] == "lora":
+            from peft import get_peft_model
+
+            model = get_peft_model(model, _lora_config())
+
+    def collate(rows):
+        b = base_collate(rows)
+        clock.count(common.real_tokens(b))
+        return b
+
+    args = TrainingArguments(**_hf_args(spec, mp, spec["micro"]))
+    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate,
+                      callbacks=[_clock_callback(clock)])
+    clock.t0 = time.perf_counter()
+    trainer.train()
+    return _finish(clock, spec, mp, micro=spec["micro"], layout=layout)
+
+
+def worker_trl(spec: dict) -> dict:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    tok, model, mp = _setup(spec)
+    samples = json.loads(Path(spec["data"]).read_text())
+    ds = Dataset.from_dict({"input_ids": [s[0] for s in samples], "labels": [s[1] for s in samples]})
+    clock = common.StepClock(spec["accum"])
+    kw = _hf_args(spec, mp, spec["packed_micro"])
+    kw.pop("remove_unused_columns")
+    args = SFTConfig(**kw, packing=True, packing_strategy="bfd", padding_free=True, max_length=spec["seq_len"],
+                     dataset_num_proc=None)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
+                         peft_config=_lora_config() if spec["method"] == "lora" else None,
+                         callbacks=[_clock_callback(clock)])
+    inner = trainer.data_collator
+
+    def collate(rows):
+        b = inner(rows)
+        clock.count(common.real_tokens(b))
+        return b
+
+    trainer.data_collator = collate
+    clock.t0 = time.perf_counter()
+    trainer.train()
+    return _finish(clock, spec, mp, micro=spec["packed_micro"], layout="packed (bfd, padding-free)")
+
+
+def _finish(clock, spec: dict, mp: str, **extra) -> dict:
+    r = clock.rate(spec["warmup"])
+    last = clock.losses[-5:]
+    r.update(peak_rss_mb=common.peak_rss_mb(), precision=mp, steps=len(clock.stamps),
+             final_loss=sum(last) / len(last) if last else float("nan"),
+             first_loss=clock.losses[0] if clock.losses else float("nan"), **extra)
+    return r
+
+
+WORKERS = {"lmwright": worker_lmwright, "hf_trainer": worker_hf, "trl_sft": worker_trl}
+
+
+# ----------------------------------------------------------------------------------------- main
+def contenders(stage: str) -> list[tuple[str, str]]:
+    if stage == "pretrain":
+        return [("lmwright", "lmwright loop (packed rows)"), ("hf_trainer", "HF Trainer")]
+    return [("lmwright", "lmwright sft (bfd packing, token-normalised)"),
+            ("hf_trainer", "HF Trainer + peft (padding)"),
+            ("trl_sft", "TRL SFTTrainer (bfd packing, padding-free)"),
+            ("llamafactory", "LLaMA-Factory (its default: padding)")]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    spec = common.parse_worker(argv)
+    if spec is not None:
+        if spec["kind"] == "llamafactory":
+            raise SystemExit("llamafactory runs through bench/_llamafactory_worker.py")
+        common.emit(WORKERS[spec["kind"]](spec))
+        return {}
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stage", choices=["pretrain", "sft"], default="pretrain")
+    ap.add_argument("--method", choices=["lora", "full"], default="lora", help="sft only")
+    ap.add_argument("--smoke", action="store_true", help="tiny model, a few steps, in-process (for tests)")
+    ap.add_argument("--preset", default=None)
+    ap.add_argument("--vocab", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--warmup", type=int, default=None, help="steps left out of the timing")
+    ap.add_argument("--micro", type=int, default=None, help="micro-batch (rows; sft: padded samples)")
+    ap.add_argument("--accum", type=int, default=1)
+    ap.add_argument("--seq-len", type=int, default=None)
+    ap.add_argument("--conversations", type=int, default=None)
+    ap.add_argument("--precision", default="auto", help="auto|no|bf16, the same for every contender")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--only", default=None, help="comma-separated contender ids")
+    ap.add_argument("--llamafactory-python", default=LF_PYTHON)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    sm = args.smoke
+    args.preset = args.preset or ("llama-tiny" if sm else "llama-20m")
+    args.vocab = args.vocab or (512 if sm else 8192)
+    args.steps = args.steps or (3 if sm else 14)
+    args.warmup = args.warmup if args.warmup is not None else (1 if sm else 4)
+    args.micro = args.micro or (2 if sm else 8)
+    args.seq_len = args.seq_len or (64 if sm else (256 if args.stage == "pretrain" else 512))
+    args.conversations = args.conversations or (40 if sm else 600)
+    if args.stage == "pretrain":
+        args.method = "full"
+
+    info, calib = common.machine(), common.calibrate(sm)
+    with tempfile.TemporaryDirectory(prefix="lmw-bench-") as tmp:
+        prep = prepare(args, Path(tmp))
+        base = prep["spec"]
+        rows = []
+        for kind, label in contenders(args.stage):
+            if args.only and kind not in args.only.split(","):
+                continue
+            spec = {**base, "kind": kind}
+            if kind == "llamafactory":
+                if sm or not Path(args.llamafactory_python).exists():
+                    rows.append({"id": kind, "contender": label, "skipped": "not installed" if not sm else "smoke"})
+                    continue
+                res = _run_llamafactory(args, spec, Path(tmp))
+            elif sm:
+                res = WORKERS[kind](spec)
+            else:
+                res = common.run_worker(__file__, spec)
+            rows.append({"id": kind, "contender": label, **res})
+            print(f"  {kind}: {res.get('tokens_per_s', res.get('error'))}", file=sys.stderr, flush=True)
+    ref = next((r for r in rows if r["id"] == "lmwright" and "tokens_per_s" in r), None)
+    for r in rows:
+        if ref and "tokens_per_s" in r:
+            r["lmwright_speedup"] = ref["tokens_per_s"] / r["tokens_per_s"]
+            r["rss_vs_lmwright"] = r["peak_rss_mb"] / ref["peak_rss_mb"]
+    name = f"train_throughput_{args.stage}" + (f"_{args.method}" if args.stage == "sft" else "")
+    payload = {"bench": name, "smoke": sm, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": info,
+               "calibration": calib, "settings": {k: v for k, v in vars(args).items() if k != "out"},
+               "data": prep["data_stats"], "results": rows}
+    cols = ["contender", "layout", "precision", "tokens_per_s", "median_step_s", "peak_rss_mb", "first_loss",
+            "final_loss", "lmwright_speedup", "rss_vs_lmwright"]
+    table = common.markdown_table([{**r, "layout": r.get("layout", r.get("skipped", r.get("error", "")))}
+                                   for r in rows], cols)
+    print(f"\n## {name} ({args.preset}, {'smoke' if sm else 'full'})\n{common.machine_line(info, calib)}\n"
+          f"data: {prep['data_stats']}\n\n{table}\n")
+    print("lmwright_speedup = lmwright real tokens/s / contender real tokens/s; rss_vs_lmwright = contender "
+          "peak RSS / lmwright peak RSS")
+    if not sm or args.out:
+        common.write_result(name, payload, args.out)
+    return payload
+
+
+def _run_llamafactory(args, spec: dict, tmp: Path) -> dict:
+    """LLaMA-Factory's SFT on the same chats (sharegpt format, chatml template), its own interpreter."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(spec["tokenizer"])
+    model = common.build_lm(spec["preset"], tok, spec["vocab"])
+    folder = tmp / "lf-model"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    del model
+    spec = {**spec, "model_dir": str(folder)}
+    res = common.run_worker(Path(__file__).parent / "_llamafactory_worker.py", spec, python=args.llamafactory_python)
+    if "tokens_per_s" in res and not math.isfinite(res["tokens_per_s"]):
+        res["error"] = "no timing"
+    return res
+
+
+if __name__ == "__main__":
+    main()
