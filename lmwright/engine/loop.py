@@ -13,9 +13,10 @@ from __future__ import annotations
 import math
 import signal
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 
@@ -161,7 +162,7 @@ class _StopFlag:
         self.stop = False
         self._old = None
 
-    def __enter__(self) -> "_StopFlag":
+    def __enter__(self) -> _StopFlag:
         try:
             self._old = signal.signal(signal.SIGINT, self._handle)
         except ValueError:  # not the main thread

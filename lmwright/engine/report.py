@@ -56,7 +56,7 @@ def table(rows: list[dict[str, Any]] | dict[str, Any], headers: list[str] | None
     if not rows:
         return "<p>(none)</p>"
     headers = headers or list(dict.fromkeys(k for r in rows for k in r))
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))  # noqa: E731
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))
     out = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in headers) + "</tr>"]
     for r in rows:
         out.append("<tr>" + "".join(f"<td>{fmt(r.get(h, ''))}</td>" for h in headers) + "</tr>")

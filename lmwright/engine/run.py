@@ -41,7 +41,7 @@ class Run:
     info: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def create(cls, output_dir: str, run_name: str | None, stage: str, is_main: bool = True) -> "Run":
+    def create(cls, output_dir: str, run_name: str | None, stage: str, is_main: bool = True) -> Run:
         name = run_name or f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
         d = Path(output_dir) / name
         if is_main:
