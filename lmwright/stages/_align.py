@@ -197,6 +197,17 @@ def reward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
 
 
+def autocast_for(train_cfg, device: str):
+    """The autocast the engine trains under (``train.mixed_precision``), so that rollout / reference
+    log-probs computed outside the engine use the same precision as the training forward."""
+    from lmwright.utils.hardware import choose_mixed_precision
+
+    mp = choose_mixed_precision(train_cfg.mixed_precision)
+    if mp == "no":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device, dtype=torch.bfloat16 if mp == "bf16" else torch.float16)
+
+
 # ------------------------------------------------------------------------------------ sampling
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float,

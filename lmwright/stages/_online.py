@@ -10,6 +10,7 @@ on-policy, so an exact replay of the interrupted rollout is not needed for corre
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -112,7 +113,7 @@ class RolloutSource:
     dict of (B, ...) tensors; ``get(position)`` serves micro-batches of it, ``epochs`` shuffled passes each."""
 
     def __init__(self, prompts: list[dict], prompts_per_rollout: int, completions_per_rollout: int, micro: int,
-                 epochs: int, seed: int, make_rollout):
+                 epochs: int, seed: int, make_rollout, autocast=None):
         if completions_per_rollout % micro:
             raise ConfigError(f"rollout.batch_size={completions_per_rollout} must be a multiple of "
                               f"train.micro_batch_size={micro}")
@@ -120,6 +121,7 @@ class RolloutSource:
             prompts, prompts_per_rollout, micro, epochs, seed)
         self.micro_per_pass = completions_per_rollout // micro
         self.make_rollout = make_rollout
+        self.autocast = autocast  # the engine's precision, so old log-probs match the training forward
         self.k, self.buffer = -1, None
 
     def __len__(self) -> int:
@@ -138,7 +140,8 @@ class RolloutSource:
 
         k, j = divmod(position, self.micro_per_pass * self.epochs)
         if k != self.k:
-            self.buffer, self.k = self.make_rollout(k, self.rollout_prompts(k)), k
+            with self.autocast or contextlib.nullcontext():
+                self.buffer, self.k = self.make_rollout(k, self.rollout_prompts(k)), k
         epoch, m = divmod(j, self.micro_per_pass)
         n = self.micro_per_pass * self.micro
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 104_729 + k * 31 + epoch))

@@ -164,7 +164,7 @@ def run(cfg: DPOConfig) -> Path:
     from lmwright.engine.loop import evaluate_loss
     from lmwright.engine.report import write_report
     from lmwright.models import count_parameters
-    from lmwright.stages._align import Reference, base_path_of, collate_pairs, load_policy
+    from lmwright.stages._align import Reference, autocast_for, base_path_of, collate_pairs, load_policy
 
     tokenizer = check(cfg)["tokenizer"]
     train_recs, val_recs, manifest = load_records(cfg.data)
@@ -180,7 +180,8 @@ def run(cfg: DPOConfig) -> Path:
     needs_ref = cfg.loss not in REFERENCE_FREE
     ref = Reference(model, keep_copy=needs_ref and not cfg.precompute_ref)
     if needs_ref and cfg.precompute_ref:
-        precompute_reference(train_ds + val_ds, collate, ref, cfg.train.micro_batch_size, device)
+        with autocast_for(cfg.train, device):  # the precision of the training forward
+            precompute_reference(train_ds + val_ds, collate, ref, cfg.train.micro_batch_size, device)
     trainable, total = count_parameters(model)
 
     run_ = Run.create(cfg.train.output_dir, cfg.train.run_name, "dpo")
@@ -212,7 +213,7 @@ def run(cfg: DPOConfig) -> Path:
 
 # ------------------------------------------------------------------------------------ demo hook
 def alignment_demo_step(sft_run_dir: str | Path, workdir: str | Path, n_pairs: int = 400, steps: int = 60,
-                        eval_prompts: int = 60) -> dict[str, Any]:
+                        eval_prompts: int = 60, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     """The demo's alignment step (~1 minute on a laptop CPU): DPO of an SFT run on generated preference pairs
     (the correct answer is chosen). Returns before/after figures for the demo report: the policy's preference
     for the chosen reply on held-out pairs and greedy exact-answer accuracy on held-out instructions."""
@@ -231,7 +232,7 @@ def alignment_demo_step(sft_run_dir: str | Path, workdir: str | Path, n_pairs: i
                                       f"train.output_dir={work}", "train.run_name=dpo", f"train.max_steps={steps}",
                                       "train.micro_batch_size=8", "train.lr=2e-4", "train.warmup_steps=5",
                                       "train.eval_every=0", "train.save_every=0", "train.progress=false",
-                                      "beta=0.1"])
+                                      "beta=0.1", *overrides])
     run_dir = run(cfg)
     info = json.loads((run_dir / "run.json").read_text())
     acc_after = answer_accuracy(run_dir, held_out)

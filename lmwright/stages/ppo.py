@@ -153,7 +153,7 @@ def run(cfg: PPOConfig) -> Path:
     from lmwright.engine import Run, train
     from lmwright.engine.report import write_report
     from lmwright.models import count_parameters
-    from lmwright.stages._align import Reference, base_path_of, load_policy
+    from lmwright.stages._align import Reference, autocast_for, base_path_of, load_policy
     from lmwright.stages._online import RolloutSource, Scorer, build_prompts, make_eval
 
     tokenizer = check(cfg)["tokenizer"]
@@ -170,7 +170,8 @@ def run(cfg: PPOConfig) -> Path:
     ref = Reference(policy, keep_copy=True)
     scorer = Scorer(cfg.reward, device)
     source = RolloutSource(prompts, cfg.rollout.batch_size, cfg.rollout.batch_size, cfg.train.micro_batch_size,
-                           cfg.rollout.epochs, cfg.train.seed, make_rollout_fn(cfg, pv, ref, scorer, tokenizer))
+                           cfg.rollout.epochs, cfg.train.seed, make_rollout_fn(cfg, pv, ref, scorer, tokenizer),
+                           autocast_for(cfg.train, device))
     evaluate = make_eval(val_prompts, scorer, tokenizer, cfg.rollout, lambda m: m.policy)
     trainable, total = count_parameters(pv)
 

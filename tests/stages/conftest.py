@@ -29,7 +29,7 @@ def train_sft_policy(tokenizer_dir: Path, out: Path, steps: int = 300, n: int = 
     model = build_model(ModelConfig(name=preset, overrides=overrides or {}), tokenizer=tok, seed=0)
     cfg = TrainConfig(output_dir=str(out), run_name="sft", max_steps=steps, micro_batch_size=16, lr=3e-3,
                       warmup_steps=20, log_every=50, eval_every=0, save_every=0, progress=False,
-                      load_best_at_end=False)
+                      load_best_at_end=False, mixed_precision="no")
     run = Run.create(cfg.output_dir, cfg.run_name, "sft")
     train(model, items, partial(collate_lm, pad_id=tok.pad_token_id), causal_lm_loss, cfg, run)
     save_final(model, tok, run.final, "causal-lm")
@@ -59,7 +59,8 @@ def stage_config(stage: str, *overrides: str):
     from lmwright.config import load_config
     from lmwright.stages import STAGES
 
-    return load_config(STAGES.get(stage).Config, [], ["train.progress=false", "train.save_every=0", *overrides])
+    return load_config(STAGES.get(stage).Config, [], ["train.progress=false", "train.save_every=0",
+                                                        "train.mixed_precision=no", *overrides])
 
 
 @pytest.fixture(scope="session")

@@ -72,7 +72,7 @@ def test_dpo_needs_preference_records(tmp_path, tokenizer_dir):
 def test_dpo_raises_chosen_preference(tmp_path, sft_policy):
     from lmwright.stages.dpo import alignment_demo_step
 
-    res = alignment_demo_step(sft_policy, tmp_path, steps=60)
+    res = alignment_demo_step(sft_policy, tmp_path, steps=60, overrides=("train.mixed_precision=no",))
     print("dpo demo step:", res)
     info = json.loads((tmp_path / "dpo" / "run.json").read_text())
     assert info["after"]["val_rewards/accuracies"] > 0.6
