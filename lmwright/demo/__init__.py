@@ -22,8 +22,8 @@ from lmwright.config import opt
 class DemoConfig:
     workdir: str = opt("lmwright-demo", "folder for the demo's data, tokenizer, runs and report")
     docs: int = opt(6000, "documents in the generated pretraining corpus")
-    pretrain_steps: int = opt(500, "pretraining optimizer steps")
-    sft_steps: int = opt(240, "SFT (LoRA) optimizer steps")
+    pretrain_steps: int = opt(300, "pretraining optimizer steps")
+    sft_steps: int = opt(400, "SFT (LoRA) optimizer steps")
     align_steps: int = opt(60, "alignment (DPO) optimizer steps")
     model: str = opt("llama-demo", "model preset to pretrain")
     seq_len: int = opt(128, "pretraining row length")
@@ -80,6 +80,11 @@ def run_demo(cfg: DemoConfig) -> Path:
     tok = train_tokenizer(texts + [r["instruction"] + " " + r["input"] + " " + r["output"] for r in instr],
                           TokenizerConfig(vocab_size=2000), work / "tokenizer")
     print(f"   {len(tok)} tokens -> {work / 'tokenizer'}")
+    # Like the pretraining mixes of chat-capable base models, a share of the documents are
+    # conversations rendered with the tokenizer's chat template: the base model learns the chat
+    # tokens, so that fine-tuning with LoRA (which does not train embeddings) can teach the task.
+    chats = story_chats(tok, texts[: cfg.docs // 6], seed=3)
+    _write_jsonl(work / "data" / "chat_stories.jsonl", [{"text": c} for c in chats])
     timings["tokenizer"] = time.perf_counter() - t
 
     # 3. pretrain
@@ -87,7 +92,9 @@ def run_demo(cfg: DemoConfig) -> Path:
     t = time.perf_counter()
     pre_dir = _stage("pretrain", {
         "model": {"name": cfg.model}, "tokenizer": str(work / "tokenizer"),
-        "data": {"path": [str(work / "data" / "prepared")]}, "seq_len": cfg.seq_len,
+        "data": {"path": [str(work / "data" / "prepared"), str(work / "data" / "chat_stories.jsonl")],
+                 "val_fraction": 0.03},
+        "seq_len": cfg.seq_len,
         "train": {"output_dir": str(work / "runs"), "run_name": "pretrain", "max_steps": cfg.pretrain_steps,
                   "micro_batch_size": cfg.micro_batch_size, "lr": 2e-3, "warmup_steps": 30,
                   "eval_every": max(cfg.pretrain_steps // 5, 1), "save_every": cfg.pretrain_steps, "log_every": 10,
@@ -116,7 +123,7 @@ def run_demo(cfg: DemoConfig) -> Path:
             "seq_len": 128, "eval_generate": 48, "max_new_tokens": 12,
             "train": {"output_dir": str(work / "runs"), "run_name": "sft-lora", "max_steps": cfg.sft_steps,
                       "micro_batch_size": 16, "lr": 3e-3, "warmup_steps": 20,
-                      "eval_every": max(cfg.sft_steps // 3, 1), "save_every": cfg.sft_steps, "log_every": 10,
+                      "eval_every": max(cfg.sft_steps // 4, 1), "save_every": cfg.sft_steps, "log_every": 10,
                       "metric_for_best": "val_exact_match"},
         })
         sinfo = json.loads((sft_dir / "run.json").read_text())
@@ -151,6 +158,23 @@ def run_demo(cfg: DemoConfig) -> Path:
           f"  lmwright webui --runs {work / 'runs'}  # browser UI\n")
     (work / "demo.json").write_text(json.dumps({"results": results, "timings": timings}, indent=2, default=str))
     return work
+
+
+def story_chats(tokenizer, stories: list[str], seed: int = 0) -> list[str]:
+    """Stories as one-turn conversations rendered by the tokenizer's chat template (bos stripped:
+    the tokenizer adds it when the text is encoded)."""
+    import random
+
+    rng = random.Random(seed)
+    asks = ["Tell me a story.", "Write a few sentences.", "Tell me about your day.", "Say something."]
+    out = []
+    for story in stories:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": rng.choice(asks)},
+                                              {"role": "assistant", "content": story}], tokenize=False)
+        if tokenizer.bos_token and text.startswith(tokenizer.bos_token):
+            text = text[len(tokenizer.bos_token):]
+        out.append(text)
+    return out
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
