@@ -114,8 +114,9 @@ def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> dic
 class StepClock:
     """Timestamps at the end of each optimizer step and real tokens per micro-batch, in order.
 
-    ``rate(skip)`` is real tokens/s over the steps after the first ``skip`` (warm-up, lazy init and
-    compilation excluded), and the median step time over the same steps.
+    ``rate(skip)`` looks at the steps after the first ``skip`` (warm-up, lazy init and compilation
+    excluded): ``tokens_per_s`` = mean real tokens per step / median step time (robust to stalls
+    from other processes), ``tokens_per_s_window`` = real tokens / wall time of the whole window.
     """
 
     def __init__(self, accum: int = 1):
@@ -140,8 +141,11 @@ class StepClock:
         dt = self.stamps[-1] - t_a
         toks = sum(self.tokens[skip * self.accum: steps * self.accum])
         times = [b - a for a, b in zip(self.stamps[max(skip - 1, 0):], self.stamps[max(skip, 1):])]
-        return {"tokens_per_s": toks / max(dt, 1e-9), "timed_steps": steps - skip, "timed_tokens": toks,
-                "timed_seconds": dt, "median_step_s": statistics.median(times) if times else dt,
+        med = statistics.median(times) if times else dt
+        n = max(steps - skip, 1)
+        # the median-step rate shrugs off stalls caused by other processes on a shared machine
+        return {"tokens_per_s": toks / n / max(med, 1e-9), "tokens_per_s_window": toks / max(dt, 1e-9),
+                "timed_steps": steps - skip, "timed_tokens": toks, "timed_seconds": dt, "median_step_s": med,
                 "first_steps_s": self.stamps[skip - 1] - self.t0 if skip > 0 else 0.0}
 
 

@@ -91,9 +91,9 @@ def main(argv: list[str] | None = None) -> dict:
     sm = args.smoke
     preset = args.preset or ("llama-tiny" if sm else ("llama-100m" if cuda else "llama-20m"))
     ns = argparse.Namespace(stage="pretrain", method="full", preset=preset, vocab=512 if sm else 8192,
-                            steps=args.steps or (3 if sm else (30 if cuda else 12)),
+                            steps=args.steps or (3 if sm else (30 if cuda else 10)),
                             warmup=args.warmup if args.warmup is not None else (1 if sm else 4),
-                            micro=args.micro or (2 if sm else (16 if cuda else 8)), accum=1,
+                            micro=args.micro or (2 if sm else (16 if cuda else 4)), accum=1,
                             seq_len=args.seq_len or (64 if sm else (1024 if cuda else 256)),
                             conversations=0, precision="auto", threads=None, lr=3e-4)
     info, calib = common.machine(), common.calibrate(sm)
@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
                "machine": info, "calibration": calib, "preset": preset, "parameters": n_params,
                "flops_per_token": fpt, "settings": vars(ns), "results": rows, "target": target,
                "profile_top_ops": prof_text}
-    cols = ["variant", "precision", "tokens_per_s", "median_step_s", "first_steps_s", "model_flops", "vs_sgemm",
+    cols = ["variant", "precision", "tokens_per_s", "tokens_per_s_window", "median_step_s", "first_steps_s",
+            "model_flops", "vs_sgemm",
             "vs_bf16_gemm", "speedup", "peak_rss_mb"] + (["mfu"] if cuda else [])
     print(f"\n## pretrain_throughput ({preset}, {n_params / 1e6:.1f}M params, seq {ns.seq_len}, micro {ns.micro}, "
           f"{fpt / 1e6:.0f} MFLOP/token)\n{common.machine_line(info, calib)}\n\n{common.markdown_table(rows, cols)}\n")
