@@ -223,10 +223,11 @@ def sample(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temp
     was_training = model.training
     model.eval()
     greedy = temperature <= 0
+    # every sampling option explicit: None would fall back to the folder's generation_config (e.g. top_p=0.95),
+    # and the log-probs used for training must be those of the distribution actually sampled
     seq = model.generate(input_ids=x, attention_mask=attn, max_new_tokens=max_new_tokens, do_sample=not greedy,
-                         temperature=None if greedy else temperature, top_k=top_k or None,
-                         top_p=top_p if top_p < 1 else None, eos_token_id=stops,
-                         pad_token_id=tokenizer.pad_token_id)  # (B, P+N)
+                         temperature=1.0 if greedy else temperature, top_k=top_k, top_p=top_p,
+                         eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)  # (B, P+N)
     model.train(was_training)
     comp = seq[:, x.shape[1]:]  # (B, N)
     is_stop = torch.zeros_like(comp, dtype=torch.bool)

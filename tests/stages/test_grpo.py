@@ -49,13 +49,14 @@ def test_grpo_smoke_with_lora(tmp_path, tokenizer, prompts_file):
 
 @pytest.mark.slow
 def test_grpo_raises_reward_with_bounded_kl(tmp_path, sft_policy, prompts_file):
+    """A verifiable length reward (1 at 3 characters): the SFT policy answers in ~7; GRPO shortens it."""
     from lmwright.stages import STAGES
 
-    cfg = stage_config("grpo", f"model.name={sft_policy}", f"data.path=[{prompts_file}]", "data.val_fraction=0.1",
+    cfg = stage_config("grpo", f"model.name={sft_policy}", f"data.path=[{prompts_file}]", "data.val_fraction=0.25",
                        "data.clean.dedup=false", f"train.output_dir={tmp_path}", "train.run_name=grpo",
-                       "reward.functions=[exact_answer]", "train.max_steps=60", "train.lr=5e-5", "group_size=8",
-                       "train.micro_batch_size=8", "rollout.batch_size=32", "rollout.max_new_tokens=12",
-                       "rollout.eval_prompts=48", "train.eval_every=30", "train.load_best_at_end=false",
+                       "reward.functions=[{name: length, target: 3}]", "train.max_steps=60", "train.lr=1e-4",
+                       "group_size=8", "train.micro_batch_size=8", "rollout.batch_size=32", "rollout.max_new_tokens=12",
+                       "rollout.eval_prompts=100", "train.eval_every=30", "train.load_best_at_end=false",
                        "train.log_every=4")
     run_dir = STAGES.get("grpo").run(cfg)
     info = json.loads((run_dir / "run.json").read_text())
@@ -63,5 +64,5 @@ def test_grpo_raises_reward_with_bounded_kl(tmp_path, sft_policy, prompts_file):
     rollouts = [m for m in metrics if "rollout/reward" in m]
     print("grpo val_reward", info["before"], "->", info["after"], "rollout reward", rollouts[0]["rollout/reward"],
           "->", rollouts[-1]["rollout/reward"], "max KL", max(m["rollout/kl"] for m in rollouts))
-    assert info["after"]["val_reward"] > info["before"]["val_reward"]
+    assert info["after"]["val_reward"] > info["before"]["val_reward"] + 0.1  # measured 0.11 -> 0.54
     assert max(m["rollout/kl"] for m in rollouts) < cfg.max_kl

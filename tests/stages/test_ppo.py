@@ -79,20 +79,20 @@ def test_lora_policy_with_reward_model(tmp_path, base_model, prompts_file, prefe
 
 @pytest.mark.slow
 def test_ppo_raises_reward_with_bounded_kl(tmp_path, sft_policy, prompts_file):
+    """A verifiable length reward (1 at 3 characters): the SFT policy answers in ~7; PPO shortens it."""
     from lmwright.stages import STAGES
 
-    cfg = stage_config("ppo", f"model.name={sft_policy}", f"data.path=[{prompts_file}]", "data.val_fraction=0.1",
+    cfg = stage_config("ppo", f"model.name={sft_policy}", f"data.path=[{prompts_file}]", "data.val_fraction=0.25",
                        "data.clean.dedup=false", f"train.output_dir={tmp_path}", "train.run_name=ppo",
-                       "reward.functions=[exact_answer]", "train.max_steps=60", "train.lr=5e-5",
-                       "train.micro_batch_size=8", "rollout.batch_size=32", "rollout.epochs=2",
-                       "rollout.max_new_tokens=12", "rollout.eval_prompts=48", "train.eval_every=30",
+                       "reward.functions=[{name: length, target: 3}]", "train.max_steps=60", "train.lr=1e-4",
+                       "train.micro_batch_size=32", "rollout.batch_size=32", "rollout.epochs=1",
+                       "rollout.max_new_tokens=12", "rollout.eval_prompts=100", "train.eval_every=30",
                        "train.load_best_at_end=false", "train.log_every=4")
     run_dir = STAGES.get("ppo").run(cfg)
     info = json.loads((run_dir / "run.json").read_text())
     metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rollouts = [m for m in metrics if "rollout/reward" in m]
-    first, last = rollouts[0], rollouts[-1]
-    print("ppo val_reward", info["before"], "->", info["after"], "rollout reward", first["rollout/reward"], "->",
-          last["rollout/reward"], "max KL", max(m["rollout/kl"] for m in rollouts))
-    assert info["after"]["val_reward"] > info["before"]["val_reward"]
+    print("ppo val_reward", info["before"], "->", info["after"], "rollout reward", rollouts[0]["rollout/reward"], "->",
+          rollouts[-1]["rollout/reward"], "max KL", max(m["rollout/kl"] for m in rollouts))
+    assert info["after"]["val_reward"] > info["before"]["val_reward"] + 0.1  # measured 0.11 -> 0.63
     assert max(m["rollout/kl"] for m in rollouts) < cfg.max_kl
