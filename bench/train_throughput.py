@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--only", default=None, help="comma-separated contender ids")
     ap.add_argument("--rounds", type=int, default=None, help="run every contender this many times, round-robin, "
-                                                             "and keep its best (default 2; smoke 1)")
+                                                             "and keep its best (default: 2 for pretrain, else 1)")
     ap.add_argument("--llamafactory-python", default=LF_PYTHON)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -318,7 +318,8 @@ def main(argv: list[str] | None = None) -> dict:
     args.micro = args.micro or (2 if sm else (4 if args.stage == "pretrain" else 16))
     args.seq_len = args.seq_len or (64 if sm else (256 if args.stage == "pretrain" else 512))
     args.conversations = args.conversations or (40 if sm else 600)
-    args.rounds = args.rounds or (1 if sm else 2)
+    # pretrain's contenders are within ~10% of each other: best of 2 rounds; sft's differ by 2x+: 1 round
+    args.rounds = args.rounds or (2 if not sm and args.stage == "pretrain" else 1)
     if args.threads is None and not sm:
         import os
 

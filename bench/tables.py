@@ -1,0 +1,70 @@
+"""Print the markdown tables of bench/results/*.json (what bench/README.md shows).
+
+    python bench/tables.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+TRAIN_COLS = ["contender", "layout", "precision", "tokens_per_s", "rounds_tokens_per_s", "median_step_s", "peak_rss_mb",
+              "first_loss", "final_loss", "lmwright_speedup", "rss_vs_lmwright"]
+PRETRAIN_COLS = ["variant", "tokens_per_s", "median_step_s", "first_steps_s", "model_flops", "vs_sgemm",
+                 "vs_bf16_gemm", "speedup", "peak_rss_mb"]
+
+
+def header(d: dict) -> str:
+    m, c = d.get("machine", {}), d.get("calibration", {})
+    if "sgemm_flops" in c:
+        return f"_{d['time']}, {common.machine_line(m, c)}_"
+    return f"_{d.get('time')}, machine {m}, calibration {c}_"
+
+
+def render(path: Path) -> str:
+    d = json.loads(path.read_text())
+    name = d.get("bench", path.stem)
+    out = [f"### {name}", "", header(d), ""]
+    if name.startswith("train_throughput"):
+        s = d["settings"]
+        out.append(f"{s['preset']}, {s['precision']} autocast, {s['threads'] or 'all'} thread(s), {s['steps']} steps "
+                   f"({s['warmup']} warm-up not timed), best of {s.get('rounds', 1)} round(s); data: {d['data']}")
+        rows = [{**r, "layout": r.get("layout", r.get("skipped", r.get("error", ""))),
+                 "rounds_tokens_per_s": " / ".join(common.fmt(x) for x in r.get("rounds_tokens_per_s", []) if x)}
+                for r in d["results"]]
+        out += ["", common.markdown_table(rows, TRAIN_COLS)]
+    elif name == "pretrain_throughput":
+        out.append(f"{d['preset']} ({d['parameters'] / 1e6:.1f}M params), {d['flops_per_token'] / 1e6:.0f} MFLOP/token, "
+                   f"seq {d['settings']['seq_len']} x micro {d['settings']['micro']}")
+        out += ["", common.markdown_table(d["results"], PRETRAIN_COLS), "", f"target: {d['target']}"]
+    elif name == "memory":
+        out.append(f"{d['preset']}, batch {d['batch']}, precision {d['precision']}")
+        out += ["", common.markdown_table(d["training"], ["method", "trainable", "trainable_pct", "base_weight_mb",
+                                                         "rss_model_mb", "peak_rss_mb", "train_overhead_mb",
+                                                         "peak_vs_full", "overhead_vs_full"]),
+                "", common.markdown_table(d["weights"], ["preset", "load", "base_weight_mb", "vs_fp16",
+                                                        "block_linear_mb", "block_linear_vs_fp16"]),
+                "", f"targets: {d['targets']}"]
+    elif name == "serve_load":
+        b = d["baseline_generate_b1"]
+        out.append(f"{d['preset']}, {d['new_tokens_per_request']} new tokens/request, baseline model.generate() "
+                   f"batch 1: {b['tokens_per_s']:.1f} tokens/s")
+        out += ["", common.markdown_table(d["serving"], ["concurrency", "requests", "tokens_per_s", "ttft_p50_s",
+                                                        "ttft_p95_s", "ratio_vs_generate_b1"])]
+    else:
+        out.append("```\n" + json.dumps({k: v for k, v in d.items() if k not in ("machine",)}, indent=1)[:4000]
+                   + "\n```")
+    return "\n".join(out)
+
+
+def main() -> None:
+    for p in sorted(common.RESULTS.glob("*.json")):
+        print(render(p) + "\n")
+
+
+if __name__ == "__main__":
+    main()
