@@ -43,17 +43,32 @@ def read_eval_records(data: str | Path | list[str], fmt: str, limit: int | None 
     return records[:limit] if limit else records
 
 
-def evaluate(model: str | Path, task: str, data: str | Path | list[str], fmt: str | None = None,
+def evaluate(model: str | Path, task: str, data: str | Path | list[str] | None = None, fmt: str | None = None,
              limit: int | None = None, **opts: Any) -> dict[str, Any]:
-    """Metrics of the model at ``model`` on ``task`` over the local records at ``data``."""
+    """Metrics of the model at ``model`` on ``task`` over the local records at ``data``.
+
+    Without ``data``, ``model`` must be a run folder (or its ``final/`` or a checkpoint): the task is run
+    on the run's own validation data by the stage's code, and the metrics carry run.json's names
+    (``val_loss``, ``val_ppl``, ``val_exact_match``), with what the run recorded for that model as
+    ``reference`` (run.json's ``after`` for ``final/``, metrics.jsonl's evaluation for a checkpoint)."""
+    from lmwright.config import ConfigError
+
     if task.startswith(LM_EVAL_PREFIX):
         from lmwright.eval.lm_eval_bridge import run_lm_eval
 
+        if data is None:
+            raise ConfigError(f"--data is required for {task}: the folder of the local harness task")
         return run_lm_eval(model, task[len(LM_EVAL_PREFIX):], data, limit=limit, **opts)
-    from lmwright.config import ConfigError
     from lmwright.methods import load_trained
 
     t = EVAL_TASKS.get(task)()
+    if data is None:
+        from lmwright.eval.run_data import evaluate_run, has_default, load_run, no_default_message
+
+        run = load_run(model)
+        if not has_default(run, t):
+            raise ConfigError(no_default_message(model, run, t))
+        return evaluate_run(model, run, t, limit=limit, **opts)
     fmt = fmt or t.formats[0]
     if fmt not in t.formats:
         raise ConfigError(f"eval task '{task}' reads {', '.join(t.formats)} records, not '{fmt}'; pass --format "

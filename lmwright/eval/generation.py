@@ -3,6 +3,10 @@
 Prompts are rendered with the tokenizer's chat template (``render_prompt_ids``: the same tokens the
 server feeds) and decoding stops at ``stop_token_ids`` (``<|im_end|>``/eos), so the score is that of
 the model as it is served. Answers are compared after normalising case and whitespace.
+
+Without data, on an SFT run folder (``on_run``), the run's held-out prompts are answered and scored by
+the stage itself (``sft.validation_data``/``validation_metrics``: the same ``held_out`` choice, batched
+greedy decoding and exact comparison): the result is run.json's ``val_exact_match``.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class Generation:
     name = "generation"
     formats = ("alpaca", "messages")
     model_task = "causal-lm"
+    run_stages = ("sft",)  # runs whose held-out prompts are the default (on_run)
 
     def run(self, model: Any, tokenizer: Any, records: list[dict], fmt: str = "alpaca", max_new_tokens: int = 64,
             **_: Any) -> dict[str, Any]:
@@ -75,3 +80,22 @@ class Generation:
         return {"exact_match": em / n if n else 0.0, "contains_match": cm / n if n else 0.0, "examples": n,
                 "samples": [{"prompt": m[-1]["content"], "reference": r, "prediction": p}
                             for (m, r), p in list(zip(pairs, preds))[:5]]}
+
+    def on_run(self, model: str, run: Any, device: str, limit: int | None = None) -> dict[str, Any]:
+        """run.json's ``val_exact_match`` of the model at ``model`` on the run's held-out prompts."""
+        from lmwright.config import ConfigError
+        from lmwright.eval.run_data import capped
+        from lmwright.methods import load_trained
+        from lmwright.stages import sft
+
+        cfg = run.cfg
+        m, tok = load_trained(model, task="causal-lm")
+        _, collate, convs = sft.validation_data(cfg, tok)
+        if not convs:
+            raise ConfigError(f"{run.dir} has no held-out prompts (eval_generate=0 or no validation split): "
+                              f"pass --data")
+        convs = capped(convs, limit)
+        metrics, answers = sft.validation_metrics(cfg, m.to(device), tok, None, collate, convs, device)
+        return {**metrics, "examples": len(convs), "max_new_tokens": cfg.max_new_tokens,
+                "samples": [{"prompt": c[-2]["content"], "reference": c[-1]["content"], "prediction": a}
+                            for c, a in zip(convs, answers, strict=True)]}

@@ -90,12 +90,42 @@ def check(cfg: PretrainConfig) -> dict[str, Any]:
     return {"tokenizer": tokenizer, "objective": obj}
 
 
+def records(cfg: PretrainConfig, obj) -> tuple[list, list, dict]:
+    """(train, validation, manifest) of ``cfg.data``; plain texts unless the objective reads records."""
+    from lmwright.data import load_records
+
+    train_recs, val_recs, manifest = load_records(cfg.data)
+    if getattr(obj, "input", "texts") != "records":  # most objectives read plain texts
+        train_recs, val_recs = data_texts(train_recs, cfg.data.format), data_texts(val_recs, cfg.data.format)
+    return train_recs, val_recs, manifest
+
+
+def validation_set(cfg: PretrainConfig, tokenizer, obj=None, val_recs: list | None = None) -> list | None:
+    """The rows the stage's ``val_*`` metrics are measured on (None without a validation split);
+    ``val_recs`` default to the validation split of ``cfg.data``. ``lmwright eval`` calls this too."""
+    obj = obj or objective_for(cfg)
+    if val_recs is None:
+        val_recs = records(cfg, obj)[1]
+    return obj.build_dataset(val_recs, tokenizer, cfg.seq_len, cfg.packing) if val_recs else None
+
+
+def validation_metrics(cfg: PretrainConfig, model, tokenizer, obj, val_ds: list, device) -> dict[str, float]:
+    """``val_loss`` (+ the objective's extra and derived metrics, e.g. ``val_ppl``) of ``model`` on ``val_ds``,
+    as run.json's ``before``/``after`` report them."""
+    from lmwright.engine.loop import evaluate_loss
+
+    out = evaluate_loss(model, obj.loss, val_ds, obj.collate(tokenizer, cfg.packing), cfg.train.micro_batch_size,
+                        device, cfg.train.eval_max_batches)
+    if hasattr(obj, "extra_eval"):
+        out.update(obj.extra_eval(model, val_ds, tokenizer))
+    out.update(obj.metrics_from_eval(out))
+    return out
+
+
 def run(cfg: PretrainConfig) -> Path:
     import torch
 
-    from lmwright.data import load_records
     from lmwright.engine import Run, train
-    from lmwright.engine.loop import evaluate_loss
     from lmwright.engine.report import table, write_report
     from lmwright.models import build_model, count_parameters
 
@@ -103,11 +133,9 @@ def run(cfg: PretrainConfig) -> Path:
     tokenizer, obj = ctx["tokenizer"], ctx["objective"]
 
     # data
-    train_recs, val_recs, manifest = load_records(cfg.data)
-    if getattr(obj, "input", "texts") != "records":  # most objectives read plain texts
-        train_recs, val_recs = data_texts(train_recs, cfg.data.format), data_texts(val_recs, cfg.data.format)
+    train_recs, val_recs, manifest = records(cfg, obj)
     train_ds = obj.build_dataset(train_recs, tokenizer, cfg.seq_len, cfg.packing)
-    val_ds = obj.build_dataset(val_recs, tokenizer, cfg.seq_len, cfg.packing) if val_recs else None
+    val_ds = validation_set(cfg, tokenizer, obj, val_recs)
     collate = obj.collate(tokenizer, cfg.packing)
     log.info("data: %d train records -> %d rows of %d tokens; %d validation rows", len(train_recs), len(train_ds),
              cfg.seq_len, len(val_ds or []))
@@ -137,10 +165,7 @@ def run(cfg: PretrainConfig) -> Path:
 
     before = {}
     if val_ds:
-        before = evaluate_loss(model.to(device), obj.loss, val_ds, collate, cfg.train.micro_batch_size, device,
-                               cfg.train.eval_max_batches)
-        before.update(evaluate(model))
-        before.update(obj.metrics_from_eval(before))
+        before = validation_metrics(cfg, model.to(device), tokenizer, obj, val_ds, device)
         log.info("before training: %s", _fmt(before))
 
     def save_model(m, d: Path) -> None:
@@ -155,10 +180,7 @@ def run(cfg: PretrainConfig) -> Path:
     after = dict(result.eval_history[-1]) if result.eval_history else {}
     after.pop("step", None)
     if cfg.train.load_best_at_end and result.best_step is not None and val_ds:
-        after = evaluate_loss(model, obj.loss, val_ds, collate, cfg.train.micro_batch_size, device,
-                              cfg.train.eval_max_batches)
-        after.update(evaluate(model))
-        after.update(obj.metrics_from_eval(after))
+        after = validation_metrics(cfg, model, tokenizer, obj, val_ds, device)
     if not is_main:
         return run_.dir
     save_final(model, tokenizer, run_.final, obj.task, extra={"objective": cfg.objective})

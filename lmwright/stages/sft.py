@@ -226,6 +226,40 @@ def held_out(convs: list[list[dict]], n: int, seed: int) -> list[list[dict]]:
     return pool[:n]
 
 
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def validation_data(cfg: SFTConfig, tokenizer, val_recs: list[dict] | None = None):
+    """(validation rows or None, their collate, held-out exact-match conversations): what the stage's
+    ``val_loss`` and ``val_exact_match`` are measured on. ``val_recs`` default to the validation split of
+    ``cfg.data``; ``lmwright eval`` calls this too."""
+    if val_recs is None:
+        from lmwright.data import load_records
+
+        val_recs = load_records(cfg.data)[1]
+    val_convs = conversations(val_recs, cfg.data.format, cfg.system_prompt)
+    val_samples, _ = encode(tokenizer, val_convs, cfg.train_on, cfg.seq_len)
+    rows, collate = make_rows(val_samples, cfg.seq_len, use_packing(cfg), _pad_id(tokenizer))
+    return rows or None, collate, held_out(val_convs, cfg.eval_generate, cfg.data.split_seed)
+
+
+def validation_metrics(cfg: SFTConfig, model, tokenizer, val_ds: list | None, collate, em_convs: list[list[dict]],
+                       device) -> tuple[dict[str, float], list[str]]:
+    """(``val_loss`` on ``val_ds`` and ``val_exact_match`` on ``em_convs``, as run.json reports them; the
+    greedy answers). Either part is skipped when its data is empty."""
+    from lmwright.engine.loop import evaluate_loss
+
+    out: dict[str, float] = {}
+    if val_ds:
+        out = evaluate_loss(model, sft_loss, val_ds, collate, cfg.train.micro_batch_size, device,
+                            cfg.train.eval_max_batches)
+    answers: list[str] = []
+    if em_convs:
+        out["val_exact_match"], answers = exact_match(model, tokenizer, em_convs, cfg.max_new_tokens)
+    return out, answers
+
+
 def build_causal_model(cfg: Any, tokenizer, run_dir: Path):
     """The starting model (folder or preset) with the method applied, and the base folder it came from.
 
@@ -257,26 +291,21 @@ def run(cfg: SFTConfig) -> Path:
 
     from lmwright.data import load_records
     from lmwright.engine import Run, train
-    from lmwright.engine.loop import evaluate_loss
     from lmwright.engine.report import table, write_report
     from lmwright.methods import trainable_report
 
     tokenizer = check(cfg)["tokenizer"]
     packing = use_packing(cfg)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     # data: records -> conversations -> (ids, labels) -> rows
     train_recs, val_recs, manifest = load_records(cfg.data)
     train_convs = conversations(train_recs, cfg.data.format, cfg.system_prompt)
-    val_convs = conversations(val_recs, cfg.data.format, cfg.system_prompt)
     train_samples, train_stats = encode(tokenizer, train_convs, cfg.train_on, cfg.seq_len)
-    val_samples, _ = encode(tokenizer, val_convs, cfg.train_on, cfg.seq_len)
-    train_ds, collate = make_rows(train_samples, cfg.seq_len, packing, pad_id)
-    val_ds = make_rows(val_samples, cfg.seq_len, packing, pad_id)[0] if val_samples else None
-    em_convs = held_out(val_convs, cfg.eval_generate, cfg.data.split_seed)
-    log.info("data: %d conversations -> %d %s rows (%d truncated to %d tokens); %d validation, %d for exact match",
-             len(train_convs), len(train_ds), "packed" if packing else "padded", train_stats["truncated"],
-             cfg.seq_len, len(val_samples), len(em_convs))
+    train_ds, collate = make_rows(train_samples, cfg.seq_len, packing, _pad_id(tokenizer))
+    val_ds, _, em_convs = validation_data(cfg, tokenizer, val_recs)
+    log.info("data: %d conversations -> %d %s rows (%d truncated to %d tokens); %d validation rows, %d for exact "
+             "match", len(train_convs), len(train_ds), "packed" if packing else "padded", train_stats["truncated"],
+             cfg.seq_len, len(val_ds or []), len(em_convs))
 
     # model + method
     run_ = Run.create(cfg.train.output_dir, cfg.train.run_name, "sft")
@@ -292,13 +321,7 @@ def run(cfg: SFTConfig) -> Path:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
-    before: dict[str, float] = {}
-    if val_ds:
-        before = evaluate_loss(model, sft_loss, val_ds, collate, cfg.train.micro_batch_size, device,
-                               cfg.train.eval_max_batches)
-    answers_before: list[str] = []
-    if em_convs:
-        before["val_exact_match"], answers_before = exact_match(model, tokenizer, em_convs, cfg.max_new_tokens)
+    before, answers_before = validation_metrics(cfg, model, tokenizer, val_ds, collate, em_convs, device)
     log.info("before training: %s", before)
 
     def evaluate(m) -> dict[str, float]:
@@ -312,13 +335,7 @@ def run(cfg: SFTConfig) -> Path:
                    flops_per_token=flops_per_token(model, cfg.seq_len))
     if result.interrupted:
         return run_.dir
-    after: dict[str, float] = {}
-    if val_ds:
-        after = evaluate_loss(model, sft_loss, val_ds, collate, cfg.train.micro_batch_size, device,
-                              cfg.train.eval_max_batches)
-    answers_after: list[str] = []
-    if em_convs:
-        after["val_exact_match"], answers_after = exact_match(model, tokenizer, em_convs, cfg.max_new_tokens)
+    after, answers_after = validation_metrics(cfg, model, tokenizer, val_ds, collate, em_convs, device)
     save_final(model, tokenizer, run_.final, "causal-lm", extra={"stage": "sft", "train_on": cfg.train_on},
                method_cfg=cfg.method, base_path=base_path)
 
