@@ -276,7 +276,7 @@ def contenders(stage: str) -> list[tuple[str, str]]:
     if stage == "pretrain":
         return [("lmwright", "lmwright loop (packed rows)"), ("hf_trainer", "HF Trainer")]
     return [("lmwright", "lmwright sft (bfd packing, token-normalised)"),
-            ("hf_trainer", "HF Trainer + peft (padding)"),
+            ("hf_trainer", "HF Trainer (+ peft for lora), padding"),
             ("trl_sft", "TRL SFTTrainer (bfd packing, padding-free)"),
             ("llamafactory", "LLaMA-Factory (its default: padding)")]
 
@@ -313,8 +313,8 @@ def main(argv: list[str] | None = None) -> dict:
     sm = args.smoke
     args.preset = args.preset or ("llama-tiny" if sm else "llama-20m")
     args.vocab = args.vocab or (512 if sm else 8192)
-    args.steps = args.steps or (3 if sm else 14)
-    args.warmup = args.warmup if args.warmup is not None else (1 if sm else 4)
+    args.steps = args.steps or (3 if sm else (14 if args.stage == "pretrain" else 12))
+    args.warmup = args.warmup if args.warmup is not None else (1 if sm else (4 if args.stage == "pretrain" else 3))
     args.micro = args.micro or (2 if sm else (4 if args.stage == "pretrain" else 16))
     args.seq_len = args.seq_len or (64 if sm else (256 if args.stage == "pretrain" else 512))
     args.conversations = args.conversations or (40 if sm else 600)
