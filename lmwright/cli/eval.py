@@ -11,23 +11,26 @@ def register(sub) -> None:
                        description="Evaluate a run (or any model folder) on local data; prints a table and "
                                    "writes the metrics as JSON with --out. Without --data, a run folder is "
                                    "evaluated on its own validation data, as its stage measured it: "
-                                   "--task perplexity prints run.json's val_loss/val_ppl (pretrain, sft runs), "
+                                   "--task perplexity prints run.json's val_loss/val_ppl (pretrain, sft "
+                                   "runs), "
                                    "--task generation its val_exact_match (sft runs).")
     p.add_argument("--model", required=True, help="run folder, checkpoint folder, Hugging Face or adapter folder")
     p.add_argument("--task", required=True, help="perplexity | classification | generation | preference | "
                                                  "retrieval | lm-eval:<task> (local harness task, optional extra)")
     p.add_argument("--data", default=None, nargs="+",
-                   help="data files/folders (for lm-eval: a task folder); default for a run folder: the run's "
-                        "validation split (config.yaml) and the stage's measurement")
+                   help="data files/folders (for lm-eval: a task folder); default for a run folder: the "
+                        "run's validation split (config.yaml) and the stage's measurement")
     p.add_argument("--format", default=None, help="record format; default: the task's usual one")
     p.add_argument("--out", default=None, metavar="FILE", help="write the metrics to this JSON file")
     p.add_argument("--limit", type=int, default=None,
-                   help="evaluate at most this many records (without --data: validation rows / held-out prompts)")
+                   help="evaluate at most this many records (without --data: validation rows / held-out "
+                        "prompts)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size of the forward passes")
     p.add_argument("--seq-len", type=int, default=None,
                    help="perplexity: packed row length (default 512; without --data: the run's seq_len)")
     p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="generation: answer length limit (default 64; without --data: the run's max_new_tokens)")
+                   help="generation: answer length limit (default 64; without --data: the run's "
+                        "max_new_tokens)")
     p.set_defaults(func=run_eval)
 
 

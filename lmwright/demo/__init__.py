@@ -153,6 +153,9 @@ def run_demo(cfg: DemoConfig) -> Path:
     final = sft_dir / "final" if sft_dir else pre_dir / "final"
     print(f"\nDone in {timings['total'] / 60:.1f} min. Next:\n"
           f"  lmwright generate --model {pre_dir} \"The capital of\"\n"
+          f"  lmwright eval --model {pre_dir} --task perplexity   # re-measures the validation perplexity\n"
+          + (f"  lmwright eval --model {sft_dir} --task generation   # and the held-out exact match\n"
+             if sft_dir else "") +
           f"  lmwright chat --model {final}\n"
           f"  lmwright serve --model {final}        # OpenAI-compatible API on http://127.0.0.1:8000/v1\n"
           f"  lmwright webui --runs {work / 'runs'}  # browser UI\n")

@@ -33,7 +33,7 @@ def find_run(model: str | Path) -> Path | None:
 
 
 def load_run(model: str | Path) -> RunData | None:
-    from lmwright.config import load_config
+    from lmwright.config import load_config, load_yaml
     from lmwright.stages import STAGES
 
     d = find_run(model)
@@ -43,28 +43,35 @@ def load_run(model: str | Path) -> RunData | None:
     stage = info.get("stage")
     if not stage or stage not in STAGES:
         return None
-    cfg = load_config(STAGES.get(stage).Config, files=[d / "config.yaml"])
-    _rebase_paths(cfg, d)
-    return RunData(dir=d, stage=stage, cfg=cfg, info=info)
+    raw = load_yaml(d / "config.yaml")
+    _rebase_paths(raw, d)
+    return RunData(dir=d, stage=stage, cfg=load_config(STAGES.get(stage).Config, base=raw), info=info)
 
 
-def _rebase_paths(cfg: Any, run_dir: Path) -> None:
-    """Relative data paths were relative to the directory training ran in; find it from the run folder
-    (``<there>/<train.output_dir>/<run_name>``) so that eval works from any directory."""
-    out = Path(cfg.train.output_dir)
-    if out.is_absolute():
-        return
+def _rebase_paths(raw: dict, run_dir: Path) -> None:
+    """Relative paths in config.yaml are relative to the directory training ran in; find it from the run
+    folder (``<there>/<train.output_dir>/<run_name>``) so that eval works from any directory."""
+    out = Path((raw.get("train") or {}).get("output_dir") or "runs")
     depth = len(out.parts) + 1
-    origin = run_dir.parents[depth - 1] if depth <= len(run_dir.parents) else None
-    if origin is None:
+    if out.is_absolute() or depth > len(run_dir.parents):
         return
+    origin = run_dir.parents[depth - 1]
 
-    def fix(p: str) -> str:
+    def fix(p: Any) -> Any:
+        if not isinstance(p, str) or not p:
+            return p
         q = Path(p)
         return str(origin / q) if not q.is_absolute() and not q.exists() and (origin / q).exists() else p
 
-    cfg.data.path = [fix(p) for p in cfg.data.path]
-    cfg.data.val_path = [fix(p) for p in cfg.data.val_path]
+    data = raw.get("data") or {}
+    for key in ("path", "val_path"):
+        if isinstance(data.get(key), list):
+            data[key] = [fix(p) for p in data[key]]
+    if "tokenizer" in raw:
+        raw["tokenizer"] = fix(raw["tokenizer"])
+    for key in ("name", "tokenizer"):
+        if key in (raw.get("model") or {}):
+            raw["model"][key] = fix(raw["model"][key])
 
 
 def has_default(run: RunData | None, task: Any) -> bool:
@@ -74,8 +81,8 @@ def has_default(run: RunData | None, task: Any) -> bool:
 
 def no_default_message(model: str | Path, run: RunData | None, task: Any) -> str:
     if run is None:
-        return (f"--data is required: {model} is not a run folder (no run.json + config.yaml), so there is no "
-                f"validation split to default to")
+        return (f"--data is required: {model} is not a run folder (no run.json + config.yaml), so there is "
+                f"no validation split to default to")
     stages = getattr(task, "run_stages", ())
     hint = f" (it defaults to the run's validation data on {' and '.join(stages)} runs)" if stages else ""
     return f"--data is required for --task {task.name} on a {run.stage} run{hint}"
@@ -121,7 +128,8 @@ def reference(model: str | Path, run: RunData) -> tuple[str, dict[str, Any]]:
     ckpt = p.parent if p.name == "model" else p
     if ckpt.parent.name == "checkpoints" and ckpt.name.startswith("step-") and ckpt.name[5:].isdigit():
         step = int(ckpt.name[5:])
-        evals = [r for r in read_metrics(run.dir) if r.get("step") == step and any(k.startswith("val_") for k in r)]
+        evals = [r for r in read_metrics(run.dir)
+                 if r.get("step") == step and any(k.startswith("val_") for k in r)]
         if evals:
             return f"metrics.jsonl step {step}", evals[-1]
     return "", {}
@@ -137,7 +145,8 @@ def precision_of(mixed_precision: str, device: str):
 
     if mixed_precision not in ("bf16", "fp16"):
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device, dtype=torch.bfloat16 if mixed_precision == "bf16" else torch.float16)
+    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device, dtype=dtype)
 
 
 def capped(items: list, limit: int | None) -> list:

@@ -110,12 +110,13 @@ def validation_set(cfg: PretrainConfig, tokenizer, obj=None, val_recs: list | No
 
 
 def validation_metrics(cfg: PretrainConfig, model, tokenizer, obj, val_ds: list, device) -> dict[str, float]:
-    """``val_loss`` (+ the objective's extra and derived metrics, e.g. ``val_ppl``) of ``model`` on ``val_ds``,
-    as run.json's ``before``/``after`` report them."""
+    """``val_loss`` (+ the objective's extra and derived metrics, e.g. ``val_ppl``) of ``model`` on
+    ``val_ds``, as run.json's ``before``/``after`` report them."""
     from lmwright.engine.loop import evaluate_loss
 
-    out = evaluate_loss(model, obj.loss, val_ds, obj.collate(tokenizer, cfg.packing), cfg.train.micro_batch_size,
-                        device, cfg.train.eval_max_batches)
+    collate = obj.collate(tokenizer, cfg.packing)
+    out = evaluate_loss(model, obj.loss, val_ds, collate, cfg.train.micro_batch_size, device,
+                        cfg.train.eval_max_batches)
     if hasattr(obj, "extra_eval"):
         out.update(obj.extra_eval(model, val_ds, tokenizer))
     out.update(obj.metrics_from_eval(out))

@@ -244,8 +244,8 @@ def validation_data(cfg: SFTConfig, tokenizer, val_recs: list[dict] | None = Non
     return rows or None, collate, held_out(val_convs, cfg.eval_generate, cfg.data.split_seed)
 
 
-def validation_metrics(cfg: SFTConfig, model, tokenizer, val_ds: list | None, collate, em_convs: list[list[dict]],
-                       device) -> tuple[dict[str, float], list[str]]:
+def validation_metrics(cfg: SFTConfig, model, tokenizer, val_ds: list | None, collate,
+                       em_convs: list[list[dict]], device) -> tuple[dict[str, float], list[str]]:
     """(``val_loss`` on ``val_ds`` and ``val_exact_match`` on ``em_convs``, as run.json reports them; the
     greedy answers). Either part is skipped when its data is empty."""
     from lmwright.engine.loop import evaluate_loss
@@ -303,9 +303,9 @@ def run(cfg: SFTConfig) -> Path:
     train_samples, train_stats = encode(tokenizer, train_convs, cfg.train_on, cfg.seq_len)
     train_ds, collate = make_rows(train_samples, cfg.seq_len, packing, _pad_id(tokenizer))
     val_ds, _, em_convs = validation_data(cfg, tokenizer, val_recs)
-    log.info("data: %d conversations -> %d %s rows (%d truncated to %d tokens); %d validation rows, %d for exact "
-             "match", len(train_convs), len(train_ds), "packed" if packing else "padded", train_stats["truncated"],
-             cfg.seq_len, len(val_ds or []), len(em_convs))
+    log.info("data: %d conversations -> %d %s rows (%d truncated to %d tokens); %d validation rows, %d for "
+             "exact match", len(train_convs), len(train_ds), "packed" if packing else "padded",
+             train_stats["truncated"], cfg.seq_len, len(val_ds or []), len(em_convs))
 
     # model + method
     run_ = Run.create(cfg.train.output_dir, cfg.train.run_name, "sft")
