@@ -87,7 +87,19 @@ def make_accelerator(cfg: TrainConfig):
     from lmwright.utils.hardware import choose_mixed_precision
 
     mp = choose_mixed_precision(cfg.mixed_precision)
+    _allow_new_precision(mp)
     return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+
+
+def _allow_new_precision(mp: str) -> None:
+    """accelerate keeps one process-wide state and refuses a second Accelerator with another
+    precision. In a single process (the Python API, `lmwright compare`, tests) stages may ask for
+    different precisions one after the other: drop the old state then. Never under a launcher."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") not in (None, mp) and PartialState().num_processes == 1:
+        AcceleratorState._reset_state()
 
 
 # ---------------------------------------------------------------------------------------- data
