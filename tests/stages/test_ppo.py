@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import stage_config
+from tests.stages.conftest import stage_config
 
 from lmwright.config import ConfigError
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import stage_config, write_jsonl
+from tests.stages.conftest import stage_config, write_jsonl
 
 from lmwright.config import ConfigError
 
