@@ -210,7 +210,7 @@ def write_demo_report(work: Path, results: dict, timings: dict, counts: dict) ->
         img = curves_png(read_metrics(s["run"]), title="SFT loss")
         if img:
             parts.append(f"<img alt='SFT loss' src='{img}'>")
-        parts.append(f"<p>Full run report: <a href='runs/sft-lora/report.html'>runs/sft-lora/report.html</a></p>")
+        parts.append("<p>Full run report: <a href='runs/sft-lora/report.html'>runs/sft-lora/report.html</a></p>")
     if "align" in results:
         parts += ["<h2>Alignment (DPO)</h2>", table({k: v for k, v in results["align"].items() if k != "run"})]
     parts.append(f"<p>Per-run reports: {html.escape(str(work / 'runs'))}/*/report.html</p>")

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from tests.stages.conftest import stage_config, write_jsonl
 
 from lmwright.config import ConfigError
+from tests.stages.conftest import stage_config, write_jsonl
 
 SMALL = "model.overrides={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, " \
         "num_key_value_heads: 1}"

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from tests.stages.conftest import stage_config
 
 from lmwright.config import ConfigError
+from tests.stages.conftest import stage_config
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from tests.stages.conftest import stage_config, write_jsonl
 
 from lmwright.config import ConfigError
+from tests.stages.conftest import stage_config, write_jsonl
 
 
 def test_reward_needs_preference_records(tmp_path, tokenizer_dir):
