@@ -123,11 +123,13 @@ def sentiment_task(n: int = 400, seed: int = 0) -> list[dict]:
     return out
 
 
-def preference_task(n: int = 300, seed: int = 0) -> list[dict]:
-    """``preference`` records whose rule is learnable: the chosen answer is the correct one."""
+def preference_task(n: int = 300, seed: int = 0, source=None) -> list[dict]:
+    """``preference`` records whose rule is learnable: the chosen answer is the correct one.
+
+    ``source(n, seed=...)`` gives the alpaca records to build pairs from (default ``instruction_task``)."""
     rng = random.Random(seed)
     out = []
-    for r in instruction_task(n, seed=seed + 7):
+    for r in (source or instruction_task)(n, seed=seed + 7):
         wrong = _wrong_answer(r, rng)
         prompt = r["instruction"] + (f"\n{r['input']}" if r["input"] else "")
         out.append({"prompt": prompt, "chosen": r["output"], "rejected": wrong})
@@ -142,6 +144,9 @@ def _wrong_answer(r: dict, rng: random.Random) -> str:
         return rng.choice([c for c in COUNTRIES.values() if c != out])
     if out.isupper():
         return out.lower()
+    for pool in (NAMES, COLORS, ANIMALS, PLACES):
+        if out in pool:
+            return rng.choice([w for w in pool if w != out])
     words = out.split()
     rng.shuffle(words)
     alt = " ".join(words)

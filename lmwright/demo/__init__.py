@@ -70,7 +70,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     print(f"   {json.dumps(counts)}")
     instr = skills_task(1400, seed=11)
     _write_jsonl(work / "data" / "instructions.jsonl", instr)
-    _write_jsonl(work / "data" / "preferences.jsonl", preference_task(400, seed=12))
+    _write_jsonl(work / "data" / "preferences.jsonl", preference_task(400, seed=12, source=skills_task))
     timings["data"] = time.perf_counter() - t
 
     # 2. tokenizer
@@ -140,7 +140,7 @@ def run_demo(cfg: DemoConfig) -> Path:
         t = time.perf_counter()
         from lmwright.stages.dpo import alignment_demo_step
 
-        results["align"] = alignment_demo_step(sft_dir, work, steps=cfg.align_steps)
+        results["align"] = alignment_demo_step(sft_dir, work, steps=cfg.align_steps, task=skills_task)
         timings["align"] = time.perf_counter() - t
         print("   " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                  for k, v in results["align"].items() if k != "run"))

@@ -213,7 +213,7 @@ def run(cfg: DPOConfig) -> Path:
 
 # ------------------------------------------------------------------------------------ demo hook
 def alignment_demo_step(sft_run_dir: str | Path, workdir: str | Path, n_pairs: int = 400, steps: int = 60,
-                        eval_prompts: int = 60, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+                        eval_prompts: int = 60, overrides: tuple[str, ...] = (), task=None) -> dict[str, Any]:
     """The demo's alignment step (~1 minute on a laptop CPU): DPO of an SFT run on generated preference pairs
     (the correct answer is chosen). Returns before/after figures for the demo report: the policy's preference
     for the chosen reply on held-out pairs and greedy exact-answer accuracy on held-out instructions."""
@@ -225,11 +225,14 @@ def alignment_demo_step(sft_run_dir: str | Path, workdir: str | Path, n_pairs: i
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     data = work / "preference.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in preference_task(n_pairs, seed=5)), encoding="utf-8")
-    held_out = instruction_task(eval_prompts, seed=1234)
+    task = task or instruction_task  # the alpaca task the pairs and the held-out questions come from
+    data.write_text("".join(json.dumps(r) + "\n" for r in preference_task(n_pairs, seed=5, source=task)),
+                    encoding="utf-8")
+    held_out = task(eval_prompts, seed=1234)
     acc_before = answer_accuracy(sft_run_dir, held_out)
+    out_dir = work / "runs" if (work / "runs").is_dir() else work
     cfg = load_config(DPOConfig, [], [f"model.name={sft_run_dir}", f"data.path=[{data}]", "data.val_fraction=0.2",
-                                      f"train.output_dir={work}", "train.run_name=dpo", f"train.max_steps={steps}",
+                                      f"train.output_dir={out_dir}", "train.run_name=dpo", f"train.max_steps={steps}",
                                       "train.micro_batch_size=8", "train.lr=2e-4", "train.warmup_steps=5",
                                       "train.eval_every=0", "train.save_every=0", "train.progress=false",
                                       "beta=0.1", *overrides])
