@@ -19,6 +19,9 @@ import torch
 
 from lmwright.config import ConfigError, opt
 from lmwright.stages._align import Messages
+from lmwright.utils.logging import get_logger
+
+log = get_logger("lmwright.online")
 
 
 @dataclass
@@ -179,3 +182,28 @@ def make_eval(prompts: list[dict], scorer: Scorer, tokenizer, rc: RolloutConfig,
         return out
 
     return evaluate
+
+
+def load_prompts(cfg: Any, tokenizer) -> tuple[list[dict], list[dict], int, dict]:
+    """(train prompts, validation prompts, prompts skipped as too long, data manifest) of an online stage."""
+    from lmwright.data import load_records
+
+    train_recs, val_recs, manifest = load_records(cfg.data)
+    prompts, skipped = build_prompts(train_recs, cfg.data.format, tokenizer, cfg.rollout)
+    val_prompts, _ = build_prompts(val_recs, cfg.data.format, tokenizer, cfg.rollout) if val_recs else ([], 0)
+    val_prompts = val_prompts[:cfg.rollout.eval_prompts]
+    log.info("prompts: %d train, %d validation, %d skipped (over rollout.max_prompt_tokens)", len(prompts),
+             len(val_prompts), skipped)
+    return prompts, val_prompts, skipped, manifest
+
+
+def finish_report(run_: Any, cfg: Any, stage: str, result: Any, before: dict, after: dict, skipped: int) -> None:
+    """Before/after figures into run.json and report.html (shared by ppo and grpo)."""
+    from lmwright.engine.report import write_report
+
+    summary = {"model": cfg.model.name, "method": cfg.method.name, "steps": result.step,
+               "train_seconds": round(result.train_seconds, 1), "skipped prompts": skipped}
+    summary.update({f"before {k}": v for k, v in before.items()})
+    summary.update({f"after {k}": v for k, v in after.items()})
+    run_.write_info(before=before, after=after)
+    write_report(run_.dir, f"lmwright {stage} - {run_.dir.name}", [], summary)

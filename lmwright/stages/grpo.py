@@ -125,21 +125,14 @@ def make_objective(cfg: GRPOConfig):
 
 
 def run(cfg: GRPOConfig) -> Path:
-    from lmwright.data import load_records
     from lmwright.engine import Run, train
-    from lmwright.engine.report import write_report
     from lmwright.models import count_parameters
     from lmwright.stages._align import Reference, autocast_for, base_path_of, load_policy
-    from lmwright.stages._online import RolloutSource, Scorer, build_prompts, make_eval
+    from lmwright.stages._online import RolloutSource, Scorer, finish_report, load_prompts, make_eval
 
     tokenizer = check(cfg)["tokenizer"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    train_recs, val_recs, manifest = load_records(cfg.data)
-    prompts, skipped = build_prompts(train_recs, cfg.data.format, tokenizer, cfg.rollout)
-    val_prompts, _ = build_prompts(val_recs, cfg.data.format, tokenizer, cfg.rollout) if val_recs else ([], 0)
-    val_prompts = val_prompts[:cfg.rollout.eval_prompts]
-    log.info("prompts: %d train, %d validation, %d skipped (over rollout.max_prompt_tokens)", len(prompts),
-             len(val_prompts), skipped)
+    prompts, val_prompts, skipped, manifest = load_prompts(cfg, tokenizer)
 
     policy = load_policy(cfg.model, cfg.method, tokenizer, cfg.train.seed).to(device)
     ref = Reference(policy, keep_copy=cfg.beta > 0 or cfg.max_kl > 0)
@@ -168,12 +161,7 @@ def run(cfg: GRPOConfig) -> Path:
     after = evaluate(policy)
     save_final(policy, tokenizer, run_.final, "causal-lm", method_cfg=cfg.method, base_path=base,
                extra={"stage": "grpo"})
-    summary = {"model": cfg.model.name, "method": cfg.method.name, "steps": result.step,
-               "train_seconds": round(result.train_seconds, 1), "skipped prompts": skipped}
-    summary.update({f"before {k}": v for k, v in before.items()})
-    summary.update({f"after {k}": v for k, v in after.items()})
-    run_.write_info(before=before, after=after)
-    write_report(run_.dir, f"lmwright grpo - {run_.dir.name}", [], summary)
+    finish_report(run_, cfg, "grpo", result, before, after, skipped)
     return run_.dir
 
 

@@ -151,21 +151,14 @@ def make_objective(cfg: PPOConfig):
 
 
 def run(cfg: PPOConfig) -> Path:
-    from lmwright.data import load_records
     from lmwright.engine import Run, train
-    from lmwright.engine.report import write_report
     from lmwright.models import count_parameters
     from lmwright.stages._align import Reference, autocast_for, base_path_of, load_policy
-    from lmwright.stages._online import RolloutSource, Scorer, build_prompts, make_eval
+    from lmwright.stages._online import RolloutSource, Scorer, finish_report, load_prompts, make_eval
 
     tokenizer = check(cfg)["tokenizer"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    train_recs, val_recs, manifest = load_records(cfg.data)
-    prompts, skipped = build_prompts(train_recs, cfg.data.format, tokenizer, cfg.rollout)
-    val_prompts, _ = build_prompts(val_recs, cfg.data.format, tokenizer, cfg.rollout) if val_recs else ([], 0)
-    val_prompts = val_prompts[:cfg.rollout.eval_prompts]
-    log.info("prompts: %d train, %d validation, %d skipped (over rollout.max_prompt_tokens)", len(prompts),
-             len(val_prompts), skipped)
+    prompts, val_prompts, skipped, manifest = load_prompts(cfg, tokenizer)
 
     policy = load_policy(cfg.model, cfg.method, tokenizer, cfg.train.seed)
     pv = PolicyWithValue(policy, policy.config.get_text_config().hidden_size).to(device)
@@ -195,12 +188,7 @@ def run(cfg: PPOConfig) -> Path:
     after = evaluate(pv)
     save_final(pv.policy, tokenizer, run_.final, "causal-lm", method_cfg=cfg.method, base_path=base,
                extra={"stage": "ppo"})
-    summary = {"model": cfg.model.name, "method": cfg.method.name, "steps": result.step,
-               "train_seconds": round(result.train_seconds, 1), "skipped prompts": skipped}
-    summary.update({f"before {k}": v for k, v in before.items()})
-    summary.update({f"after {k}": v for k, v in after.items()})
-    run_.write_info(before=before, after=after)
-    write_report(run_.dir, f"lmwright ppo - {run_.dir.name}", [], summary)
+    finish_report(run_, cfg, "ppo", result, before, after, skipped)
     return run_.dir
 
 
