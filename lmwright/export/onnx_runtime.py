@@ -3,8 +3,8 @@
 ``generate_onnx(model_dir, prompt, **params) -> str`` is what ``lmwright generate --engine onnx``
 calls. The loop feeds the whole prompt once, then one token per step with the ``present.*`` outputs
 of the previous step as ``past_key_values.*`` inputs, so each step costs one token, not the whole
-sequence. Sampling is done in numpy here (temperature, top-k, top-p, seed) because the session's
-outputs are numpy arrays and this module must not need torch at run time.
+sequence. Tokens are picked by the same sampling code as the built-in serving engine
+(``lmwright.serve.generation.sample_next``), on the session's numpy logits viewed as a tensor.
 """
 
 from __future__ import annotations
@@ -102,9 +102,11 @@ class OnnxGenerator:
                      top_p: float = 1.0, seed: int | None = None, stop_token_ids: list[int] | None = None,
                      return_logits: bool = False) -> tuple[list[int], list[Any]]:
         """New token ids (stop token excluded) and, with ``return_logits``, each step's logits."""
-        import numpy as np
+        from lmwright.serve.generation import SamplingParams, make_generator
 
-        rng = np.random.default_rng(seed)
+        sampling = SamplingParams(max_tokens=max(max_tokens, 1), temperature=temperature, top_k=top_k, top_p=top_p,
+                                  seed=seed)
+        rng = make_generator(seed)
         stops = set(self.stop_ids() if stop_token_ids is None else stop_token_ids)
         logits, past = self.step(list(prompt_ids), self.empty_past(), 0)
         n_past = len(prompt_ids)
@@ -114,7 +116,7 @@ class OnnxGenerator:
             last = logits[-1]
             if return_logits:
                 seen.append(last)
-            tok = pick_token(last, temperature, top_k, top_p, rng)
+            tok = pick_token(last, sampling, rng)
             if tok in stops:
                 break
             new.append(tok)
@@ -161,26 +163,13 @@ def _params(params: dict[str, Any]) -> dict[str, Any]:
     return p
 
 
-def pick_token(logits: Any, temperature: float, top_k: int, top_p: float, rng: Any) -> int:
-    """Greedy when ``temperature == 0``; else sample from the temperature/top-k/top-p filtered softmax."""
-    import numpy as np
+def pick_token(logits: Any, params: Any, generator: Any) -> int:
+    """One token from a numpy row of logits with the serving engine's sampler (one home for sampling)."""
+    import torch
 
-    if temperature <= 0 or top_k == 1:
-        return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
-    if 0 < top_k < z.shape[-1]:
-        kth = np.partition(z, -top_k)[-top_k]
-        z = np.where(z < kth, -np.inf, z)
-    probs = np.exp(z - z.max())
-    probs /= probs.sum()
-    if top_p < 1.0:
-        order = np.argsort(-probs)
-        cum = np.cumsum(probs[order])
-        keep = order[: int(np.searchsorted(cum, top_p) + 1)]  # smallest set reaching top_p
-        mask = np.zeros_like(probs)
-        mask[keep] = probs[keep]
-        probs = mask / mask.sum()
-    return int(rng.choice(len(probs), p=probs))
+    from lmwright.serve.generation import sample_next
+
+    return sample_next(torch.from_numpy(logits), params, generator).token_id
 
 
 _CACHE: dict[str, OnnxGenerator] = {}
