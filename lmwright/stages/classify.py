@@ -18,7 +18,7 @@ from lmwright.data.config import DataConfig
 from lmwright.engine.config import TrainConfig
 from lmwright.methods.base import MethodConfig
 from lmwright.models.presets import ModelConfig
-from lmwright.objectives.base import LossOutput
+from lmwright.objectives.classification import classification_loss  # noqa: F401 (re-exported)
 from lmwright.stages.common import STAGES, model_family, resolve_tokenizer, save_final
 from lmwright.utils.logging import get_logger
 
@@ -136,22 +136,6 @@ def class_weight_tensor(cfg: ClassifyConfig, ids: list[int], n_classes: int):
 
 
 # ------------------------------------------------------------------------------------ loss + metrics
-def classification_loss(weights=None):
-    """Cross-entropy summed over examples; with class weights the count is the weight sum, so the
-    engine's sum / count is the weighted mean."""
-    import torch.nn.functional as F
-
-    def loss(model, batch: dict) -> LossOutput:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()  # (B, C)
-        y = batch["labels"]
-        w = weights.to(logits.device) if weights is not None else None
-        loss_sum = F.cross_entropy(logits, y, weight=w, reduction="sum")
-        n = w[y].sum() if w is not None else y.new_tensor(y.numel(), dtype=logits.dtype)
-        return LossOutput(loss_sum=loss_sum, n_targets=n)
-
-    return loss
-
-
 def collate(rows: list[dict], pad_id: int) -> dict:
     import torch
 
