@@ -154,6 +154,8 @@ class _Request:
     deadline: float | None
     open_choices: int = 0
     cancelled: bool = False
+    buf: Any = None  # lean path: this prompt's prefill KV buffer while it is being prefilled
+    prefilled: int = 0  # lean path: prompt tokens already through the model
 
 
 class _Sequence:
@@ -168,6 +170,8 @@ class _Sequence:
         self.next_pos = len(self.prompt)
         self.last_token = -1
         self.done = False
+        # greedy rows without penalty or logprobs are picked by one argmax over the whole batch
+        self.batch_greedy = p.greedy and p.repetition_penalty == 1.0 and not (p.logprobs or p.top_logprobs)
 
 
 def _is_prompt_learning(model) -> bool:
@@ -180,22 +184,40 @@ class LocalEngine:
 
     max_seqs bounds the running batch (sequences, so a request with n=4 takes 4); queue_size bounds
     the requests waiting to join; both overflowing -> QueueFull.
+
+    Llama-family models (``lean_supported``) run the fast path of ``lmwright.serve.lean``: a
+    preallocated slot KV cache, packed prefill of every newly admitted prompt in one forward, prompts
+    longer than ``prefill_chunk`` tokens prefilled a chunk per scheduler step (decode steps of the
+    running batch go on in between), one argmax for all greedy rows. ``lean=False`` forces the generic
+    path (``model.forward`` + ``DynamicCache``), which every other model uses.
     """
 
     def __init__(self, model, tokenizer, max_seqs: int = 8, queue_size: int = 32,
-                 timeout_s: float | None = None, max_context: int | None = None, name: str = "model"):
+                 timeout_s: float | None = None, max_context: int | None = None, name: str = "model",
+                 prefill_chunk: int = 512, lean: bool | None = None):
         if _is_prompt_learning(model):
             raise ConfigError("prompt-learning adapters (prefix, ptuning, prompt) inject their own KV cache and "
                               "cannot be batched by the built-in engine; serve a LoRA/adapter model or a full "
                               "fine-tune instead")
+        if prefill_chunk < 1:
+            raise ConfigError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        from lmwright.serve.lean import LeanLlama, lean_supported
+
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.max_seqs, self.queue_size, self.timeout_s = max_seqs, queue_size, timeout_s
+        self.prefill_chunk = prefill_chunk
         cfg = getattr(model, "config", None)
         self.max_context = int(max_context or getattr(cfg, "max_position_embeddings", None) or 2048)
         self.stop_ids = default_stop_ids(tokenizer)
         self.device = next(model.parameters()).device
+        if lean and not lean_supported(model):
+            raise ConfigError(f"the lean serving path supports Llama models with SDPA attention; "
+                              f"{type(model).__name__} is served with lean=False")
+        self._lean = LeanLlama(model, max_seqs, self.max_context) if lean is not False and lean_supported(model) \
+            else None
         self._cv = threading.Condition()
         self._waiting: deque[_Request] = deque()
+        self._prefilling: deque[_Request] = deque()  # lean path: admitted, prompt not fully prefilled yet
         self._requests: dict[str, _Request] = {}
         self._active: list[_Sequence] = []
         self._cache = None
@@ -204,7 +226,12 @@ class LocalEngine:
         self._closing = False
         self._stopped = False
         self._counters = {"requests": 0, "finished": 0, "cancelled": 0, "timeouts": 0, "errors": 0,
-                          "prompt_tokens": 0, "completion_tokens": 0, "steps": 0, "rejected_queue_full": 0}
+                          "prompt_tokens": 0, "completion_tokens": 0, "steps": 0, "prefills": 0,
+                          "rejected_queue_full": 0}
+        # seconds the scheduler spent per phase (the profile behind the serving benchmark)
+        self._timings = {"prefill_s": 0.0, "decode_s": 0.0, "sample_emit_s": 0.0}
+        log.info("engine %s: %s path, max_seqs=%d, prefill_chunk=%d", name,
+                 "lean llama" if self._lean else "generic transformers", max_seqs, prefill_chunk)
         self._thread = threading.Thread(target=self._loop, name=f"lmwright-engine-{name}", daemon=True)
         self._thread.start()
 
@@ -243,8 +270,11 @@ class LocalEngine:
 
     def stats(self) -> dict[str, float]:
         with self._cv:
-            return dict(self._counters, queue_depth=len(self._waiting), active_sequences=len(self._active),
-                        max_seqs=self.max_seqs, queue_size=self.queue_size)
+            return dict(self._counters, **self._timings, queue_depth=len(self._waiting),
+                        active_sequences=len(self._active), max_seqs=self.max_seqs, queue_size=self.queue_size)
+
+    def _busy(self) -> bool:
+        return bool(self._waiting or self._prefilling or self._active)
 
     def shutdown(self, drain_timeout_s: float = 30.0) -> None:
         """Stop accepting work, let running and queued requests finish, then stop the thread.
@@ -258,7 +288,7 @@ class LocalEngine:
         end = time.monotonic() + drain_timeout_s
         while time.monotonic() < end:
             with self._cv:
-                if not self._waiting and not self._active:
+                if not self._busy():
                     break
             time.sleep(0.02)
         with self._cv:
@@ -279,9 +309,9 @@ class LocalEngine:
         with torch.inference_mode():
             while True:
                 with self._cv:
-                    while not self._stopped and not self._waiting and not self._active:
+                    while not self._stopped and not self._busy():
                         self._cv.wait(timeout=0.5)
-                    if self._stopped and not self._active and not self._waiting:
+                    if self._stopped and not self._busy():
                         return
                 try:
                     self._expire_and_cancel()
@@ -320,6 +350,7 @@ class LocalEngine:
                 r.stream.put(None)
 
     def _fail_request_waiting(self, r: _Request, reason: str, error: str | None = None) -> None:
+        r.buf = None
         for i in range(r.req.params.n):
             r.stream.put(TokenEvent(i, "", None, None, reason, len(r.req.prompt_ids), 0, error))
         with self._cv:
@@ -333,7 +364,10 @@ class LocalEngine:
             gone = [r for r in self._waiting if r.cancelled or (r.deadline and now > r.deadline)]
             for r in gone:
                 self._waiting.remove(r)
-        for r in gone:
+        gone_pre = [r for r in self._prefilling if r.cancelled or (r.deadline and now > r.deadline)]
+        for r in gone_pre:
+            self._prefilling.remove(r)
+        for r in gone + gone_pre:
             self._fail_request_waiting(r, "cancelled" if r.cancelled else "timeout")
         for seq in self._active:
             r = seq.owner
@@ -344,6 +378,9 @@ class LocalEngine:
         self._compact()
 
     def _admit(self) -> None:
+        if self._lean is not None:
+            self._admit_lean()
+            return
         while True:
             with self._cv:
                 if not self._waiting or self._stopped:
@@ -356,10 +393,151 @@ class LocalEngine:
                 self._counters["prompt_tokens"] += len(r.req.prompt_ids)
             self._prefill(r)
 
+    def _take(self, seq: _Sequence, logits, token: int | None = None) -> None:
+        """Sample one token for ``seq`` (or take ``token``, picked for the batch), stream the released text."""
+        choice = TokenChoice(token) if token is not None else \
+            sample_next(logits, seq.params, seq.generator, seq.prompt + seq.state.token_ids)
+        text = seq.state.add(choice.token_id)
+        seq.last_token = choice.token_id
+        if not seq.state.finish_reason and seq.next_pos + 1 >= self.max_context:  # prompt + output fill it
+            seq.state.finish_reason = "length"
+            text += seq.state._finish_text()
+        self._emit(seq, text, choice)
+
+    def _take_all(self, seqs: list[_Sequence], logits) -> None:
+        """One token for each row of ``logits`` (B, V): one argmax for the greedy rows, then each row."""
+        import torch
+
+        t0 = time.perf_counter()
+        greedy = torch.argmax(logits, dim=-1).tolist() if any(s.batch_greedy for s in seqs) else None
+        for i, seq in enumerate(seqs):
+            self._take(seq, logits[i], greedy[i] if seq.batch_greedy else None)
+        self._timings["sample_emit_s"] += time.perf_counter() - t0
+
+    def _step(self) -> None:
+        if self._lean is not None:
+            self._step_lean()
+            return
+        import torch
+
+        t0 = time.perf_counter()
+        b = len(self._active)
+        ids = torch.tensor([[s.last_token] for s in self._active], device=self.device)  # (B, 1)
+        pos = torch.tensor([[s.next_pos] for s in self._active], device=self.device)  # (B, 1)
+        self._mask = torch.cat([self._mask, torch.ones(b, 1, dtype=torch.long, device=self.device)], dim=1)
+        out = self.model(input_ids=ids, attention_mask=self._mask, position_ids=pos,
+                         past_key_values=self._cache, use_cache=True)
+        self._cache = out.past_key_values
+        logits = out.logits[:, -1]  # (B, V)
+        self._timings["decode_s"] += time.perf_counter() - t0
+        with self._cv:
+            self._counters["steps"] += 1
+        for seq in self._active:
+            seq.next_pos += 1
+        self._take_all(self._active, logits)
+        self._compact()
+
+    def _fail_all(self, message: str) -> None:
+        for r in list(self._prefilling):
+            self._fail_request_waiting(r, "error", message)
+        self._prefilling.clear()
+        for seq in list(self._active):
+            self._close_seq(seq, "error", message)
+        self._active, self._cache, self._mask = [], None, None
+
+    # ------------------------------------------------------------------ lean path (Llama)
+    def _admit_lean(self) -> None:
+        """Move waiting requests that fit into the prefill queue; prefill up to ``prefill_chunk`` tokens."""
+        with self._cv:
+            reserved = len(self._active) + sum(r.req.params.n for r in self._prefilling)
+            while self._waiting and not self._stopped:
+                r = self._waiting[0]
+                if r.req.params.n > self.max_seqs - reserved:
+                    break
+                self._waiting.popleft()
+                reserved += r.req.params.n
+                self._counters["prompt_tokens"] += len(r.req.prompt_ids)
+                self._prefilling.append(r)
+        if not self._prefilling:
+            return
+        from lmwright.serve.lean import Segment
+
+        budget, group = self.prefill_chunk, []
+        for r in self._prefilling:
+            if budget <= 0:
+                break
+            if r.buf is None:
+                r.buf = self._lean.new_buffer(len(r.req.prompt_ids))
+            n = min(budget, len(r.req.prompt_ids) - r.prefilled)
+            group.append((r, Segment(r.buf, r.prefilled, r.req.prompt_ids[r.prefilled:r.prefilled + n])))
+            budget -= n
+        t0 = time.perf_counter()
+        try:
+            logits = self._lean.prefill([s for _, s in group])
+        except Exception as e:  # noqa: BLE001 - the prompts are retried one by one: only the bad one fails
+            if len(group) == 1:
+                log.exception("prefill failed")
+                self._prefilling.remove(group[0][0])
+                self._fail_request_waiting(group[0][0], "error", f"{type(e).__name__}: {e}")
+                return
+            logits = None
+        for k, (r, seg) in enumerate(group):
+            if logits is not None:
+                self._prefilled(r, seg, logits[k])
+                continue
+            try:
+                self._prefilled(r, seg, self._lean.prefill([seg])[0])
+            except Exception as e:  # noqa: BLE001
+                log.exception("prefill failed")
+                if r in self._prefilling:
+                    self._prefilling.remove(r)
+                    self._fail_request_waiting(r, "error", f"{type(e).__name__}: {e}")
+        self._timings["prefill_s"] += time.perf_counter() - t0
+
+    def _prefilled(self, r: _Request, seg, logits) -> None:
+        r.prefilled = seg.start + len(seg.ids)
+        if r.prefilled < len(r.req.prompt_ids):
+            return  # more chunks to go
+        self._prefilling.remove(r)
+        with self._cv:
+            self._counters["prefills"] += 1
+        n = r.req.params.n
+        seqs = [_Sequence(r, i, self.tokenizer, self.stop_ids, self.device) for i in range(n)]
+        r.open_choices = n
+        for seq in seqs:
+            self._lean.load_row(len(self._active), r.buf, r.prefilled)
+            self._active.append(seq)
+        r.buf = None
+        t0 = time.perf_counter()
+        for seq in seqs:
+            self._take(seq, logits)
+        self._timings["sample_emit_s"] += time.perf_counter() - t0
+        self._compact()
+
+    def _step_lean(self) -> None:
+        import torch
+
+        t0 = time.perf_counter()
+        seqs = self._active
+        pos = [s.next_pos for s in seqs]
+        ncols = max(pos) + 1
+        self._lean.grow(ncols)
+        logits = self._lean.decode(torch.tensor([s.last_token for s in seqs], device=self.device),
+                                   torch.tensor(pos, device=self.device), ncols)
+        self._timings["decode_s"] += time.perf_counter() - t0
+        with self._cv:
+            self._counters["steps"] += 1
+        for seq in seqs:
+            seq.next_pos += 1
+        self._take_all(seqs, logits)
+        self._compact()
+
+    # ------------------------------------------------------------------ generic path (any causal LM)
     def _prefill(self, r: _Request) -> None:
         import torch
         from transformers import DynamicCache
 
+        t0 = time.perf_counter()
         ids = torch.tensor([r.req.prompt_ids], device=self.device)  # (1, P)
         pos = torch.arange(ids.shape[1], device=self.device)[None]
         try:
@@ -368,6 +546,8 @@ class LocalEngine:
             log.exception("prefill failed")
             self._fail_request_waiting(r, "error", f"{type(e).__name__}: {e}")
             return
+        with self._cv:
+            self._counters["prefills"] += 1
         cache = out.past_key_values
         logits = out.logits[0, -1]
         n = r.req.params.n
@@ -377,19 +557,10 @@ class LocalEngine:
             cache.batch_repeat_interleave(n)
         self._merge(cache, torch.ones(n, ids.shape[1], dtype=torch.long, device=self.device))
         self._active.extend(seqs)
+        self._timings["prefill_s"] += time.perf_counter() - t0
         for seq in seqs:
             self._take(seq, logits)
         self._compact()
-
-    def _take(self, seq: _Sequence, logits) -> None:
-        """Sample one token for ``seq`` from its logits row, record it, stream the released text."""
-        choice = sample_next(logits, seq.params, seq.generator, seq.prompt + seq.state.token_ids)
-        text = seq.state.add(choice.token_id)
-        seq.last_token = choice.token_id
-        if not seq.state.finish_reason and seq.next_pos + 1 >= self.max_context:  # prompt + output fill it
-            seq.state.finish_reason = "length"
-            text += seq.state._finish_text()
-        self._emit(seq, text, choice)
 
     def _merge(self, cache, mask) -> None:
         import torch
@@ -414,12 +585,25 @@ class LocalEngine:
         self._mask = torch.cat([F.pad(self._mask, (t - l1, 0)), F.pad(mask, (t - l2, 0))])
 
     def _compact(self) -> None:
-        """Drop finished rows from the batch and the cache; trim columns no row attends to."""
-        import torch
-
+        """Drop finished rows from the batch and the cache (generic path: trim columns no row attends to)."""
         keep = [i for i, s in enumerate(self._active) if not s.done]
         if len(keep) == len(self._active):
             return
+        if self._lean is not None:  # fill each hole with the last live row (a copy of its used columns)
+            rows = list(self._active)
+            live = len(rows)
+            for hole in range(len(rows) - 1, -1, -1):
+                if not rows[hole].done:
+                    continue
+                live -= 1
+                if hole != live:
+                    self._lean.move_row(live, hole, rows[live].next_pos)
+                    rows[hole] = rows[live]
+                rows.pop()
+            self._active = rows
+            return
+        import torch
+
         if not keep:
             self._active, self._cache, self._mask = [], None, None
             return
@@ -434,29 +618,6 @@ class LocalEngine:
                 layer.keys = layer.keys[:, :, first:]
                 layer.values = layer.values[:, :, first:]
             self._mask = self._mask[:, first:]
-
-    def _step(self) -> None:
-        import torch
-
-        b = len(self._active)
-        ids = torch.tensor([[s.last_token] for s in self._active], device=self.device)  # (B, 1)
-        pos = torch.tensor([[s.next_pos] for s in self._active], device=self.device)  # (B, 1)
-        self._mask = torch.cat([self._mask, torch.ones(b, 1, dtype=torch.long, device=self.device)], dim=1)
-        out = self.model(input_ids=ids, attention_mask=self._mask, position_ids=pos,
-                         past_key_values=self._cache, use_cache=True)
-        self._cache = out.past_key_values
-        logits = out.logits[:, -1]  # (B, V)
-        with self._cv:
-            self._counters["steps"] += 1
-        for i, seq in enumerate(self._active):
-            seq.next_pos += 1
-            self._take(seq, logits[i])
-        self._compact()
-
-    def _fail_all(self, message: str) -> None:
-        for seq in list(self._active):
-            self._close_seq(seq, "error", message)
-        self._active, self._cache, self._mask = [], None, None
 
 
 # ---------------------------------------------------------------------------------- vLLM engine

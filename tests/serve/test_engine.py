@@ -179,3 +179,73 @@ def test_failing_prefill_fails_only_its_request(lm):
         assert eng.stats()["errors"] == 1
     finally:
         eng.shutdown(drain_timeout_s=1)
+
+
+def _hf_greedy(model, ids, n):
+    """``model.generate()`` greedy, exactly ``n`` new tokens (the reference the engine must equal)."""
+    import torch
+
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("lean,chunk", [(None, 512), (None, 5), (False, 512)], ids=["lean", "lean-chunked", "generic"])
+def test_greedy_equals_hf_generate_mixed_lengths_and_joins(lm, lean, chunk):
+    """Prompts of mixed lengths prefilled together (packed), and a second wave joining a batch that is
+    already decoding, give token for token what HF ``model.generate()`` gives for each prompt alone; with
+    ``prefill_chunk=5`` the longer prompts are prefilled over several scheduler steps."""
+    ids = [lm.prompt_ids(p) for p in PROMPTS]
+    ref = [_hf_greedy(lm.model, i, 16) for i in ids]
+    eng = LocalEngine(lm.model, lm.tokenizer, max_seqs=8, prefill_chunk=chunk, lean=lean)
+    assert (eng._lean is not None) == (lean is None)
+    params = SamplingParams(max_tokens=16, temperature=0, stop_token_ids=[])
+    try:
+        first = [eng.submit(GenerationRequest(i, params)) for i in ids[:3]]  # admitted together
+        it = iter(first[0])
+        head = next(it).token_id  # the first wave is decoding
+        late = [eng.submit(GenerationRequest(i, params)) for i in ids[3:]]
+        got = [[e.token_id for e in s if e.token_id is not None] for s in [it, *first[1:], *late]]
+        got[0] = [head] + got[0]
+    finally:
+        eng.shutdown(drain_timeout_s=1)
+    for k in range(len(ids)):
+        assert got[k] == ref[k], f"prompt {k} differs from model.generate()"
+
+
+def test_lean_rows_compact_when_sequences_finish(lm):
+    """Rows leaving mid-batch (short max_tokens) move the last row into their slot; the others go on unchanged."""
+    ids = [lm.prompt_ids(p) for p in PROMPTS]
+    eng = LocalEngine(lm.model, lm.tokenizer, max_seqs=8)
+    lengths = [3, 20, 5, 20, 1]
+    try:
+        streams = [eng.submit(GenerationRequest(i, SamplingParams(max_tokens=n, temperature=0, stop_token_ids=[])))
+                   for i, n in zip(ids, lengths)]
+        got = [[e.token_id for e in s if e.token_id is not None] for s in streams]
+    finally:
+        eng.shutdown(drain_timeout_s=1)
+    for i, n, g in zip(ids, lengths, got):
+        assert g == _hf_greedy(lm.model, i, n)
+
+
+def test_generic_path_for_non_llama_models(tokenizer):
+    """A GPT-2 model has no lean path: it is served through model.forward + DynamicCache, batched == alone."""
+    from lmwright.models import ModelConfig, build_model
+
+    from .conftest import scramble
+
+    model = build_model(ModelConfig(name="gpt-tiny"), task="causal-lm", tokenizer=tokenizer, seed=0)
+    scramble(model)
+    model.eval()
+    ids = [list(tokenizer(p)["input_ids"]) for p in PROMPTS[:3]]
+    eng = LocalEngine(model, tokenizer, max_seqs=4)
+    assert eng._lean is None
+    params = SamplingParams(max_tokens=10, temperature=0, stop_token_ids=[])
+    try:
+        streams = [eng.submit(GenerationRequest(i, params)) for i in ids]
+        got = [[e.token_id for e in s if e.token_id is not None] for s in streams]
+    finally:
+        eng.shutdown(drain_timeout_s=1)
+    for i, g in zip(ids, got):
+        assert g == generate(model, tokenizer, i, params).token_ids

@@ -1,0 +1,184 @@
+"""A lean forward for Llama-family decoders over a preallocated slot KV cache (the engine's fast path).
+
+The model's own modules do the work (embedding, RMSNorms, rotary embedding, q/k/v/o projections, MLP,
+LM head), so LoRA layers, biases and rope scaling apply exactly as in ``model.forward``; what is left
+out is the machinery around them: cache objects, mask builders, output dataclasses, logits for every
+prompt position. Decoding rows live in slots 0..B-1 of one preallocated cache per layer,
+``(max_seqs, kv_heads, capacity, head_dim)``; column = position (no left padding), each row attends to
+its own columns ``<= position``. Prompts are prefilled packed: several requests (or chunks of a long
+prompt) go through the projections and MLPs as one sequence; attention runs per segment against that
+request's own prefill buffer, so every prompt sees exactly what it would see alone.
+
+Used only for models whose attention is the stock SDPA Llama attention (``lean_supported``); every other
+model is served through ``model.forward`` with a ``DynamicCache``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+ATTENTION_CLASSES = ("LlamaAttention",)
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def lean_supported(model) -> bool:
+    """True for a (possibly peft-wrapped) ``LlamaForCausalLM`` using SDPA attention and no extras."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover
+        return False
+    base = _base(model)
+    cfg = getattr(base, "config", None)
+    inner = getattr(base, "model", None)
+    if not isinstance(base, PreTrainedModel) or cfg is None or inner is None:
+        return False
+    if getattr(cfg, "model_type", None) != "llama" or getattr(cfg, "_attn_implementation", None) != "sdpa":
+        return False
+    if getattr(cfg, "pretraining_tp", 1) != 1 or not hasattr(base, "lm_head"):
+        return False
+    layers = getattr(inner, "layers", None)
+    return bool(layers) and all(type(layer.self_attn).__name__ in ATTENTION_CLASSES for layer in layers)
+
+
+@dataclass
+class Segment:
+    """Prompt tokens ``ids`` at positions ``start..start+len(ids)`` of the prefill buffer ``buf``."""
+
+    buf: list[tuple[Any, Any]]  # per layer (keys, values), each (1, kv_heads, prompt_len, head_dim)
+    start: int
+    ids: list[int]
+
+
+class LeanLlama:
+    def __init__(self, model, max_seqs: int, max_context: int):
+        import torch
+
+        base = _base(model)
+        self.base, self.inner = base, base.model
+        cfg = base.config
+        self.layers = list(self.inner.layers)
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.max_seqs, self.max_context = max_seqs, max_context
+        w = self.inner.embed_tokens.weight
+        self.dtype, self.device = w.dtype, w.device
+        self.capacity = 0
+        self.k: list = []
+        self.v: list = []
+        self._torch = torch
+        self.grow(min(256, max_context))
+
+    # ------------------------------------------------------------------ cache
+    def grow(self, need: int) -> None:
+        """Make the slot cache hold ``need`` columns (doubling, capped at the model's context)."""
+        if need <= self.capacity:
+            return
+        torch = self._torch
+        cap = max(need, min(self.max_context, max(64, 2 * self.capacity)))
+        shape = (self.max_seqs, self.kv_heads, cap, self.head_dim)
+        k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        if self.capacity:
+            for i in range(len(self.layers)):
+                k[i][:, :, :self.capacity] = self.k[i]
+                v[i][:, :, :self.capacity] = self.v[i]
+        self.k, self.v, self.capacity = k, v, cap
+
+    def new_buffer(self, length: int) -> list[tuple[Any, Any]]:
+        torch = self._torch
+        shape = (1, self.kv_heads, length, self.head_dim)
+        return [(torch.empty(shape, dtype=self.dtype, device=self.device),
+                 torch.empty(shape, dtype=self.dtype, device=self.device)) for _ in self.layers]
+
+    def load_row(self, row: int, buf: list[tuple[Any, Any]], length: int) -> None:
+        """Copy a finished prefill buffer into decode slot ``row``."""
+        self.grow(length + 1)
+        for i, (kb, vb) in enumerate(buf):
+            self.k[i][row, :, :length] = kb[0, :, :length]
+            self.v[i][row, :, :length] = vb[0, :, :length]
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        for i in range(len(self.layers)):
+            self.k[i][dst, :, :length] = self.k[i][src, :, :length]
+            self.v[i][dst, :, :length] = self.v[i][src, :, :length]
+
+    # ------------------------------------------------------------------ forward
+    def _attn_in(self, layer, x, n_tokens: int, pos):
+        """Norm, q/k/v projections and rotary for ``x`` (B, T, D) -> q (B, H, T, d), k, v (B, KV, T, d)."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        b, t = x.shape[0], n_tokens
+        a = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = a.q_proj(h).view(b, t, -1, self.head_dim).transpose(1, 2)
+        k = a.k_proj(h).view(b, t, -1, self.head_dim).transpose(1, 2)
+        v = a.v_proj(h).view(b, t, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, *pos)
+        return q, k, v
+
+    def _attn_out(self, layer, x, o):
+        """o_proj + residual, then the MLP block + residual."""
+        b, t = x.shape[0], x.shape[1]
+        x = x + layer.self_attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
+    def _logits(self, h):
+        return self.base.lm_head(self.inner.norm(h))
+
+    def decode(self, tokens, positions, ncols: int):
+        """One token for each of rows 0..B-1: ``tokens`` (B,), ``positions`` (B,) -> logits (B, V)."""
+        import torch.nn.functional as F
+
+        torch = self._torch
+        b = tokens.shape[0]
+        x = self.inner.embed_tokens(tokens[:, None])
+        rope = self.inner.rotary_emb(x, positions[:, None])
+        rows = torch.arange(b, device=self.device)
+        mask = (torch.arange(ncols, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._attn_in(layer, x, 1, rope)
+            self.k[i][rows, :, positions] = k[:, :, 0]
+            self.v[i][rows, :, positions] = v[:, :, 0]
+            o = F.scaled_dot_product_attention(q, self.k[i][:b, :, :ncols], self.v[i][:b, :, :ncols],
+                                               attn_mask=mask, scale=layer.self_attn.scaling,
+                                               enable_gqa=self.kv_heads != self.heads)
+            x = self._attn_out(layer, x, o)
+        return self._logits(x)[:, -1]
+
+    def prefill(self, segments: list[Segment]):
+        """Run the segments packed as one sequence; logits (N, V) at each segment's last token."""
+        import torch.nn.functional as F
+
+        torch = self._torch
+        ids = [t for s in segments for t in s.ids]
+        pos = [s.start + j for s in segments for j in range(len(s.ids))]
+        x = self.inner.embed_tokens(torch.tensor([ids], device=self.device))
+        rope = self.inner.rotary_emb(x, torch.tensor([pos], device=self.device))
+        offsets, o = [], 0
+        for s in segments:
+            offsets.append(o)
+            o += len(s.ids)
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._attn_in(layer, x, len(ids), rope)
+            outs = []
+            for s, off in zip(segments, offsets):
+                n, end = len(s.ids), s.start + len(s.ids)
+                kb, vb = s.buf[i]
+                kb[:, :, s.start:end] = k[:, :, off:off + n]
+                vb[:, :, s.start:end] = v[:, :, off:off + n]
+                if s.start == 0:
+                    mask, causal = None, True
+                else:  # a later chunk: its queries see the earlier chunks and themselves, causally
+                    cols = torch.arange(end, device=self.device)
+                    mask, causal = cols[None, :] <= (s.start + torch.arange(n, device=self.device))[:, None], False
+                outs.append(F.scaled_dot_product_attention(
+                    q[:, :, off:off + n], kb[:, :, :end], vb[:, :, :end], attn_mask=mask, is_causal=causal,
+                    scale=layer.self_attn.scaling, enable_gqa=self.kv_heads != self.heads))
+            x = self._attn_out(layer, x, outs[0] if len(outs) == 1 else torch.cat(outs, dim=2))
+        last = torch.tensor([off + len(s.ids) - 1 for s, off in zip(segments, offsets)], device=self.device)
+        return self._logits(x[0, last][:, None])[:, -1]
