@@ -123,16 +123,43 @@ def sentiment_task(n: int = 400, seed: int = 0) -> list[dict]:
     return out
 
 
-def preference_task(n: int = 300, seed: int = 0, source=None) -> list[dict]:
-    """``preference`` records whose rule is learnable: the chosen answer is the correct one.
+# Preference rules: how a generated preference set picks its chosen reply, and the registered rule reward
+# (lmwright/objectives/rewards.py) that judges a generation by the same rule.
+POLITE_OPENERS = ["Sure!", "Of course!", "Happy to help:"]
+RULES = {
+    "correct": {"name": "exact_answer"},  # the chosen reply is the correct answer, the rejected a wrong one
+    "polite": {"name": "format", "pattern": "(" + "|".join(POLITE_OPENERS) + ") .+"},
+    # polite: both replies correct; the chosen one opens politely, the rejected one is curt. (A polite closing
+    # instead makes EOS the only difference, and DPO then teaches a small policy not to stop.)
+}
+
+
+def polite(answer: str, rng: random.Random) -> str:
+    return f"{rng.choice(POLITE_OPENERS)} {answer}"
+
+
+def polite_mix(records: list[dict], share: float = 0.5, seed: int = 0) -> list[dict]:
+    """Alpaca records of which a ``share`` answer politely (an SFT set whose policy is polite ~``share`` of the
+    time: room for preference optimisation on the ``polite`` rule)."""
+    rng = random.Random(seed)
+    return [{**r, "output": polite(r["output"], rng)} if rng.random() < share else r for r in records]
+
+
+def preference_task(n: int = 300, seed: int = 0, source=None, rule: str = "correct") -> list[dict]:
+    """``preference`` records whose rule (a key of ``RULES``) is learnable: ``correct`` (the chosen answer is the
+    correct one, the rejected a plausible wrong one) or ``polite`` (both correct, the chosen one opens politely).
 
     ``source(n, seed=...)`` gives the alpaca records to build pairs from (default ``instruction_task``)."""
+    if rule not in RULES:
+        raise ValueError(f"unknown preference rule '{rule}'; choose one of {', '.join(RULES)}")
     rng = random.Random(seed)
     out = []
     for r in (source or instruction_task)(n, seed=seed + 7):
-        wrong = _wrong_answer(r, rng)
         prompt = r["instruction"] + (f"\n{r['input']}" if r["input"] else "")
-        out.append({"prompt": prompt, "chosen": r["output"], "rejected": wrong})
+        if rule == "polite":
+            out.append({"prompt": prompt, "chosen": polite(r["output"], rng), "rejected": r["output"]})
+        else:
+            out.append({"prompt": prompt, "chosen": r["output"], "rejected": _wrong_answer(r, rng)})
     return out
 
 

@@ -107,7 +107,11 @@ def same_tokenizer(a, b) -> str | None:
     return None
 
 
-def base_path_of(model_cfg) -> str | None:
+def base_path_of(model_cfg, merged_base: Path | None = None) -> str | None:
+    """The folder a trained method's weights apply to: the model folder, or ``merged_base`` where
+    :func:`load_policy` wrote the start (an adapter run folded into its base) because no folder holds it."""
+    if merged_base is not None and (merged_base / "config.json").exists():
+        return str(merged_base.resolve())
     if model_cfg.is_preset():
         return None
     from lmwright.models.load import resolve_model_path
@@ -122,18 +126,32 @@ def is_adapter_folder(path: str | Path) -> bool:
     return (p / "adapter_config.json").exists() and not (p / "config.json").exists()
 
 
-def load_policy(model_cfg, method_cfg, tokenizer, seed: int):
-    """The causal LM to train, with its method applied."""
+def load_policy(model_cfg, method_cfg, tokenizer, seed: int, merged_base: Path | None = None):
+    """The causal LM to train, with its method applied.
+
+    Starting from an adapter run (e.g. an SFT LoRA run), the adapter is folded into its base first. If a
+    new adapter-like method is then applied, its base (that merged model) exists in no folder: it is saved
+    to ``merged_base`` (pass it, e.g. ``<run>/base``; :func:`base_path_of` then points at it) so that the
+    new adapter can be loaded later."""
     from lmwright.methods import apply_method
     from lmwright.models import build_model
 
     if not model_cfg.is_preset() and is_adapter_folder(model_cfg.name):
         from lmwright.methods import load_trained
 
-        # start from an adapter run (e.g. an SFT LoRA run): fold it into its base, then apply our method
         model, _ = load_trained(model_cfg.name, task="causal-lm")
         model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
         model.train()
+        if method_cfg.name != "full":
+            if merged_base is not None:
+                model.save_pretrained(str(merged_base), safe_serialization=True)
+                tokenizer.save_pretrained(str(merged_base))
+            else:
+                from lmwright.utils.logging import get_logger
+
+                get_logger("lmwright.align").warning(
+                    "model.name=%s is an adapter run and method.name=%s: the new adapter's base (the merged start) "
+                    "is not saved, so final/ will not load on its own", model_cfg.name, method_cfg.name)
     else:
         model = build_model(model_cfg, task="causal-lm", tokenizer=tokenizer, seed=seed)
     if model.config.pad_token_id is None:
@@ -141,6 +159,16 @@ def load_policy(model_cfg, method_cfg, tokenizer, seed: int):
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return apply_method(model, method_cfg, "causal-lm")
+
+
+def disable_dropout(model) -> None:
+    """Dropout off in the policy (as trl's ``disable_dropout``): a reference computed in eval mode must equal
+    the policy's training forward at the start, so the implicit rewards start at exactly 0."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
 
 
 class Reference:

@@ -162,21 +162,23 @@ def check_divergence(kl: float, reward_mean: float, max_kl: float, where: str) -
                                f"policy drifted. Lower train.lr, raise kl_coef/beta, or raise max_kl")
 
 
-def make_eval(prompts: list[dict], scorer: Scorer, tokenizer, rc: RolloutConfig, get_policy):
-    """``evaluate(model)`` for the engine: mean reward of greedy answers to held-out prompts (``val_reward``)."""
+def make_eval(prompts: list[dict], scorer: Scorer, tokenizer, rc: RolloutConfig, get_policy, samples: int = 1):
+    """``evaluate(model)`` for the engine: mean reward of answers to held-out prompts, ``samples`` sampled at the
+    rollout temperature per prompt (``val_reward``) and one greedy (``val_reward_greedy``)."""
     from lmwright.stages._align import decode_completions, sample
 
     def evaluate(model) -> dict[str, float]:
         if not prompts:
             return {}
         policy, out = get_policy(model), {}
-        for name, temperature in (("val_reward", rc.temperature), ("val_reward_greedy", 0.0)):
+        for name, temperature, reps in (("val_reward", rc.temperature, samples), ("val_reward_greedy", 0.0, 1)):
+            ps = prompts * reps
             with torch.random.fork_rng(devices=[]):  # the same draws at every evaluation; training RNG untouched
                 torch.manual_seed(1234)
-                b = sample(policy, tokenizer, [p["ids"] for p in prompts], rc.max_new_tokens, temperature, rc.top_k,
+                b = sample(policy, tokenizer, [p["ids"] for p in ps], rc.max_new_tokens, temperature, rc.top_k,
                            rc.top_p)
             texts = decode_completions(tokenizer, b)
-            out[name] = float(scorer([p["messages"] for p in prompts], texts, [p["reference"] for p in prompts]).mean())
+            out[name] = float(scorer([p["messages"] for p in ps], texts, [p["reference"] for p in ps]).mean())
             if name == "val_reward":
                 out["val_length"] = float(b["completion_mask"].sum(-1).float().mean())
         return out

@@ -16,6 +16,7 @@ Read top to bottom: config -> tokenizer -> pairs -> policy -> reference log-prob
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -39,6 +40,20 @@ LOSSES = ("sigmoid", "ipo", "hinge", "robust", "label_smoothed", "simpo", "orpo"
 
 
 @dataclass
+class JudgeConfig:
+    functions: list = opt([], "registered rule rewards that judge generations, e.g. [exact_answer] or [{name: format, "
+                              "pattern: '...'}] (lmwright/objectives/rewards.py); empty and no model: no judging")
+    model: str | None = opt(None, "or a reward model run that judges them (same tokenizer as the policy)")
+    prompts: int = opt(64, "held-out prompts (the validation split's) answered before, during and after training")
+    samples: int = opt(4, "answers sampled per prompt for val_judge (val_judge_greedy: one greedy answer each)")
+    max_new_tokens: int = opt(32, "tokens generated per answer")
+    temperature: float = opt(1.0, "sampling temperature of val_judge")
+
+    def enabled(self) -> bool:
+        return bool(self.functions or self.model)
+
+
+@dataclass
 class DPOConfig:
     stage: str = opt("dpo", "stage id")
     model: ModelConfig = opt(ModelConfig(), "the policy to align (usually an SFT run)")
@@ -49,6 +64,8 @@ class DPOConfig:
     loss: Literal["sigmoid", "ipo", "hinge", "robust", "label_smoothed", "simpo", "orpo", "kto"] = opt(
         "sigmoid", "preference loss (see docs/objectives.md)")
     beta: float = opt(0.1, "strength of the KL-like regularisation (simpo: reward scale, e.g. 2.0)")
+    rpo_alpha: float = opt(0.0, "reference-based losses: + rpo_alpha x the chosen reply's mean token NLL (RPO, "
+                                "Pang et al. 2024; trl's rpo_alpha): keeps the chosen replies likely, not only preferred")
     label_smoothing: float = opt(0.0, "robust / label_smoothed / simpo: assumed label-flip rate")
     simpo_gamma: float = opt(0.5, "simpo: target reward margin")
     kto_desirable_weight: float = opt(1.0, "kto: weight of desirable replies")
@@ -57,6 +74,8 @@ class DPOConfig:
     max_length: int = opt(512, "tokens of prompt + reply; longer replies are truncated")
     max_prompt_tokens: int = opt(384, "prompts longer than this are skipped (and counted), or an error if skip_long=false")
     skip_long: bool = opt(True, "skip records whose prompt exceeds max_prompt_tokens (false: stop with an error)")
+    judge: JudgeConfig = opt(JudgeConfig(), "judge generations for held-out prompts by a rule (the one behind the "
+                                            "preferences): val_judge = mean score of sampled answers")
 
     def check(self) -> None:
         if self.beta <= 0:
@@ -72,7 +91,15 @@ def check(cfg: DPOConfig) -> dict[str, Any]:
     if not cfg.data.path:
         raise ConfigError("data.path is empty: point it at preference records")
     check_compat(cfg.method, cfg.model, "causal-lm", cfg.model.gradient_checkpointing)
-    return {"tokenizer": resolve_tokenizer(cfg.model, cfg.tokenizer or cfg.model.tokenizer)}
+    tokenizer = resolve_tokenizer(cfg.model, cfg.tokenizer or cfg.model.tokenizer)
+    if cfg.judge.enabled():
+        from lmwright.stages._online import RewardSpec, check_reward
+
+        try:
+            check_reward(RewardSpec(model=cfg.judge.model, functions=cfg.judge.functions), tokenizer, "dpo judge")
+        except ConfigError as e:  # the same checks as ppo/grpo's reward; name our options
+            raise ConfigError(str(e).replace("reward.", "judge.")) from None
+    return {"tokenizer": tokenizer}
 
 
 # ------------------------------------------------------------------------------------ data
@@ -121,13 +148,14 @@ def precompute_reference(items: list[dict], collate, ref, batch_size: int, devic
 
 
 # ------------------------------------------------------------------------------------ objective
-def make_objective(cfg: DPOConfig, ref):
+def make_objective(cfg: DPOConfig, ref, autocast=None):
+    """``autocast()``: the training precision, for reference forwards outside the engine's autocast (evaluation)."""
     from lmwright.objectives.preference import dpo_loss, kto_kl_estimate, kto_loss, orpo_loss, simpo_loss
 
     def reference_logps(batch) -> tuple[torch.Tensor, torch.Tensor]:
         if "ref_a" in batch:
             return batch["ref_a"], batch["ref_b"]
-        with torch.no_grad(), ref() as m:
+        with torch.no_grad(), autocast() if autocast else contextlib.nullcontext(), ref() as m:
             logps, _ = sequence_logprobs(m(input_ids=batch["input_ids"],
                                            attention_mask=batch["attention_mask"]).logits, batch["labels"])
         return logps.chunk(2)
@@ -149,12 +177,35 @@ def make_objective(cfg: DPOConfig, ref):
         else:
             ref_a, ref_b = reference_logps(batch)
             out = dpo_loss(a, b, ref_a, ref_b, cfg.beta, cfg.loss, cfg.label_smoothing, na, nb)
+            if cfg.rpo_alpha:  # RPO: + alpha x the chosen reply's mean token NLL, per pair
+                nll = -a / na.clamp(min=1)
+                out.loss_sum = out.loss_sum + cfg.rpo_alpha * nll.sum()
+                out.metrics["nll_loss"] = nll.detach().sum()
         out.metrics["logps/chosen"] = a.detach().sum()
         out.metrics["logps/rejected"] = b.detach().sum()
         out.metrics["win"] = (a > b).float().sum()  # the policy prefers the chosen reply
         return out
 
     return objective
+
+
+# ------------------------------------------------------------------------------------ judge
+def make_judge(cfg: DPOConfig, val_recs: list[dict], tokenizer, device):
+    """``judge(model) -> {val_judge, val_judge_greedy, val_judge_length}``: the mean rule score of sampled and
+    greedy answers to held-out prompts (the reference answer a rule sees is the record's ``chosen``); None
+    when no judge is configured or there is no validation split."""
+    if not cfg.judge.enabled() or not val_recs:
+        return None
+    from lmwright.stages._online import RewardSpec, RolloutConfig, Scorer, build_prompts, make_eval
+
+    j = cfg.judge
+    rc = RolloutConfig(max_new_tokens=j.max_new_tokens, temperature=j.temperature, eval_prompts=j.prompts,
+                       max_prompt_tokens=cfg.max_prompt_tokens)
+    prompts, _ = build_prompts(val_recs, "preference", tokenizer, rc)
+    scorer = Scorer(RewardSpec(model=j.model, functions=j.functions), device)
+    evaluate = make_eval(prompts[:j.prompts], scorer, tokenizer, rc, lambda m: m, samples=j.samples)
+    names = {"val_reward": "val_judge", "val_reward_greedy": "val_judge_greedy", "val_length": "val_judge_length"}
+    return lambda model: {names.get(k, k): v for k, v in evaluate(model).items()}
 
 
 # ------------------------------------------------------------------------------------ run
@@ -164,7 +215,14 @@ def run(cfg: DPOConfig) -> Path:
     from lmwright.engine.loop import evaluate_loss
     from lmwright.engine.report import write_report
     from lmwright.models import count_parameters
-    from lmwright.stages._align import Reference, autocast_for, base_path_of, collate_pairs, load_policy
+    from lmwright.stages._align import (
+        Reference,
+        autocast_for,
+        base_path_of,
+        collate_pairs,
+        disable_dropout,
+        load_policy,
+    )
 
     tokenizer = check(cfg)["tokenizer"]
     train_recs, val_recs, manifest = load_records(cfg.data)
@@ -174,32 +232,45 @@ def run(cfg: DPOConfig) -> Path:
              skipped + val_skipped)
     collate = partial(collate_pairs, pad_id=tokenizer.pad_token_id, keys=keys_of(cfg))
 
-    model = load_policy(cfg.model, cfg.method, tokenizer, cfg.train.seed)
+    run_ = Run.create(cfg.train.output_dir, cfg.train.run_name, "dpo")
+    # an adapter run as the start with an adapter method: the merged start is the new adapter's base
+    model = load_policy(cfg.model, cfg.method, tokenizer, cfg.train.seed, merged_base=run_.dir / "base")
+    disable_dropout(model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
+    autocast = partial(autocast_for, cfg.train, device)  # the precision of the engine's training forward
     needs_ref = cfg.loss not in REFERENCE_FREE
     ref = Reference(model, keep_copy=needs_ref and not cfg.precompute_ref)
     if needs_ref and cfg.precompute_ref:
-        with autocast_for(cfg.train, device):  # the precision of the training forward
-            precompute_reference(train_ds + val_ds, collate, ref, cfg.train.micro_batch_size, device)
+        with autocast():  # train and validation apart: evaluation batches are then the precompute's batches
+            for items in (train_ds, val_ds):
+                precompute_reference(items, collate, ref, cfg.train.micro_batch_size, device)
     trainable, total = count_parameters(model)
 
-    run_ = Run.create(cfg.train.output_dir, cfg.train.run_name, "dpo")
     run_.write_config(cfg)
     run_.write_info(model=cfg.model.name, method=cfg.method.name, loss=cfg.loss, parameters=total,
                     trainable=trainable, data_manifest_sha256=manifest.get("sha256"), train_items=len(train_ds),
                     val_items=len(val_ds), skipped_records=skipped + val_skipped)
-    objective = make_objective(cfg, ref)
-    before = evaluate_loss(model, objective, val_ds, collate, cfg.train.micro_batch_size, device) if val_ds else {}
-    base = base_path_of(cfg.model)
+    objective = make_objective(cfg, ref, autocast)
+    judge = make_judge(cfg, val_recs, tokenizer, device)
+
+    def evaluate(m) -> dict[str, float]:
+        """Everything measured before and after (the engine's evaluations add the judge to the val_ losses)."""
+        with autocast():
+            out = evaluate_loss(m, objective, val_ds, collate, cfg.train.micro_batch_size, device) if val_ds else {}
+            return {**out, **(judge(m) if judge else {})}
+
+    before = evaluate(model)
+    base = base_path_of(cfg.model, run_.dir / "base")
 
     def save_model(m, d: Path) -> None:
         save_final(m, tokenizer, d, "causal-lm", method_cfg=cfg.method, base_path=base)
 
-    result = train(model, train_ds, collate, objective, cfg.train, run_, val_data=val_ds or None, save_model=save_model)
+    result = train(model, train_ds, collate, objective, cfg.train, run_, val_data=val_ds or None, save_model=save_model,
+                   evaluate=judge)
     if result.interrupted:
         return run_.dir
-    after = evaluate_loss(model, objective, val_ds, collate, cfg.train.micro_batch_size, device) if val_ds else {}
+    after = evaluate(model)
     save_final(model, tokenizer, run_.final, "causal-lm", method_cfg=cfg.method, base_path=base,
                extra={"stage": "dpo", "loss": cfg.loss})
     summary = {"model": cfg.model.name, "method": cfg.method.name, "loss": cfg.loss, "steps": result.step,
@@ -213,50 +284,60 @@ def run(cfg: DPOConfig) -> Path:
 
 # ------------------------------------------------------------------------------------ demo hook
 def alignment_demo_step(sft_run_dir: str | Path, workdir: str | Path, n_pairs: int = 400, steps: int = 60,
-                        eval_prompts: int = 60, overrides: tuple[str, ...] = (), task=None) -> dict[str, Any]:
-    """The demo's alignment step (~1 minute on a laptop CPU): DPO of an SFT run on generated preference pairs
-    (the correct answer is chosen). Returns before/after figures for the demo report: the policy's preference
-    for the chosen reply on held-out pairs and greedy exact-answer accuracy on held-out instructions."""
+                        rule: str = "polite", eval_prompts: int = 60, overrides: tuple[str, ...] = (),
+                        task=None) -> dict[str, Any]:
+    """The demo's alignment step (well under a minute on a laptop CPU): DPO of an SFT run on preference pairs
+    generated by ``rule`` (see ``lmwright.data.synthetic.RULES``; ``polite``: the chosen reply opens politely)
+    from the task the SFT run learned. Returns before/after figures for the demo report: the share of sampled
+    and greedy answers to held-out prompts that follow the rule (judged by the rule's registered reward),
+    the policy's preference for the chosen reply on held-out pairs, and greedy answer accuracy on held-out
+    instructions (the answer is in the reply)."""
     import json
 
     from lmwright.config import load_config
-    from lmwright.data.synthetic import instruction_task, preference_task
+    from lmwright.data.synthetic import RULES, instruction_task, preference_task
 
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     data = work / "preference.jsonl"
     task = task or instruction_task  # the alpaca task the pairs and the held-out questions come from
-    data.write_text("".join(json.dumps(r) + "\n" for r in preference_task(n_pairs, seed=5, source=task)),
+    data.write_text("".join(json.dumps(r) + "\n" for r in preference_task(n_pairs, seed=5, source=task, rule=rule)),
                     encoding="utf-8")
     held_out = task(eval_prompts, seed=1234)
     acc_before = answer_accuracy(sft_run_dir, held_out)
     out_dir = work / "runs" if (work / "runs").is_dir() else work
     cfg = load_config(DPOConfig, [], [f"model.name={sft_run_dir}", f"data.path=[{data}]", "data.val_fraction=0.2",
                                       f"train.output_dir={out_dir}", "train.run_name=dpo", f"train.max_steps={steps}",
-                                      "train.micro_batch_size=8", "train.lr=2e-4", "train.warmup_steps=5",
+                                      "train.micro_batch_size=8", "train.lr=1e-4", "train.warmup_steps=5",
                                       "train.eval_every=0", "train.save_every=0", "train.progress=false",
-                                      "beta=0.1", *overrides])
+                                      "beta=0.5", f"judge.functions=[{json.dumps(RULES[rule])}]",
+                                      "judge.max_new_tokens=16", "judge.temperature=0.5", *overrides])
     run_dir = run(cfg)
     info = json.loads((run_dir / "run.json").read_text())
     acc_after = answer_accuracy(run_dir, held_out)
-    return {"run": str(run_dir), "steps": steps, "train_seconds": info.get("train_seconds"),
-            "preference win rate before": info["before"].get("val_win"),
-            "preference win rate after": info["after"].get("val_win"),
+    b, a = info["before"], info["after"]
+    return {"run": str(run_dir), "rule": rule, "steps": steps, "train_seconds": info.get("train_seconds"),
+            f"sampled answers {rule} before": b.get("val_judge"), f"sampled answers {rule} after": a.get("val_judge"),
+            f"greedy answers {rule} before": b.get("val_judge_greedy"),
+            f"greedy answers {rule} after": a.get("val_judge_greedy"),
+            "held-out preference accuracy before": b.get("val_win"),
+            "held-out preference accuracy after": a.get("val_win"),
             "answer accuracy before": acc_before, "answer accuracy after": acc_after}
 
 
 def answer_accuracy(model_dir: str | Path, records: list[dict], max_new_tokens: int = 16) -> float:
-    """Greedy exact-answer accuracy of a chat model on alpaca records (the demo's and the tests' yardstick)."""
+    """Share of alpaca records whose reference answer is in the greedy reply of a chat model (whole words: a
+    polite opener does not count against it); the demo's and the tests' yardstick."""
     from lmwright.data.chat import render_prompt_ids
     from lmwright.methods import load_trained
-    from lmwright.objectives.rewards import exact_answer
+    from lmwright.objectives.rewards import contains_answer
     from lmwright.stages._align import decode_completions, prompt_and_reference, sample
 
     model, tok = load_trained(model_dir, task="causal-lm")
     pr = [prompt_and_reference({**r, "system": r.get("system", "")}, "alpaca") for r in records]
     b = sample(model, tok, [render_prompt_ids(tok, p) for p, _ in pr], max_new_tokens, temperature=0.0)
     outs = decode_completions(tok, b)
-    return sum(exact_answer(o, ref) for o, (_, ref) in zip(outs, pr)) / max(len(pr), 1)
+    return sum(contains_answer(o, ref) for o, (_, ref) in zip(outs, pr)) / max(len(pr), 1)
 
 
 class _Stage:

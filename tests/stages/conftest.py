@@ -10,8 +10,9 @@ import pytest
 
 
 def train_sft_policy(tokenizer_dir: Path, out: Path, steps: int = 300, n: int = 1500, preset: str = "llama-tiny",
-                     overrides: dict | None = None) -> Path:
-    """Train and save a small chat policy; returns its ``final/`` folder (a run folder's layout)."""
+                     overrides: dict | None = None, records: list[dict] | None = None) -> Path:
+    """Train and save a small chat policy on ``records`` (default: ``n`` of ``instruction_task``); returns its
+    ``final/`` folder (a run folder's layout)."""
     from functools import partial
 
     from lmwright.data.synthetic import instruction_task
@@ -23,7 +24,7 @@ def train_sft_policy(tokenizer_dir: Path, out: Path, steps: int = 300, n: int = 
 
     tok = load_tokenizer(tokenizer_dir)
     items = []
-    for r in instruction_task(n, seed=11):
+    for r in records or instruction_task(n, seed=11):
         prompt, ref = prompt_and_reference({**r, "system": ""}, "alpaca")
         items.append(encode_reply(tok, prompt, ref, 256, 256))
     model = build_model(ModelConfig(name=preset, overrides=overrides or {}), tokenizer=tok, seed=0)
