@@ -64,6 +64,10 @@ def worker_train(spec: dict) -> dict:
     else:
         model = load_model(spec["base"], model_cfg=ModelConfig(name=spec["base"], dtype="float32"))
     name = "lora" if method == "qlora" else method
+    if spec.get("gradient_checkpointing"):  # as the stages do it: before the method, inputs need grads
+        model.gradient_checkpointing_enable()
+        if name != "full":
+            model.enable_input_require_grads()
     model = apply_method(model, MethodConfig(name=name), "causal-lm")
     params = trainable_report(model)
     base_bytes = quantized_base_memory(model)
@@ -74,16 +78,56 @@ def worker_train(spec: dict) -> dict:
                       micro_batch_size=spec["micro"], log_every=spec["steps"], eval_every=0, save_every=0,
                       load_best_at_end=False, progress=False, mixed_precision=spec["precision"], warmup_steps=1)
     run = Run.create(cfg.output_dir, cfg.run_name, "sft")
+    saved = SavedBytes()
     t0 = time.perf_counter()
-    res = train(model, _rows(spec), collate, sft_loss, cfg, run)
+    res = train(model, _rows(spec), collate, saved.wrap(sft_loss), cfg, run)
     out = {"method": method, "trainable": int(params["trainable"]), "trainable_pct": params["trainable_pct"],
            "base_weight_mb": base_bytes / 2**20, "rss_start_mb": rss_start, "rss_model_mb": rss_model,
            "peak_rss_mb": common.peak_rss_mb(), "train_s": time.perf_counter() - t0,
            "final_loss": res.last_metrics.get("loss")}
     out["train_overhead_mb"] = out["peak_rss_mb"] - rss_model
+    # where the memory goes (MB): what the process held before the model, the weights, the gradients
+    # and AdamW's two moments of the trainable parameters, the tensors autograd saves for backward in
+    # one micro-batch (deduplicated by storage, parameters excluded) and one fp32 (B, T, V) logits
+    # tensor (transient: the loss's log_softmax output, a saved tensor, is the second copy)
+    trainable_mb = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) / 2**20
+    vocab = model.get_output_embeddings().weight.shape[0]
+    out.update(runtime_mb=rss_start, weights_mb=base_bytes / 2**20 + trainable_mb, grads_mb=trainable_mb,
+               optimizer_mb=2 * trainable_mb, saved_mb=saved.bytes / 2**20,
+               logits_mb=spec["micro"] * spec["seq_len"] * vocab * 4 / 2**20)
+    out["accounted_mb"] = sum(out[k] for k in ("runtime_mb", "weights_mb", "grads_mb", "optimizer_mb", "saved_mb",
+                                               "logits_mb"))
+    out["unaccounted_mb"] = out["peak_rss_mb"] - out["accounted_mb"]
     if torch.cuda.is_available():
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
+
+
+class SavedBytes:
+    """Bytes autograd saves for backward during the first forward (torch saved-tensor hooks)."""
+
+    def __init__(self) -> None:
+        self.bytes, self.done, self._seen = 0, False, set()
+
+    def pack(self, t):
+        import torch
+
+        key = t.untyped_storage().data_ptr()
+        if not isinstance(t, torch.nn.Parameter) and key not in self._seen:
+            self._seen.add(key)
+            self.bytes += t.untyped_storage().nbytes()
+        return t
+
+    def wrap(self, objective):
+        import torch
+
+        def counted(model, batch):
+            if self.done:
+                return objective(model, batch)
+            self.done = True
+            with torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t):
+                return objective(model, batch)
+        return counted
 
 
 def worker_weights(spec: dict) -> dict:
@@ -130,6 +174,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--precision", default="no", help="autocast for every method (default fp32: the memory "
                                                       "of the weights as stored)")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward "
+                                                                          "(model.gradient_checkpointing) for every method")
+    ap.add_argument("--mmap-threshold", type=int, default=0,
+                    help="run each contender with glibc's mmap threshold fixed at this many bytes (e.g. 131072): "
+                         "every larger tensor gets its own mapping, returned on free, so peak RSS is the peak of "
+                         "live tensors without heap fragmentation (default 0: the allocator as users run it)")
+    ap.add_argument("--skip-weights", action="store_true", help="training table only")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     sm = args.smoke
@@ -142,6 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
     from lmwright.data.synthetic import story_corpus
 
     train_rows, weight_rows = [], []
+    env = {"GLIBC_TUNABLES": f"glibc.malloc.mmap_threshold={args.mmap_threshold}"} if args.mmap_threshold else None
     with tempfile.TemporaryDirectory(prefix="lmw-bench-") as tmp:
         tmp = Path(tmp)
         tok = common.bench_tokenizer(tmp, vocab)
@@ -157,11 +209,12 @@ def main(argv: list[str] | None = None) -> dict:
         (tmp / "rows.json").write_text(json.dumps(rows))
         for m in args.methods.split(","):
             spec = {"kind": "train", "method": m, "base": str(bases[preset]), "data": str(tmp / "rows.json"),
-                    "steps": steps, "micro": micro, "precision": args.precision, "workdir": str(tmp)}
-            res = worker_train(spec) if sm else common.run_worker(__file__, spec)
+                    "steps": steps, "micro": micro, "seq_len": seq_len, "precision": args.precision,
+                    "workdir": str(tmp), "gradient_checkpointing": args.gradient_checkpointing}
+            res = worker_train(spec) if sm else common.run_worker(__file__, spec, env=env)
             train_rows.append({"method": m, **res})
             print(f"  {m}: {res.get('peak_rss_mb', res.get('error'))}", file=sys.stderr, flush=True)
-        for p in wpresets:
+        for p in ([] if args.skip_weights else wpresets):
             for q, dtype in (("none", "float16"), ("int8", "float16"), ("nf4", "float16"), ("nf4", "float32")):
                 spec = {"kind": "weights", "base": str(bases[p]), "quantize": q, "dtype": dtype}
                 res = worker_weights(spec) if sm else common.run_worker(__file__, spec)
@@ -186,13 +239,17 @@ def main(argv: list[str] | None = None) -> dict:
                             "met_whole_model": nf4["vs_fp16"] <= 0.3, "met_block_linears": nf4["block_linear_vs_fp16"] <= 0.3})
     payload = {"bench": "memory", "smoke": sm, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": info,
                "calibration": calib, "preset": preset, "batch": {"micro": micro, "seq_len": seq_len, "steps": steps},
-               "precision": args.precision, "training": train_rows, "weights": weight_rows, "targets": targets}
+               "precision": args.precision, "gradient_checkpointing": args.gradient_checkpointing,
+               "mmap_threshold": args.mmap_threshold, "training": train_rows, "weights": weight_rows, "targets": targets}
     t1 = common.markdown_table(train_rows, ["method", "trainable", "trainable_pct", "base_weight_mb", "rss_model_mb",
                                             "peak_rss_mb", "train_overhead_mb", "peak_vs_full", "overhead_vs_full"])
+    t3 = common.markdown_table(train_rows, ["method", "runtime_mb", "weights_mb", "grads_mb", "optimizer_mb", "saved_mb",
+                                            "logits_mb", "accounted_mb", "peak_rss_mb", "unaccounted_mb"])
     t2 = common.markdown_table(weight_rows, ["preset", "load", "base_weight_mb", "vs_fp16", "block_linear_mb",
                                              "block_linear_vs_fp16"])
-    print(f"\n## memory ({preset}, micro {micro} x {seq_len} tokens, {steps} steps, precision {args.precision})\n"
-          f"{common.machine_line(info, calib)}\n\n{t1}\n\n### base weights\n\n{t2}\n\ntargets: {targets}\n")
+    print(f"\n## memory ({preset}, micro {micro} x {seq_len} tokens, {steps} steps, precision {args.precision}, "
+          f"gradient checkpointing {args.gradient_checkpointing}, mmap threshold {args.mmap_threshold or 'glibc default'})\n"
+          f"{common.machine_line(info, calib)}\n\n{t1}\n\n### where it goes (MB)\n\n{t3}\n\n### base weights\n\n{t2}\n\ntargets: {targets}\n")
     if not sm or args.out:
         common.write_result("memory", payload, args.out)
     return payload

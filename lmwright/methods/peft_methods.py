@@ -111,6 +111,56 @@ class LoRA(_PeftMethod):
                           target_modules=_lora_targets(model, cfg), use_rslora=cfg.rslora,
                           use_dora=self.use_dora, modules_to_save=_modules_to_save(model, cfg, task))
 
+    def apply(self, model: Any, cfg: MethodConfig, task: str) -> Any:
+        return lean_lora_layers(super().apply(model, cfg, task))
+
+
+# ------------------------------------------------------------------------------------ lean LoRA forward
+_LEAN_CLASSES: dict[type, type] = {}
+
+
+def lean_lora_layers(model: Any) -> Any:
+    """Give every LoRA layer of ``model`` a forward that adds the low-rank update in place.
+
+    Why: peft computes ``result + lora_B(lora_A(x)) * scaling``, which allocates three more tensors
+    of the layer's output size (B, T, out) per adapted layer, all but one freed at once. None of them
+    is saved for backward, but on CPU the churn fragments glibc's heap: measured on llama-20m at 8 x
+    256 tokens (all-linear, fp32), LoRA peaked at 2150 MB RSS against 1320 MB of live tensors, above
+    full fine-tuning. ``result.add_(lora_B(lora_A(x)), alpha=scaling)`` is the same sum (the base
+    layer's backward needs its input, never its output) without those tensors: -390 MB peak there.
+    DoRA (a variant), merged or disabled adapters and mixed-adapter batches keep peft's forward.
+    """
+    for mod in model.modules():
+        cls = type(mod)
+        if issubclass(cls, _LeanLoraForward):
+            continue
+        if cls.__module__.startswith("peft.tuners.lora") and cls.__name__ in ("Linear", "Linear4bit", "Linear8bitLt"):
+            if cls not in _LEAN_CLASSES:
+                _LEAN_CLASSES[cls] = type(cls.__name__, (_LeanLoraForward, cls), {"__module__": cls.__module__})
+            mod.__class__ = _LEAN_CLASSES[cls]
+    return model
+
+
+class _LeanLoraForward:
+    """Mixin placed before a peft LoRA layer class (see :func:`lean_lora_layers`)."""
+
+    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        if kwargs or self.disable_adapters or self.merged or self.lora_variant:
+            return super().forward(x, *args, **kwargs)
+        result = self.base_layer(x, *args)
+        if not isinstance(self.base_layer, torch.nn.Linear):
+            result = result.clone()  # bitsandbytes layers: peft clones their output defensively, so do we
+        autocast = torch.is_autocast_enabled(x.device.type)
+        for name in self.active_adapters:
+            if name not in self.lora_A:
+                continue
+            lora_a = self.lora_A[name]
+            h = x if autocast else self._cast_input_dtype(x, lora_a.weight.dtype)
+            result.add_(self.lora_B[name](lora_a(self.lora_dropout[name](h))), alpha=self.scaling[name])
+        return result
+
 
 @METHODS.register("dora")
 class DoRA(LoRA):
