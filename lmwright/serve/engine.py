@@ -194,7 +194,7 @@ class LocalEngine:
 
     def __init__(self, model, tokenizer, max_seqs: int = 8, queue_size: int = 32,
                  timeout_s: float | None = None, max_context: int | None = None, name: str = "model",
-                 prefill_chunk: int = 512, lean: bool | None = None):
+                 prefill_chunk: int = 512, lean: bool | None = None, compile: bool = False):
         if _is_prompt_learning(model):
             raise ConfigError("prompt-learning adapters (prefix, ptuning, prompt) inject their own KV cache and "
                               "cannot be batched by the built-in engine; serve a LoRA/adapter model or a full "
@@ -215,6 +215,15 @@ class LocalEngine:
                               f"{type(model).__name__} is served with lean=False")
         self._lean = LeanLlama(model, max_seqs, self.max_context) if lean is not False and lean_supported(model) \
             else None
+        if compile and self._lean is None:
+            raise ConfigError("compile=True needs the lean path (a Llama model with SDPA attention)")
+        if compile:  # before the scheduler starts: no request pays the compile time
+            import torch
+
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                self._lean.compile()
+            log.info("engine %s: decode step compiled and warmed up in %.1f s", name, time.perf_counter() - t0)
         self._cv = threading.Condition()
         self._waiting: deque[_Request] = deque()
         self._prefilling: deque[_Request] = deque()  # lean path: admitted, prompt not fully prefilled yet

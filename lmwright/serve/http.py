@@ -36,6 +36,10 @@ class ServeConfig:
     api_key_file: str | None = opt(None, "file whose first line is the API key")
     engine: Literal["builtin", "vllm"] = opt("builtin", "serving engine: builtin (CPU/GPU, embedded) or vllm (GPU)")
     max_seqs: int = opt(8, "maximum sequences decoded together (running batch)")
+    prefill_chunk: int = opt(512, "builtin engine: most prompt tokens prefilled per scheduler step (longer "
+                                  "prompts are prefilled in chunks between decode steps)")
+    compile: bool = opt(False, "builtin engine, Llama models: torch.compile the decode step (compiled and "
+                               "warmed up at start: seconds to a minute, cached afterwards)")
     queue_size: int = opt(32, "requests allowed to wait for a slot; beyond it -> 429")
     timeout_s: float = opt(300.0, "per-request time limit in seconds")
     max_request_bytes: int = opt(1_000_000, "largest request body accepted (413 beyond)")
@@ -189,7 +193,8 @@ def create_app(engine_or_models: Any, cfg: ServeConfig | None = None, guardrails
 
             # one engine per app (not LoadedModel.engine()): the app's limits apply, its shutdown stops it
             engines[name] = LocalEngine(m.model, m.tokenizer, max_seqs=cfg.max_seqs, queue_size=cfg.queue_size,
-                                        timeout_s=cfg.timeout_s, name=name)
+                                        timeout_s=cfg.timeout_s, name=name, prefill_chunk=cfg.prefill_chunk,
+                                        compile=cfg.compile)
         else:
             encoders[name] = m
     metrics = Metrics()
@@ -223,6 +228,7 @@ def create_app(engine_or_models: Any, cfg: ServeConfig | None = None, guardrails
         seed=(int | None, None),
         top_k=(int | None, Field(None, ge=0)),  # extension, as in vLLM
         repetition_penalty=(float | None, Field(None, gt=0)),  # extension, as in vLLM
+        ignore_eos=(bool, False),  # extension, as in vLLM: end only at max_tokens or a stop string
         **{f: (Any, None) for f in IGNORED_FIELDS},
     )
     from pydantic import create_model
@@ -328,7 +334,7 @@ def create_app(engine_or_models: Any, cfg: ServeConfig | None = None, guardrails
                                top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
                                repetition_penalty=req.repetition_penalty or 1.0, seed=req.seed,
                                stop=guard.stop_strings(stop), logprobs=logprobs, top_logprobs=top, n=req.n,
-                               timeout_s=cfg.timeout_s)
+                               timeout_s=cfg.timeout_s, stop_token_ids=[] if req.ignore_eos else None)
             p.check()
         except ConfigError as e:
             raise HTTPError(400, str(e)) from None

@@ -18,6 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
 ATTENTION_CLASSES = ("LlamaAttention",)
 
 
@@ -55,8 +59,6 @@ class Segment:
 
 class LeanLlama:
     def __init__(self, model, max_seqs: int, max_context: int):
-        import torch
-
         base = _base(model)
         self.base, self.inner = base, base.model
         cfg = base.config
@@ -64,13 +66,14 @@ class LeanLlama:
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.gqa = bool(self.kv_heads != self.heads)
         self.max_seqs, self.max_context = max_seqs, max_context
         w = self.inner.embed_tokens.weight
         self.dtype, self.device = w.dtype, w.device
         self.capacity = 0
         self.k: list = []
         self.v: list = []
-        self._torch = torch
+        self._decode = self._decode_step
         self.grow(min(256, max_context))
 
     # ------------------------------------------------------------------ cache
@@ -78,7 +81,6 @@ class LeanLlama:
         """Make the slot cache hold ``need`` columns (doubling, capped at the model's context)."""
         if need <= self.capacity:
             return
-        torch = self._torch
         cap = max(need, min(self.max_context, max(64, 2 * self.capacity)))
         shape = (self.max_seqs, self.kv_heads, cap, self.head_dim)
         k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
@@ -90,7 +92,6 @@ class LeanLlama:
         self.k, self.v, self.capacity = k, v, cap
 
     def new_buffer(self, length: int) -> list[tuple[Any, Any]]:
-        torch = self._torch
         shape = (1, self.kv_heads, length, self.head_dim)
         return [(torch.empty(shape, dtype=self.dtype, device=self.device),
                  torch.empty(shape, dtype=self.dtype, device=self.device)) for _ in self.layers]
@@ -110,8 +111,6 @@ class LeanLlama:
     # ------------------------------------------------------------------ forward
     def _attn_in(self, layer, x, n_tokens: int, pos):
         """Norm, q/k/v projections and rotary for ``x`` (B, T, D) -> q (B, H, T, d), k, v (B, KV, T, d)."""
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
         b, t = x.shape[0], n_tokens
         a = layer.self_attn
         h = layer.input_layernorm(x)
@@ -130,11 +129,19 @@ class LeanLlama:
     def _logits(self, h):
         return self.base.lm_head(self.inner.norm(h))
 
+    def compile(self) -> None:
+        """torch.compile the decode step (inductor); warm it up for batch 1 and batch >= 2 (dynamic)."""
+        self._decode = torch.compile(self._decode_step, dynamic=True)
+        self.grow(64)
+        for b in (1, 2):  # the scratch writes land in columns no live row attends to
+            self.decode(torch.zeros(b, dtype=torch.long, device=self.device),
+                        torch.zeros(b, dtype=torch.long, device=self.device), 8)
+
     def decode(self, tokens, positions, ncols: int):
         """One token for each of rows 0..B-1: ``tokens`` (B,), ``positions`` (B,) -> logits (B, V)."""
-        import torch.nn.functional as F
+        return self._decode(tokens, positions, ncols, self.k, self.v)
 
-        torch = self._torch
+    def _decode_step(self, tokens, positions, ncols: int, kc: list, vc: list):
         b = tokens.shape[0]
         x = self.inner.embed_tokens(tokens[:, None])
         rope = self.inner.rotary_emb(x, positions[:, None])
@@ -142,19 +149,16 @@ class LeanLlama:
         mask = (torch.arange(ncols, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
         for i, layer in enumerate(self.layers):
             q, k, v = self._attn_in(layer, x, 1, rope)
-            self.k[i][rows, :, positions] = k[:, :, 0]
-            self.v[i][rows, :, positions] = v[:, :, 0]
-            o = F.scaled_dot_product_attention(q, self.k[i][:b, :, :ncols], self.v[i][:b, :, :ncols],
+            kc[i][rows, :, positions] = k[:, :, 0]
+            vc[i][rows, :, positions] = v[:, :, 0]
+            o = F.scaled_dot_product_attention(q, kc[i][:b, :, :ncols], vc[i][:b, :, :ncols],
                                                attn_mask=mask, scale=layer.self_attn.scaling,
-                                               enable_gqa=self.kv_heads != self.heads)
+                                               enable_gqa=self.gqa)
             x = self._attn_out(layer, x, o)
         return self._logits(x)[:, -1]
 
     def prefill(self, segments: list[Segment]):
         """Run the segments packed as one sequence; logits (N, V) at each segment's last token."""
-        import torch.nn.functional as F
-
-        torch = self._torch
         ids = [t for s in segments for t in s.ids]
         pos = [s.start + j for s in segments for j in range(len(s.ids))]
         x = self.inner.embed_tokens(torch.tensor([ids], device=self.device))
@@ -178,7 +182,7 @@ class LeanLlama:
                     mask, causal = cols[None, :] <= (s.start + torch.arange(n, device=self.device))[:, None], False
                 outs.append(F.scaled_dot_product_attention(
                     q[:, :, off:off + n], kb[:, :, :end], vb[:, :, :end], attn_mask=mask, is_causal=causal,
-                    scale=layer.self_attn.scaling, enable_gqa=self.kv_heads != self.heads))
+                    scale=layer.self_attn.scaling, enable_gqa=self.gqa))
             x = self._attn_out(layer, x, outs[0] if len(outs) == 1 else torch.cat(outs, dim=2))
         last = torch.tensor([off + len(s.ids) - 1 for s, off in zip(segments, offsets)], device=self.device)
         return self._logits(x[0, last][:, None])[:, -1]

@@ -191,14 +191,17 @@ def _hf_greedy(model, ids, n):
     return out[0, len(ids):].tolist()
 
 
-@pytest.mark.parametrize("lean,chunk", [(None, 512), (None, 5), (False, 512)], ids=["lean", "lean-chunked", "generic"])
-def test_greedy_equals_hf_generate_mixed_lengths_and_joins(lm, lean, chunk):
+@pytest.mark.parametrize("lean,chunk,compiled", [
+    (None, 512, False), (None, 5, False), (False, 512, False),
+    pytest.param(None, 5, True, marks=pytest.mark.slow)], ids=["lean", "lean-chunked", "generic", "lean-compiled"])
+def test_greedy_equals_hf_generate_mixed_lengths_and_joins(lm, lean, chunk, compiled):
     """Prompts of mixed lengths prefilled together (packed), and a second wave joining a batch that is
     already decoding, give token for token what HF ``model.generate()`` gives for each prompt alone; with
-    ``prefill_chunk=5`` the longer prompts are prefilled over several scheduler steps."""
+    ``prefill_chunk=5`` the longer prompts are prefilled over several scheduler steps; ``compile=True``
+    runs the torch.compile'd decode step (batch 1 and the dynamic batch >= 2 graph)."""
     ids = [lm.prompt_ids(p) for p in PROMPTS]
     ref = [_hf_greedy(lm.model, i, 16) for i in ids]
-    eng = LocalEngine(lm.model, lm.tokenizer, max_seqs=8, prefill_chunk=chunk, lean=lean)
+    eng = LocalEngine(lm.model, lm.tokenizer, max_seqs=8, prefill_chunk=chunk, lean=lean, compile=compiled)
     assert (eng._lean is not None) == (lean is None)
     params = SamplingParams(max_tokens=16, temperature=0, stop_token_ids=[])
     try:
@@ -208,10 +211,12 @@ def test_greedy_equals_hf_generate_mixed_lengths_and_joins(lm, lean, chunk):
         late = [eng.submit(GenerationRequest(i, params)) for i in ids[3:]]
         got = [[e.token_id for e in s if e.token_id is not None] for s in [it, *first[1:], *late]]
         got[0] = [head] + got[0]
+        alone = [e.token_id for e in eng.generate_sync(ids[1], params) if e.token_id is not None]  # batch of 1
     finally:
         eng.shutdown(drain_timeout_s=1)
     for k in range(len(ids)):
         assert got[k] == ref[k], f"prompt {k} differs from model.generate()"
+    assert alone == ref[1]
 
 
 def test_lean_rows_compact_when_sequences_finish(lm):

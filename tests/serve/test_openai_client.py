@@ -94,3 +94,11 @@ def test_completions_n_logprobs_echo(client):
         assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs)
         assert all(len(t) <= 2 for t in lp.top_logprobs)
     assert r.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in r.choices)
+
+
+def test_ignore_eos_extension_runs_to_max_tokens(client):
+    """vLLM's ``ignore_eos`` extension (the load benchmark uses it): exactly max_tokens tokens, finish 'length'."""
+    for seed in range(3):
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=40,
+                                           temperature=1.5, seed=seed, extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 40 and r.choices[0].finish_reason == "length"
