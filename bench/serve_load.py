@@ -191,7 +191,10 @@ async def _client(url: str, tokens: int, n_requests: int, k: int, out: dict) -> 
 
 def client_main(url: str, tokens: int, concurrency: int, rpc: int) -> None:
     """The load generator process: prints one JSON line (tokens, seconds, ttft list)."""
+    import httpx  # noqa: F401 - imported before the CPU clock starts
+
     out: dict = {"tokens": 0, "ttft": []}
+    cpu0 = time.process_time()
 
     async def run():
         await _client(url, 2, 1, 999, {"tokens": 0, "ttft": []})  # warm-up (connection, first request)
@@ -200,7 +203,18 @@ def client_main(url: str, tokens: int, concurrency: int, rpc: int) -> None:
         out["seconds"] = time.perf_counter() - t0
 
     asyncio.run(run())
+    out["cpu_s"] = time.process_time() - cpu0
     print(json.dumps(out))
+
+
+def _thread_cpu_s(native_id: int | None = None) -> float:
+    """CPU seconds (user + system) of one thread of this process, or of the whole process (Linux /proc)."""
+    path = f"/proc/self/task/{native_id}/stat" if native_id else "/proc/self/stat"
+    try:
+        fields = Path(path).read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _free_port() -> int:
@@ -230,6 +244,7 @@ def http_load(engine, tokens: int, levels: list[int], rpc: int) -> list[dict]:
 
         for c in levels:
             before, (s0, n0) = engine.stats(), ttft_sum()
+            cpu_http, cpu_all = _thread_cpu_s(t.native_id), _thread_cpu_s()
             cmd = [sys.executable, __file__, "--client", f"http://127.0.0.1:{port}", "--tokens", str(tokens),
                    "--levels", str(c), "--requests-per-client", str(rpc)]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
@@ -238,8 +253,15 @@ def http_load(engine, tokens: int, levels: list[int], rpc: int) -> list[dict]:
             out = json.loads(proc.stdout.strip().splitlines()[-1])
             # the warm-up request's 2 steps are in the stats delta: negligible next to the measured steps
             s1, n1 = ttft_sum()
+            cpu_http, cpu_all = _thread_cpu_s(t.native_id) - cpu_http, _thread_cpu_s() - cpu_all
+            n = max(1, out["tokens"])
+            # CPU per generated token: the server's HTTP thread (event loop), the rest of the server process
+            # (scheduler + torch's OpenMP workers), the load generator process
+            cpu = {"cpu_ms_per_token_http": cpu_http / n * 1e3, "cpu_ms_per_token_engine": (cpu_all - cpu_http) / n * 1e3,
+                   "cpu_ms_per_token_client": out["cpu_s"] / n * 1e3}
             rows.append(_row("http", c, rpc, out["tokens"], out["seconds"], out["ttft"],
-                             _stats_delta(engine, before, out["seconds"]), server_ttft_mean_s=(s1 - s0) / max(1, n1 - n0)))
+                             _stats_delta(engine, before, out["seconds"]), server_ttft_mean_s=(s1 - s0) / max(1, n1 - n0),
+                             **cpu))
     finally:
         server.should_exit = True
         t.join(timeout=30)
@@ -393,8 +415,9 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r['ratio_vs_generate_b1']:>7.2f}{r['ttft_p50_s'] * 1000:>8.0f}ms{r['ttft_p95_s'] * 1000:>8.0f}ms"
               f"{r['wall_ms_per_step']:>9.2f}{r['forward_ms_per_step']:>7.2f}{r['sample_emit_ms_per_step']:>9.2f}"
               f"{r['prefill_ms_per_step']:>8.2f}{r['outside_scheduler_ms_per_step']:>8.2f}"
-              + (f"   TTFT mean {r['ttft_mean_s'] * 1000:.0f}ms, in the server {r['server_ttft_mean_s'] * 1000:.0f}ms"
-                 if "server_ttft_mean_s" in r else ""))
+              + (f"   TTFT mean {r['ttft_mean_s'] * 1000:.0f}ms, in the server {r['server_ttft_mean_s'] * 1000:.0f}ms;"
+                 f" CPU ms/token: engine {r['cpu_ms_per_token_engine']:.2f}, HTTP {r['cpu_ms_per_token_http']:.2f},"
+                 f" clients {r['cpu_ms_per_token_client']:.2f}" if "server_ttft_mean_s" in r else ""))
     for o in result["decode_step_profile"]:
         print(f"{o['variant']} decode step at batch {o['batch']}: {o['profiled_ms_per_step']:.2f} ms = linear {o['linear_ms']:.2f} "
               f"+ attention {o['attention_ms']:.2f} + other ops {o['other_ops_ms']:.2f} + python "

@@ -227,6 +227,7 @@ class LocalEngine:
         self._cv = threading.Condition()
         self._waiting: deque[_Request] = deque()
         self._prefilling: deque[_Request] = deque()  # lean path: admitted, prompt not fully prefilled yet
+        self._group: list = []  # lean path: this step's prompt chunks, (request, Segment)
         self._requests: dict[str, _Request] = {}
         self._active: list[_Sequence] = []
         self._cache = None
@@ -235,7 +236,7 @@ class LocalEngine:
         self._closing = False
         self._stopped = False
         self._counters = {"requests": 0, "finished": 0, "cancelled": 0, "timeouts": 0, "errors": 0,
-                          "prompt_tokens": 0, "completion_tokens": 0, "steps": 0, "prefills": 0,
+                          "prompt_tokens": 0, "completion_tokens": 0, "steps": 0, "mixed_steps": 0, "prefills": 0,
                           "rejected_queue_full": 0}
         # seconds the scheduler spent per phase (the profile behind the serving benchmark)
         self._timings = {"prefill_s": 0.0, "decode_s": 0.0, "sample_emit_s": 0.0}
@@ -450,13 +451,18 @@ class LocalEngine:
         for r in list(self._prefilling):
             self._fail_request_waiting(r, "error", message)
         self._prefilling.clear()
+        self._group = []
         for seq in list(self._active):
             self._close_seq(seq, "error", message)
         self._active, self._cache, self._mask = [], None, None
 
     # ------------------------------------------------------------------ lean path (Llama)
     def _admit_lean(self) -> None:
-        """Move waiting requests that fit into the prefill queue; prefill up to ``prefill_chunk`` tokens."""
+        """Move waiting requests that fit into the prefill queue and pick this step's prompt chunks.
+
+        With a running batch the chunks ride along with its decode step (one pass over the weights for
+        both, ``_step_lean``); with none they are prefilled here.
+        """
         with self._cv:
             reserved = len(self._active) + sum(r.req.params.n for r in self._prefilling)
             while self._waiting and not self._stopped:
@@ -467,29 +473,34 @@ class LocalEngine:
                 reserved += r.req.params.n
                 self._counters["prompt_tokens"] += len(r.req.prompt_ids)
                 self._prefilling.append(r)
-        if not self._prefilling:
-            return
         from lmwright.serve.lean import Segment
 
-        budget, group = self.prefill_chunk, []
+        budget, self._group = self.prefill_chunk, []
         for r in self._prefilling:
             if budget <= 0:
                 break
             if r.buf is None:
                 r.buf = self._lean.new_buffer(len(r.req.prompt_ids))
             n = min(budget, len(r.req.prompt_ids) - r.prefilled)
-            group.append((r, Segment(r.buf, r.prefilled, r.req.prompt_ids[r.prefilled:r.prefilled + n])))
+            self._group.append((r, Segment(r.buf, r.prefilled, r.req.prompt_ids[r.prefilled:r.prefilled + n])))
             budget -= n
+        if self._group and not self._active:
+            group, self._group = self._group, []
+            self._run_prefill(group)
+
+    def _run_prefill(self, group: list, logits=None) -> None:
+        """Finish the prompt chunks of ``group`` (``logits``: theirs from a mixed step, else prefilled here,
+        packed; if that fails, one by one, so only a bad prompt fails)."""
         t0 = time.perf_counter()
-        try:
-            logits = self._lean.prefill([s for _, s in group])
-        except Exception as e:  # noqa: BLE001 - the prompts are retried one by one: only the bad one fails
-            if len(group) == 1:
-                log.exception("prefill failed")
-                self._prefilling.remove(group[0][0])
-                self._fail_request_waiting(group[0][0], "error", f"{type(e).__name__}: {e}")
-                return
-            logits = None
+        if logits is None:
+            try:
+                logits = self._lean.prefill([s for _, s in group])
+            except Exception as e:  # noqa: BLE001
+                if len(group) == 1:
+                    log.exception("prefill failed")
+                    self._prefilling.remove(group[0][0])
+                    self._fail_request_waiting(group[0][0], "error", f"{type(e).__name__}: {e}")
+                    return
         for k, (r, seg) in enumerate(group):
             if logits is not None:
                 self._prefilled(r, seg, logits[k])
@@ -526,20 +537,33 @@ class LocalEngine:
     def _step_lean(self) -> None:
         import torch
 
+        group, self._group = self._group, []
         t0 = time.perf_counter()
         seqs = self._active
         pos = [s.next_pos for s in seqs]
         ncols = max(pos) + 1
         self._lean.grow(ncols)
-        logits = self._lean.decode(torch.tensor([s.last_token for s in seqs], device=self.device),
-                                   torch.tensor(pos, device=self.device), ncols)
+        tokens = torch.tensor([s.last_token for s in seqs], device=self.device)
+        positions = torch.tensor(pos, device=self.device)
+        pre_logits = None
+        if group:
+            try:
+                logits, pre_logits = self._lean.step(tokens, positions, ncols, [s for _, s in group])
+            except Exception:  # noqa: BLE001 - decode alone; the prompts are prefilled apart (isolating a bad one)
+                log.exception("decode + prefill step failed; running them apart")
+                logits = self._lean.decode(tokens, positions, ncols)
+        else:
+            logits = self._lean.decode(tokens, positions, ncols)
         self._timings["decode_s"] += time.perf_counter() - t0
         with self._cv:
             self._counters["steps"] += 1
+            self._counters["mixed_steps"] += bool(group)
         for seq in seqs:
             seq.next_pos += 1
         self._take_all(seqs, logits)
         self._compact()
+        if group:
+            self._run_prefill(group, pre_logits)
 
     # ------------------------------------------------------------------ generic path (any causal LM)
     def _prefill(self, r: _Request) -> None:

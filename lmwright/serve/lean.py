@@ -141,48 +141,77 @@ class LeanLlama:
         """One token for each of rows 0..B-1: ``tokens`` (B,), ``positions`` (B,) -> logits (B, V)."""
         return self._decode(tokens, positions, ncols, self.k, self.v)
 
+    def _decode_attn(self, i: int, layer, q, k, v, rows, positions, ncols: int, mask, kc: list, vc: list):
+        """Decode rows: write k, v (B, KV, 1, d) at each row's position; attend q (B, H, 1, d) to its columns."""
+        b = q.shape[0]
+        kc[i][rows, :, positions] = k[:, :, 0]
+        vc[i][rows, :, positions] = v[:, :, 0]
+        return F.scaled_dot_product_attention(q, kc[i][:b, :, :ncols], vc[i][:b, :, :ncols], attn_mask=mask,
+                                              scale=layer.self_attn.scaling, enable_gqa=self.gqa)
+
+    def _decode_mask(self, positions, ncols: int):
+        return (torch.arange(ncols, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
+
     def _decode_step(self, tokens, positions, ncols: int, kc: list, vc: list):
         b = tokens.shape[0]
         x = self.inner.embed_tokens(tokens[:, None])
         rope = self.inner.rotary_emb(x, positions[:, None])
         rows = torch.arange(b, device=self.device)
-        mask = (torch.arange(ncols, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
+        mask = self._decode_mask(positions, ncols)
         for i, layer in enumerate(self.layers):
             q, k, v = self._attn_in(layer, x, 1, rope)
-            kc[i][rows, :, positions] = k[:, :, 0]
-            vc[i][rows, :, positions] = v[:, :, 0]
-            o = F.scaled_dot_product_attention(q, kc[i][:b, :, :ncols], vc[i][:b, :, :ncols],
-                                               attn_mask=mask, scale=layer.self_attn.scaling,
-                                               enable_gqa=self.gqa)
-            x = self._attn_out(layer, x, o)
+            x = self._attn_out(layer, x, self._decode_attn(i, layer, q, k, v, rows, positions, ncols, mask, kc, vc))
         return self._logits(x)[:, -1]
 
     def prefill(self, segments: list[Segment]):
         """Run the segments packed as one sequence; logits (N, V) at each segment's last token."""
+        return self.step(None, None, 0, segments)[1]
+
+    def step(self, tokens, positions, ncols: int, segments: list[Segment]):
+        """Decode rows 0..B-1 (``tokens`` may be None) and prefill ``segments`` in one pass over the weights.
+
+        The B decode tokens and the prompt tokens go through the projections and MLPs as one sequence;
+        attention is the decode step's for the first B, each segment's own for the rest.
+        Returns (decode logits (B, V) or None, prefill logits (N, V) at each segment's last token).
+        """
+        b = 0 if tokens is None else tokens.shape[0]
         ids = [t for s in segments for t in s.ids]
         pos = [s.start + j for s in segments for j in range(len(s.ids))]
-        x = self.inner.embed_tokens(torch.tensor([ids], device=self.device))
-        rope = self.inner.rotary_emb(x, torch.tensor([pos], device=self.device))
-        offsets, o = [], 0
+        all_ids = torch.tensor(ids, device=self.device)
+        all_pos = torch.tensor(pos, device=self.device)
+        if b:
+            all_ids, all_pos = torch.cat([tokens, all_ids]), torch.cat([positions, all_pos])
+            rows, mask = torch.arange(b, device=self.device), self._decode_mask(positions, ncols)
+        x = self.inner.embed_tokens(all_ids[None])
+        rope = self.inner.rotary_emb(x, all_pos[None])
+        offsets, o = [], b
         for s in segments:
             offsets.append(o)
             o += len(s.ids)
         for i, layer in enumerate(self.layers):
-            q, k, v = self._attn_in(layer, x, len(ids), rope)
+            q, k, v = self._attn_in(layer, x, len(all_ids), rope)  # (1, heads, B + T, d)
             outs = []
+            if b:  # the decode rows, in the decode step's (B, heads, 1, d) layout and back
+                od = self._decode_attn(i, layer, q[0, :, :b].transpose(0, 1)[:, :, None],
+                                       k[0, :, :b].transpose(0, 1)[:, :, None],
+                                       v[0, :, :b].transpose(0, 1)[:, :, None], rows, positions, ncols, mask,
+                                       self.k, self.v)
+                outs.append(od[:, :, 0].transpose(0, 1)[None])
             for s, off in zip(segments, offsets):
                 n, end = len(s.ids), s.start + len(s.ids)
                 kb, vb = s.buf[i]
                 kb[:, :, s.start:end] = k[:, :, off:off + n]
                 vb[:, :, s.start:end] = v[:, :, off:off + n]
                 if s.start == 0:
-                    mask, causal = None, True
+                    smask, causal = None, True
                 else:  # a later chunk: its queries see the earlier chunks and themselves, causally
                     cols = torch.arange(end, device=self.device)
-                    mask, causal = cols[None, :] <= (s.start + torch.arange(n, device=self.device))[:, None], False
+                    smask, causal = cols[None, :] <= (s.start + torch.arange(n, device=self.device))[:, None], False
                 outs.append(F.scaled_dot_product_attention(
-                    q[:, :, off:off + n], kb[:, :, :end], vb[:, :, :end], attn_mask=mask, is_causal=causal,
+                    q[:, :, off:off + n], kb[:, :, :end], vb[:, :, :end], attn_mask=smask, is_causal=causal,
                     scale=layer.self_attn.scaling, enable_gqa=self.gqa))
             x = self._attn_out(layer, x, outs[0] if len(outs) == 1 else torch.cat(outs, dim=2))
-        last = torch.tensor([off + len(s.ids) - 1 for s, off in zip(segments, offsets)], device=self.device)
-        return self._logits(x[0, last][:, None])[:, -1]
+        last = torch.tensor(list(range(b)) + [off + len(s.ids) - 1 for s, off in zip(segments, offsets)],
+                            device=self.device)
+        logits = self._logits(x[0, last][:, None])[:, -1]
+        return (logits[:b] if b else None), logits[b:]

@@ -212,6 +212,8 @@ def test_greedy_equals_hf_generate_mixed_lengths_and_joins(lm, lean, chunk, comp
         got = [[e.token_id for e in s if e.token_id is not None] for s in [it, *first[1:], *late]]
         got[0] = [head] + got[0]
         alone = [e.token_id for e in eng.generate_sync(ids[1], params) if e.token_id is not None]  # batch of 1
+        if lean is None:  # the second wave was prefilled inside the first wave's decode steps
+            assert eng.stats()["mixed_steps"] > 0
     finally:
         eng.shutdown(drain_timeout_s=1)
     for k in range(len(ids)):
