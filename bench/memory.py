@@ -138,8 +138,9 @@ def worker_weights(spec: dict) -> dict:
     from lmwright.utils.logging import quiet_third_party
 
     quiet_third_party()
-    q, dtype = spec["quantize"], spec["dtype"]
-    model = load_model(spec["base"], model_cfg=ModelConfig(name=spec["base"], quantize=q, dtype=dtype))
+    q, dtype, qe = spec["quantize"], spec["dtype"], spec.get("quantize_embeddings", False)
+    model = load_model(spec["base"], model_cfg=ModelConfig(name=spec["base"], quantize=q, dtype=dtype,
+                                                           quantize_embeddings=qe))
     total = quantized_base_memory(model)
     linear = 0
     for n, p in model.named_parameters():
@@ -151,7 +152,8 @@ def worker_weights(spec: dict) -> dict:
                     linear += t.numel() * t.element_size() if t is not None else 0
             scb = getattr(p, "SCB", None)
             linear += scb.numel() * scb.element_size() if scb is not None else 0
-    return {"load": f"{q if q != 'none' else dtype} (rest {dtype})", "quantize": q, "dtype": dtype,
+    what = (q if q != "none" else dtype) + (" + embeddings" if qe else "")
+    return {"load": f"{what} (rest {dtype})", "quantize": q, "dtype": dtype, "quantize_embeddings": qe,
             "base_weight_mb": total / 2**20, "block_linear_mb": linear / 2**20, "peak_rss_mb": common.peak_rss_mb()}
 
 
@@ -215,8 +217,10 @@ def main(argv: list[str] | None = None) -> dict:
             train_rows.append({"method": m, **res})
             print(f"  {m}: {res.get('peak_rss_mb', res.get('error'))}", file=sys.stderr, flush=True)
         for p in ([] if args.skip_weights else wpresets):
-            for q, dtype in (("none", "float16"), ("int8", "float16"), ("nf4", "float16"), ("nf4", "float32")):
-                spec = {"kind": "weights", "base": str(bases[p]), "quantize": q, "dtype": dtype}
+            for q, dtype, qe in (("none", "float16", False), ("int8", "float16", False), ("nf4", "float16", False),
+                                 ("nf4", "float32", False), ("nf4", "float16", True)):
+                spec = {"kind": "weights", "base": str(bases[p]), "quantize": q, "dtype": dtype,
+                        "quantize_embeddings": qe}
                 res = worker_weights(spec) if sm else common.run_worker(__file__, spec)
                 weight_rows.append({"preset": p, **res})
     full = next((r for r in train_rows if r["method"] == "full" and "peak_rss_mb" in r), None)
@@ -231,12 +235,16 @@ def main(argv: list[str] | None = None) -> dict:
             if r["preset"] == p and fp16 and "base_weight_mb" in r:
                 r["vs_fp16"] = r["base_weight_mb"] / fp16["base_weight_mb"]
                 r["block_linear_vs_fp16"] = r["block_linear_mb"] / max(fp16["block_linear_mb"], 1e-9)
-        nf4 = next((r for r in weight_rows if r["preset"] == p and r.get("quantize") == "nf4"
-                    and r.get("dtype") == "float16" and "vs_fp16" in r), None)
+        nf4, nf4e = (next((r for r in weight_rows if r["preset"] == p and r.get("quantize") == "nf4"
+                           and r.get("dtype") == "float16" and r.get("quantize_embeddings") == qe and "vs_fp16" in r),
+                          None) for qe in (False, True))
         if nf4:
             targets.append({"preset": p, "target": "4-bit base weights <= 0.3 x fp16",
                             "whole_model": nf4["vs_fp16"], "block_linears": nf4["block_linear_vs_fp16"],
                             "met_whole_model": nf4["vs_fp16"] <= 0.3, "met_block_linears": nf4["block_linear_vs_fp16"] <= 0.3})
+            if nf4e:
+                targets[-1].update(whole_model_quantize_embeddings=nf4e["vs_fp16"],
+                                   met_quantize_embeddings=nf4e["vs_fp16"] <= 0.3)
     payload = {"bench": "memory", "smoke": sm, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": info,
                "calibration": calib, "preset": preset, "batch": {"micro": micro, "seq_len": seq_len, "steps": steps},
                "precision": args.precision, "gradient_checkpointing": args.gradient_checkpointing,

@@ -107,7 +107,7 @@ def save_trained(model: Any, cfg: MethodConfig, out_dir: str | Path, tokenizer: 
     config = getattr(model, "config", None)
     meta = {"method": cfg.name, "task": task or _task_of(model), "base": base,
             "num_labels": getattr(config, "num_labels", None),
-            "quantize": _quantize_of(model)}
+            "quantize": _quantize_of(model), "quantize_embeddings": _embeddings_quantized(model)}
     if meta["task"] in ("classification", "reward") and getattr(config, "id2label", None):
         meta["id2label"] = {str(k): v for k, v in config.id2label.items()}
     (out / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
@@ -234,6 +234,12 @@ def _quantize_of(model: Any) -> str | None:
     if qc.get("load_in_8bit"):
         return "int8"
     return None
+
+
+def _embeddings_quantized(model: Any) -> bool:
+    """Whether the input embedding is a bitsandbytes 4-bit module (model.quantize_embeddings)."""
+    get = getattr(_unwrap(model), "get_input_embeddings", None)
+    return callable(get) and type(get()).__name__ == "Embedding4bit"
 
 
 def quantized_base_memory(model: Any) -> int:
@@ -454,7 +460,7 @@ def load_trained(path: str | Path, task: str | None = None, **kwargs: Any) -> tu
         from peft import PeftModel
 
         base = base or json.loads((p / "adapter_config.json").read_text())["base_model_name_or_path"]
-        model = _load_base(base, task, meta.get("quantize"), **kwargs)
+        model = _load_base(base, task, meta.get("quantize"), meta.get("quantize_embeddings", False), **kwargs)
         model = PeftModel.from_pretrained(model, str(p), is_trainable=False)
     elif (p / "bottleneck_adapter.json").exists():
         from lmwright.methods.adapter import load_adapter
@@ -470,7 +476,8 @@ def load_trained(path: str | Path, task: str | None = None, **kwargs: Any) -> tu
     return model, tokenizer
 
 
-def _load_base(base: str | None, task: str, quantize: str | None, **kwargs: Any) -> Any:
+def _load_base(base: str | None, task: str, quantize: str | None, quantize_embeddings: bool = False,
+               **kwargs: Any) -> Any:
     from lmwright.models.load import load_model
 
     if not base or not Path(base).exists():
@@ -480,7 +487,8 @@ def _load_base(base: str | None, task: str, quantize: str | None, **kwargs: Any)
         from lmwright.methods.peft_methods import disable_bnb_cpu_repack
         from lmwright.models.presets import ModelConfig
 
-        model = load_model(base, task=task, model_cfg=ModelConfig(name=base, quantize=quantize), **kwargs)
+        model = load_model(base, task=task, model_cfg=ModelConfig(name=base, quantize=quantize,
+                                                                  quantize_embeddings=quantize_embeddings), **kwargs)
         return disable_bnb_cpu_repack(model)
     return load_model(base, task=task, **kwargs)
 

@@ -150,8 +150,8 @@ class _LeanLoraForward:
         if kwargs or self.disable_adapters or self.merged or self.lora_variant:
             return super().forward(x, *args, **kwargs)
         result = self.base_layer(x, *args)
-        if not isinstance(self.base_layer, torch.nn.Linear):
-            result = result.clone()  # bitsandbytes layers: peft clones their output defensively, so do we
+        if type(self.base_layer) is not torch.nn.Linear:  # bitsandbytes' Linear4bit/8bitLt subclass it
+            result = result.clone()  # peft clones their output defensively (it can be a view): so do we
         autocast = torch.is_autocast_enabled(x.device.type)
         for name in self.active_adapters:
             if name not in self.lora_A:
@@ -249,23 +249,34 @@ def _requantize_free(model: Any) -> Any:
 
 
 def dequantize_base(model: Any) -> Any:
-    """Replace every bitsandbytes Linear4bit/Linear8bitLt in ``model`` by a float32 ``nn.Linear`` (in place)."""
+    """Replace every bitsandbytes Linear4bit/Linear8bitLt in ``model`` by a float32 ``nn.Linear``, and an
+    Embedding4bit (model.quantize_embeddings) by a float32 ``nn.Embedding``, tied again if it was (in place)."""
     import bitsandbytes as bnb
     import torch
     from peft.utils.integrations import dequantize_module_weight
 
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and head.weight is emb.weight
     for name, mod in list(model.named_modules()):
-        if isinstance(mod, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+        if isinstance(mod, bnb.nn.Embedding4bit):  # model.quantize_embeddings
+            new = torch.nn.Embedding(mod.num_embeddings, mod.embedding_dim, padding_idx=mod.padding_idx,
+                                     dtype=torch.float32)
+            with torch.no_grad():
+                new.weight.copy_(bnb.functional.dequantize_4bit(mod.weight.data, mod.weight.quant_state))
+        elif isinstance(mod, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
             _unpack_cpu_layout(mod)
             w = dequantize_module_weight(mod).to(torch.float32)
-            lin = torch.nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None,
-                                  dtype=torch.float32)
+            new = torch.nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, dtype=torch.float32)
             with torch.no_grad():
-                lin.weight.copy_(w)
+                new.weight.copy_(w)
                 if mod.bias is not None:
-                    lin.bias.copy_(mod.bias.float())
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, lin)
+                    new.bias.copy_(mod.bias.float())
+        else:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    if tied:  # one quantized tensor served both: one float tensor again
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"):

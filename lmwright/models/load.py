@@ -6,6 +6,7 @@ methods) are loaded by ``lmwright.methods.load_trained``, one layer up.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -71,9 +72,74 @@ def load_model(path: str | Path, task: str = "causal-lm", model_cfg=None, **extr
         if model_cfg.quantize != "none":
             kwargs["quantization_config"] = bnb_config(model_cfg)
     try:
-        return auto.from_pretrained(str(p), **kwargs)
+        model = auto.from_pretrained(str(p), **kwargs)
     except ValueError as e:
         raise ConfigError(f"cannot load {p} as {task}: {e}") from None
+    if model_cfg is not None and getattr(model_cfg, "quantize_embeddings", False):
+        quantize_embeddings(model, model_cfg)
+    return model
+
+
+def quantize_embeddings(model, model_cfg):
+    """Replace the input embedding and the output head by bitsandbytes 4-bit modules (in place).
+
+    Why: bitsandbytes quantizes the Linear layers of the blocks only; on small models the vocabulary
+    matrix is a large share of the base (llama-20m: 3.1M of 20.4M parameters), which keeps 4-bit
+    loads at 0.37x fp16. The embedding's (V, h) weight and the head's (V, h) weight are quantized
+    the same way (64-value blocks over the row-major data), so a tied pair shares one 4-bit tensor.
+    """
+    import bitsandbytes as bnb
+    import torch
+
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if not isinstance(emb, torch.nn.Embedding):
+        raise ConfigError(f"model.quantize_embeddings: {type(emb).__name__} is not a plain embedding")
+    dtype = emb.weight.dtype
+    tied = head is not None and head.weight is emb.weight
+
+    def four_bit(w):
+        return bnb.nn.Params4bit(w.detach(), requires_grad=False, quant_type=model_cfg.quantize,
+                                 compress_statistics=model_cfg.double_quant)._quantize("cpu").to(w.device)
+
+    weight = four_bit(emb.weight)
+    q_emb = _embedding4bit_class()(emb.num_embeddings, emb.embedding_dim, dtype=dtype, quant_type=model_cfg.quantize)
+    q_emb.weight = weight
+    q_emb.padding_idx = emb.padding_idx
+    model.set_input_embeddings(q_emb)
+    if isinstance(head, torch.nn.Linear):
+        q_head = bnb.nn.Linear4bit(head.in_features, head.out_features, bias=head.bias is not None,
+                                   compute_dtype=bnb_config(model_cfg).bnb_4bit_compute_dtype,
+                                   quant_type=model_cfg.quantize)
+        q_head.weight = weight if tied else four_bit(head.weight)
+        if head.bias is not None:
+            q_head.bias = head.bias
+        # a CPU repack of the shared tensor for the bf16 kernel would corrupt the embedding's view of it
+        q_head.support_avx512bf16_for_cpu = False
+        model.set_output_embeddings(q_head)
+    return model
+
+
+@functools.cache
+def _embedding4bit_class():
+    """bitsandbytes' Embedding4bit that can be part of a state dict (peft reads the whole one to pick
+    the adapter's keys); its 4-bit tensor and scales are written as Linear4bit writes them."""
+    import bitsandbytes as bnb
+    import torch
+
+    class Embedding4bit(bnb.nn.Embedding4bit):
+        def forward(self, input):  # noqa: A002 - nn.Embedding's name
+            # bitsandbytes 0.50 dequantizes only the looked-up rows, indexing the absmax scales per row;
+            # with double quantisation those scales are themselves quantized in 256-value blocks, which
+            # row indexing misaligns (outputs ~0.2 off on llama-20m): dequantize the whole matrix instead
+            w = bnb.functional.dequantize_4bit(self.weight.data, self.weight.quant_state)
+            return torch.nn.functional.embedding(input, w, self.padding_idx).to(self.dtype)
+
+        def _save_to_state_dict(self, destination, prefix, keep_vars):
+            torch.nn.Module._save_to_state_dict(self, destination, prefix, keep_vars)
+            for k, v in self.weight.quant_state.as_dict(packed=True).items():
+                destination[prefix + "weight." + k] = v if keep_vars else v.detach()
+
+    return Embedding4bit
 
 
 def bnb_config(model_cfg):

@@ -152,3 +152,51 @@ def test_qat_fake_quant_trains_and_converts(tokenizer, tmp_path, bits):
     torch.testing.assert_close(_logits(quantize_for_eval(loaded, folder=out), batch), q_logits,
                                atol=1e-4, rtol=1e-4)
     assert get_method("qat").merges
+
+
+def test_quantize_embeddings_takes_the_whole_base_under_0_3x_fp16_and_trains_saves_merges(tokenizer, tmp_path):
+    """model.quantize_embeddings: the tied embedding/head is one 4-bit tensor; QLoRA on it trains, saves,
+    reloads and merges onto a float32 model with the tie restored."""
+    import bitsandbytes as bnb
+
+    from lmwright.config import ConfigError
+    from lmwright.methods.peft_methods import disable_bnb_cpu_repack
+    from lmwright.models import ModelConfig, load_model
+
+    # the vocabulary matrix (512 x 256) is 0.1 of the weights: nf4 linears alone stay above 0.3x fp16
+    arch = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2}
+    base, fp16_bytes = _nf4_base(tokenizer, tmp_path / "base", arch)
+
+    def load(dtype: str, embeddings: bool):
+        cfg = ModelConfig(name=str(tmp_path / "base"), quantize="nf4", dtype=dtype, quantize_embeddings=embeddings)
+        cfg.check()
+        return load_model(tmp_path / "base", task="causal-lm", model_cfg=cfg)
+
+    linears_only, mem = quantized_base_memory(load("float16", False)), quantized_base_memory(load("float16", True))
+    assert linears_only > 0.3 * fp16_bytes >= mem, (linears_only / fp16_bytes, mem / fp16_bytes)
+    q = disable_bnb_cpu_repack(load("float32", True))  # eval below must not repack the blocks for bf16
+    emb, head = q.get_input_embeddings(), q.get_output_embeddings()
+    assert isinstance(emb, bnb.nn.Embedding4bit) and isinstance(head, bnb.nn.Linear4bit)
+    assert head.weight is emb.weight  # tied: one 4-bit tensor
+    batch = _batch(len(tokenizer))
+    rel = (_logits(q, batch) - _logits(base, batch)).abs().mean() / _logits(base, batch).abs().mean()
+    assert 0 < rel < 0.2  # a 4-bit vocabulary: close to the linears-only load, not equal
+
+    model = apply_method(q, MethodConfig(name="lora", r=8), "causal-lm")
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(**batch).loss.backward()
+    opt.step()
+    unmerged = _logits(model, batch)
+    save_trained(model, MethodConfig(name="lora"), tmp_path / "out", tokenizer=tokenizer,
+                 base_path=tmp_path / "base", task="causal-lm")
+    loaded, _ = load_trained(tmp_path / "out")
+    assert isinstance(loaded.get_base_model().get_input_embeddings(), bnb.nn.Embedding4bit)
+    torch.testing.assert_close(_logits(loaded, batch), unmerged, atol=1e-5, rtol=1e-5)
+    merged = merge_trained(model, MethodConfig(name="lora"))
+    assert all(p.dtype == torch.float32 for p in merged.parameters())
+    assert merged.get_output_embeddings().weight is merged.get_input_embeddings().weight
+    torch.testing.assert_close(_logits(merged, batch), unmerged, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ConfigError, match="quantize_embeddings"):
+        ModelConfig(name="llama-tiny", quantize="int8", quantize_embeddings=True).check()
