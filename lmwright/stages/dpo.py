@@ -11,6 +11,11 @@ once before training, from the policy itself (adapter disabled for peft methods)
 memory and one forward per pair per step instead of two. ``precompute_ref=false`` computes them every
 step (peft: adapter disabled; otherwise a frozen copy).
 
+At the start the reference equals the policy exactly (log-probs under the training precision, dropout off), so
+the sigmoid loss starts at log 2 and every implicit reward at 0. ``judge`` scores answers generated for held-out
+prompts with a registered rule reward (the rule behind the preferences, e.g. ``exact_answer``) before, during and
+after training: ``val_judge`` (sampled answers), ``val_judge_greedy``.
+
 Read top to bottom: config -> tokenizer -> pairs -> policy -> reference log-probs -> engine.train -> final/.
 """
 
@@ -266,8 +271,9 @@ def run(cfg: DPOConfig) -> Path:
     def save_model(m, d: Path) -> None:
         save_final(m, tokenizer, d, "causal-lm", method_cfg=cfg.method, base_path=base)
 
+    # the judge during training only at train.eval_every (the final evaluation is `after`)
     result = train(model, train_ds, collate, objective, cfg.train, run_, val_data=val_ds or None, save_model=save_model,
-                   evaluate=judge)
+                   evaluate=judge if cfg.train.eval_every else None)
     if result.interrupted:
         return run_.dir
     after = evaluate(model)
