@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--levels", default=None, help="comma-separated client counts (default 1,4,16)")
     ap.add_argument("--requests-per-client", type=int, default=None, help="sequential requests per client (2)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for generate() and the engine "
-                                                               "(default: all cores)")
+                                                               "(default: 1 on <= 4 cores, else all cores)")
     ap.add_argument("--variants", default=None, help="engine variants: eager,compiled (torch.compile of the "
                                                           "decode step); default both, eager with --smoke")
     ap.add_argument("--client", default=None, help=argparse.SUPPRESS)  # internal: run as the load generator
@@ -330,7 +330,10 @@ def main(argv: list[str] | None = None) -> dict:
     from lmwright.serve.engine import LocalEngine
     from lmwright.utils.hardware import measure_matmul_flops
 
-    threads = args.threads or os.cpu_count() or 1
+    # On a small CPU the server's HTTP thread and the load generator need a core too: an OpenMP pool over all
+    # cores then oversubscribes them (measured on 2 cores: decode steps of 100-900 ms instead of ~15 ms while
+    # neighbours ran), so small machines give torch 1 thread, as train_throughput does; generate() gets the same
+    threads = args.threads or ((os.cpu_count() or 1) if (os.cpu_count() or 1) > 4 else 1)
     torch.set_num_threads(threads)  # the engine's scheduler thread starts with this count
     preset = args.preset or ("llama-tiny" if args.smoke else "llama-20m")
     tokens = args.tokens or (8 if args.smoke else 64)

@@ -51,10 +51,27 @@ def render(path: Path) -> str:
                 "", f"targets: {d['targets']}"]
     elif name == "serve_load":
         b = d["baseline_generate_b1"]
-        out.append(f"{d['preset']}, {d['new_tokens_per_request']} new tokens/request, baseline model.generate() "
-                   f"batch 1: {b['tokens_per_s']:.1f} tokens/s")
-        out += ["", common.markdown_table(d["serving"], ["concurrency", "requests", "tokens_per_s", "ttft_p50_s",
-                                                        "ttft_p95_s", "ratio_vs_generate_b1"])]
+        out.append(f"{d['preset']} ({d.get('dtype', 'float32')}), {d['new_tokens_per_request']} new tokens/request, "
+                   f"baseline model.generate() batch 1: {b['tokens_per_s']:.1f} tokens/s"
+                   + (f" ({b['ms_per_token']:.2f} ms/token; HF forward step {b['hf_forward_step_ms']:.2f} ms)"
+                      if "ms_per_token" in b else "")
+                   + (f"; compile + warm-up at engine start {d['compile_warmup_s']:.1f} s"
+                      if d.get("compile_warmup_s") else ""))
+        out += ["", common.markdown_table(d["serving"], ["variant", "mode", "concurrency", "requests", "tokens_per_s",
+                                                        "ratio_vs_generate_b1", "ttft_p50_s", "ttft_p95_s",
+                                                        "server_ttft_mean_s"]),
+                "", "Per decode step (ms) and CPU per generated token (ms):", "",
+                common.markdown_table(d["serving"], ["variant", "mode", "concurrency", "wall_ms_per_step",
+                                                     "forward_ms_per_step", "sample_emit_ms_per_step",
+                                                     "prefill_ms_per_step", "outside_scheduler_ms_per_step",
+                                                     "cpu_ms_per_token_engine", "cpu_ms_per_token_http",
+                                                     "cpu_ms_per_token_client"])]
+        if d.get("decode_step_profile"):
+            out += ["", common.markdown_table(d["decode_step_profile"], ["variant", "batch", "profiled_ms_per_step",
+                                                                        "linear_ms", "attention_ms", "other_ops_ms",
+                                                                        "python_ms"])]
+        if d.get("targets"):
+            out += ["", f"targets: {d['targets']}"]
     else:
         out.append("```\n" + json.dumps({k: v for k, v in d.items() if k not in ("machine",)}, indent=1)[:4000]
                    + "\n```")
