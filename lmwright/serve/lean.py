@@ -133,7 +133,7 @@ class LeanLlama:
         """torch.compile the decode step (inductor); warm it up for batch 1 and batch >= 2 (dynamic)."""
         self._decode = torch.compile(self._decode_step, dynamic=True)
         self.grow(64)
-        for b in (1, 2):  # the scratch writes land in columns no live row attends to
+        for b in (1, 2)[:self.max_seqs]:  # the scratch writes land in columns no live row attends to
             self.decode(torch.zeros(b, dtype=torch.long, device=self.device),
                         torch.zeros(b, dtype=torch.long, device=self.device), 8)
 
