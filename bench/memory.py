@@ -45,6 +45,7 @@ def worker_train(spec: dict) -> dict:
     from lmwright.engine import Run, train
     from lmwright.engine.config import TrainConfig
     from lmwright.methods import MethodConfig, apply_method, quantized_base_memory, trainable_report
+    from lmwright.methods.base import _is_adapter_param as is_adapter_param
     from lmwright.models import ModelConfig
     from lmwright.models.load import load_model
     from lmwright.stages.sft import sft_loss
@@ -86,13 +87,17 @@ def worker_train(spec: dict) -> dict:
            "peak_rss_mb": common.peak_rss_mb(), "train_s": time.perf_counter() - t0,
            "final_loss": res.last_metrics.get("loss")}
     out["train_overhead_mb"] = out["peak_rss_mb"] - rss_model
-    # where the memory goes (MB): what the process held before the model, the weights, the gradients
+    # where the memory goes (MB): the process and its libraries (RSS once the model is built, minus the
+    # weights: peft, bitsandbytes and the model classes load lazily), the weights, the gradients
     # and AdamW's two moments of the trainable parameters, the tensors autograd saves for backward in
     # one micro-batch (deduplicated by storage, parameters excluded) and one fp32 (B, T, V) logits
     # tensor (transient: the loss's log_softmax output, a saved tensor, is the second copy)
     trainable_mb = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) / 2**20
+    new_mb = sum(p.numel() * p.element_size() for n, p in model.named_parameters()  # beside the base weights
+                 if p.requires_grad and is_adapter_param(n)) / 2**20
     vocab = model.get_output_embeddings().weight.shape[0]
-    out.update(runtime_mb=rss_start, weights_mb=base_bytes / 2**20 + trainable_mb, grads_mb=trainable_mb,
+    weights_mb = base_bytes / 2**20 + new_mb
+    out.update(runtime_mb=rss_model - weights_mb, weights_mb=weights_mb, grads_mb=trainable_mb,
                optimizer_mb=2 * trainable_mb, saved_mb=saved.bytes / 2**20,
                logits_mb=spec["micro"] * spec["seq_len"] * vocab * 4 / 2**20)
     out["accounted_mb"] = sum(out[k] for k in ("runtime_mb", "weights_mb", "grads_mb", "optimizer_mb", "saved_mb",
