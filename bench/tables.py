@@ -55,6 +55,9 @@ def render(path: Path) -> str:
                    f"baseline model.generate() batch 1: {b['tokens_per_s']:.1f} tokens/s"
                    + (f" ({b['ms_per_token']:.2f} ms/token; HF forward step {b['hf_forward_step_ms']:.2f} ms)"
                       if "ms_per_token" in b else "")
+                   + (f"; with all {d['baseline_generate_b1_all_cores']['threads']} cores "
+                      f"{d['baseline_generate_b1_all_cores']['tokens_per_s']:.1f} tokens/s (for the record)"
+                      if d.get("baseline_generate_b1_all_cores") else "")
                    + (f"; compile + warm-up at engine start {d['compile_warmup_s']:.1f} s"
                       if d.get("compile_warmup_s") else ""))
         out += ["", common.markdown_table(d["serving"], ["variant", "mode", "concurrency", "requests", "tokens_per_s",
