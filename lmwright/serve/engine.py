@@ -2,15 +2,22 @@
 
 The built-in engine runs one scheduler thread that owns the model. Requests wait in a bounded queue;
 at every step boundary finished sequences leave the running batch and waiting ones join it
-(continuous batching). A new request is prefilled alone (batch 1, no padding, so its prompt sees
-exactly what it would see unbatched), then its KV cache is left-padded to the running batch's length
-and concatenated along the batch axis. Each decode step feeds one token per row with a per-row
-attention mask (zeros over the left padding) and per-row position ids, so every row computes what it
-would compute alone. Columns that every row masks are trimmed when rows leave.
+(continuous batching).
 
-Models whose cache is not a plain ``DynamicCache`` of ``DynamicLayer`` (sliding-window or hybrid
-caches) cannot be concatenated safely; for those the engine admits a request only into an empty
-batch (one request at a time, still streaming).
+Llama models take the lean path (``lmwright.serve.lean``): a preallocated slot KV cache (one row per
+running sequence, column = position), the prompts of newly admitted requests packed into one sequence and
+run together with the running batch's decode step (one pass over the weights; at most ``prefill_chunk``
+prompt tokens per step, so a long prompt is prefilled over several steps while decoding goes on), one
+argmax for every greedy row, optionally a ``torch.compile``'d decode step. Every prompt still sees exactly
+what it would see alone, and greedy outputs equal ``model.generate()``'s.
+
+Every other model takes the generic path: a new request is prefilled alone (batch 1, no padding), then
+its ``DynamicCache`` is left-padded to the running batch's length and concatenated along the batch axis;
+each decode step feeds one token per row with a per-row attention mask (zeros over the left padding) and
+per-row position ids. Columns that every row masks are trimmed when rows leave. Models whose cache is not
+a plain ``DynamicCache`` of ``DynamicLayer`` (sliding-window or hybrid caches) cannot be concatenated
+safely; for those the engine admits a request only into an empty batch (one request at a time, still
+streaming).
 """
 
 from __future__ import annotations
@@ -186,10 +193,11 @@ class LocalEngine:
     the requests waiting to join; both overflowing -> QueueFull.
 
     Llama-family models (``lean_supported``) run the fast path of ``lmwright.serve.lean``: a
-    preallocated slot KV cache, packed prefill of every newly admitted prompt in one forward, prompts
-    longer than ``prefill_chunk`` tokens prefilled a chunk per scheduler step (decode steps of the
-    running batch go on in between), one argmax for all greedy rows. ``lean=False`` forces the generic
-    path (``model.forward`` + ``DynamicCache``), which every other model uses.
+    preallocated slot KV cache, the newly admitted prompts packed and run with the running batch's decode
+    step (at most ``prefill_chunk`` prompt tokens per step: longer prompts are prefilled a chunk per step
+    while decoding goes on), one argmax for all greedy rows; ``compile=True`` compiles the decode step
+    (and warms it up here, before any request). ``lean=False`` forces the generic path
+    (``model.forward`` + ``DynamicCache``), which every other model uses.
     """
 
     def __init__(self, model, tokenizer, max_seqs: int = 8, queue_size: int = 32,
