@@ -6,8 +6,9 @@ out is the machinery around them: cache objects, mask builders, output dataclass
 prompt position. Decoding rows live in slots 0..B-1 of one preallocated cache per layer,
 ``(max_seqs, kv_heads, capacity, head_dim)``; column = position (no left padding), each row attends to
 its own columns ``<= position``. Prompts are prefilled packed: several requests (or chunks of a long
-prompt) go through the projections and MLPs as one sequence; attention runs per segment against that
-request's own prefill buffer, so every prompt sees exactly what it would see alone.
+prompt), and the running batch's decode tokens with them (``step``), go through the projections and MLPs
+as one sequence; attention runs per segment against that request's own prefill buffer (and per decode row
+against its slot), so every prompt sees exactly what it would see alone.
 
 Used only for models whose attention is the stock SDPA Llama attention (``lean_supported``); every other
 model is served through ``model.forward`` with a ``DynamicCache``.
