@@ -17,6 +17,8 @@ from typing import Any
 
 from lmwright.config import opt
 
+POLITE_SHARE = 0.1  # of the SFT answers; the alignment step's rule is "polite"
+
 
 @dataclass
 class DemoConfig:
@@ -49,7 +51,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     import shutil
 
     from lmwright.data import DataConfig, prepare
-    from lmwright.data.synthetic import preference_task, skills_task, story_corpus
+    from lmwright.data.synthetic import polite_mix, skills_task, story_corpus
     from lmwright.data.tokenizer import TokenizerConfig, train_tokenizer
 
     t0 = time.perf_counter()
@@ -68,9 +70,10 @@ def run_demo(cfg: DemoConfig) -> Path:
                        overwrite=True)
     counts = manifest.get("counts", {})
     print(f"   {json.dumps(counts)}")
-    instr = skills_task(1400, seed=11)
+    # a share of the answers open politely ("Sure! ..."): the SFT policy is polite now and then, and the
+    # alignment step's preference pairs (polite chosen over curt) make it polite more often
+    instr = polite_mix(skills_task(1400, seed=11), share=POLITE_SHARE, seed=13)
     _write_jsonl(work / "data" / "instructions.jsonl", instr)
-    _write_jsonl(work / "data" / "preferences.jsonl", preference_task(400, seed=12, source=skills_task))
     timings["data"] = time.perf_counter() - t
 
     # 2. tokenizer
@@ -136,11 +139,12 @@ def run_demo(cfg: DemoConfig) -> Path:
 
     # 5. alignment
     if "align" not in cfg.skip and sft_dir is not None:
-        _say(f"5/6 align: DPO on generated preference pairs (chosen = correct answer), {cfg.align_steps} steps")
+        _say(f"5/6 align: DPO on generated preference pairs (chosen = the polite reply, rejected = the curt one), "
+             f"{cfg.align_steps} steps")
         t = time.perf_counter()
         from lmwright.stages.dpo import alignment_demo_step
 
-        results["align"] = alignment_demo_step(sft_dir, work, steps=cfg.align_steps, task=skills_task)
+        results["align"] = alignment_demo_step(sft_dir, work, steps=cfg.align_steps, task=skills_task, rule="polite")
         timings["align"] = time.perf_counter() - t
         print("   " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                  for k, v in results["align"].items() if k != "run"))
@@ -212,7 +216,12 @@ def write_demo_report(work: Path, results: dict, timings: dict, counts: dict) ->
             parts.append(f"<img alt='SFT loss' src='{img}'>")
         parts.append("<p>Full run report: <a href='runs/sft-lora/report.html'>runs/sft-lora/report.html</a></p>")
     if "align" in results:
-        parts += ["<h2>Alignment (DPO)</h2>", table({k: v for k, v in results["align"].items() if k != "run"})]
+        parts += ["<h2>Alignment (DPO)</h2>",
+                  "<p>Preference pairs from the SFT task: the polite reply (&ldquo;Sure! ...&rdquo;) is chosen over "
+                  "the curt one, both correct. Answers to held-out prompts, sampled (temperature 0.5) and greedy, "
+                  "are judged by that rule (the registered <code>format</code> reward with the rule's pattern); "
+                  "answer accuracy: the held-out answer is in the greedy reply.</p>",
+                  table({k: v for k, v in results["align"].items() if k != "run"})]
     parts.append(f"<p>Per-run reports: {html.escape(str(work / 'runs'))}/*/report.html</p>")
     out = work / "report.html"
     out.write_text("\n".join(parts), encoding="utf-8")
