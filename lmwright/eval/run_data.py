@@ -139,14 +139,9 @@ def precision_of(mixed_precision: str, device: str):
     """The autocast of the run's training forward. The engine's accelerator runs the model's forward
     under it, and run.json's ``after`` (measured on the trained model) with it: evaluating in another
     precision gives slightly different numbers (bf16 vs fp32: ~1e-5 relative on a loss)."""
-    import contextlib
+    from lmwright.utils.hardware import autocast_for
 
-    import torch
-
-    if mixed_precision not in ("bf16", "fp16"):
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device, dtype=dtype)
+    return autocast_for(mixed_precision, device)
 
 
 def capped(items: list, limit: int | None) -> list:

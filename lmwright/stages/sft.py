@@ -24,6 +24,7 @@ from lmwright.methods.base import MethodConfig
 from lmwright.models.presets import ModelConfig
 from lmwright.objectives.base import IGNORE_INDEX, LossOutput, token_cross_entropy
 from lmwright.stages.common import STAGES, flops_per_token, model_family, resolve_tokenizer, save_final
+from lmwright.utils.hardware import choose_mixed_precision
 from lmwright.utils.logging import get_logger
 
 log = get_logger("lmwright.sft")
@@ -206,15 +207,20 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, te
     return out
 
 
-def exact_match(model, tokenizer, convs: list[list[dict]], max_new_tokens: int) -> tuple[float, list[str]]:
-    """Share of conversations whose last assistant turn is reproduced exactly (greedy), and the answers."""
+def exact_match(model, tokenizer, convs: list[list[dict]], max_new_tokens: int,
+                precision: str = "no") -> tuple[float, list[str]]:
+    """Share of conversations whose last assistant turn is reproduced exactly (greedy), and the answers.
+    Generation runs under the training ``precision``'s autocast whatever the method: an adapter model's
+    ``generate`` would otherwise skip the accelerator's autocast that a fully trained model's gets."""
     from lmwright.data.chat import render_prompt_ids
+    from lmwright.utils.hardware import autocast_for
 
     if not convs:
         return float("nan"), []
     prompts = [render_prompt_ids(tokenizer, c[:-1]) for c in convs]
-    answers = [tokenizer.decode(a, skip_special_tokens=True).strip()
-               for a, _ in generate(model, tokenizer, prompts, max_new_tokens)]
+    with autocast_for(precision, next(model.parameters()).device.type):
+        generated = generate(model, tokenizer, prompts, max_new_tokens)
+    answers = [tokenizer.decode(a, skip_special_tokens=True).strip() for a, _ in generated]
     hits = sum(a == c[-1]["content"].strip() for a, c in zip(answers, convs))
     return hits / len(convs), answers
 
@@ -256,7 +262,8 @@ def validation_metrics(cfg: SFTConfig, model, tokenizer, val_ds: list | None, co
                             cfg.train.eval_max_batches)
     answers: list[str] = []
     if em_convs:
-        out["val_exact_match"], answers = exact_match(model, tokenizer, em_convs, cfg.max_new_tokens)
+        out["val_exact_match"], answers = exact_match(model, tokenizer, em_convs, cfg.max_new_tokens,
+                                                      choose_mixed_precision(cfg.train.mixed_precision))
     return out, answers
 
 
@@ -325,7 +332,8 @@ def run(cfg: SFTConfig) -> Path:
     log.info("before training: %s", before)
 
     def evaluate(m) -> dict[str, float]:
-        return {"val_exact_match": exact_match(m, tokenizer, em_convs, cfg.max_new_tokens)[0]} if em_convs else {}
+        return {"val_exact_match": exact_match(m, tokenizer, em_convs, cfg.max_new_tokens,
+                                               choose_mixed_precision(cfg.train.mixed_precision))[0]} if em_convs else {}
 
     def save_model(m, d: Path) -> None:
         save_final(m, tokenizer, d, "causal-lm", method_cfg=cfg.method, base_path=base_path)

@@ -27,6 +27,7 @@ from lmwright.methods.base import MethodConfig
 from lmwright.models.presets import ModelConfig
 from lmwright.stages import sft
 from lmwright.stages.common import STAGES, flops_per_token, save_final
+from lmwright.utils.hardware import choose_mixed_precision
 from lmwright.utils.logging import get_logger
 
 log = get_logger("lmwright.upft")
@@ -155,16 +156,17 @@ def run(cfg: UPFTConfig) -> Path:
                     data_manifest_sha256=manifest.get("sha256"), train_rows=len(train_ds))
     tokenizer.save_pretrained(str(run_.dir / "tokenizer"))
 
+    precision = choose_mixed_precision(cfg.train.mixed_precision)
     before: dict[str, float] = {}
     if val_ds:
         before = evaluate_loss(model, sft.sft_loss, val_ds, collate, cfg.train.micro_batch_size, device,
                                cfg.train.eval_max_batches)
     if em_convs:
-        before["val_exact_match"] = sft.exact_match(model, tokenizer, em_convs, cfg.max_new_tokens)[0]
+        before["val_exact_match"] = sft.exact_match(model, tokenizer, em_convs, cfg.max_new_tokens, precision)[0]
 
     def evaluate(m) -> dict[str, float]:
-        return {"val_exact_match": sft.exact_match(m, tokenizer, em_convs, cfg.max_new_tokens)[0]} if em_convs \
-            else {}
+        return {"val_exact_match": sft.exact_match(m, tokenizer, em_convs, cfg.max_new_tokens,
+                                                   precision)[0]} if em_convs else {}
 
     def save_model(m, d: Path) -> None:
         save_final(m, tokenizer, d, "causal-lm", method_cfg=cfg.method, base_path=base_path)
@@ -179,7 +181,7 @@ def run(cfg: UPFTConfig) -> Path:
         after = evaluate_loss(model, sft.sft_loss, val_ds, collate, cfg.train.micro_batch_size, device,
                               cfg.train.eval_max_batches)
     if em_convs:
-        after["val_exact_match"] = sft.exact_match(model, tokenizer, em_convs, cfg.max_new_tokens)[0]
+        after["val_exact_match"] = sft.exact_match(model, tokenizer, em_convs, cfg.max_new_tokens, precision)[0]
     save_final(model, tokenizer, run_.final, "causal-lm", extra={"stage": "upft", "prefix_tokens": cfg.prefix_tokens},
                method_cfg=cfg.method, base_path=base_path)
     timing = {"upft": {"sample_seconds": round(sample_seconds, 2), "train_seconds": round(result.train_seconds, 2),

@@ -64,6 +64,20 @@ def choose_mixed_precision(requested: str) -> str:
     return "bf16" if bf16_native() else "no"
 
 
+def autocast_for(mixed_precision: str, device: str):
+    """The autocast context of a run's training forward ('bf16'/'fp16'), or a no-op for 'no'/'fp32'. The
+    engine's accelerator wraps ``model.forward`` in it, but ``PeftModel.generate`` calls the inner model's
+    forward, so code that must measure what training measured enters it explicitly."""
+    import contextlib
+
+    import torch
+
+    if mixed_precision not in ("bf16", "fp16"):
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device, dtype=dtype)
+
+
 @functools.lru_cache(maxsize=4)
 def measure_matmul_flops(n: int = 1024, seconds: float = 0.5, dtype_name: str = "float32") -> float:
     """Sustained FLOP/s of a square matmul on the current default device (sgemm calibration)."""

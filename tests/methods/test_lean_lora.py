@@ -85,3 +85,21 @@ def test_lean_lora_keeps_peft_forward_for_disabled_merged_and_dora(tokenizer, tm
     assert lean_lora_layers(model) is model  # idempotent, nothing left to swap after merging
     dora = _model(tokenizer, tmp_path / "d", "none", method="dora")
     assert all(m.lora_variant for m in dora.modules() if isinstance(m, _LeanLoraForward))
+
+
+def test_a_loaded_adapter_runs_the_training_forward(tokenizer, tmp_path):
+    """load_trained (eval, serve, export parity) gives the saved LoRA adapter the forward it trained with,
+    so the logits served are the logits the run measured, to the bit."""
+    from lmwright.methods import load_trained, save_trained
+
+    model = _model(tokenizer, tmp_path, "none")
+    save_trained(model, MethodConfig(name="lora"), tmp_path / "adapter", tokenizer=tokenizer,
+                 base_path=tmp_path / "base", task="causal-lm")
+    loaded, _ = load_trained(tmp_path / "adapter")
+    assert sum(isinstance(m, _LeanLoraForward) for m in loaded.modules()) == 14
+    model.eval()
+    batch = _batch(len(tokenizer))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(input_ids=batch["input_ids"]).logits
+        got = loaded(input_ids=batch["input_ids"]).logits
+    assert torch.equal(want, got)

@@ -157,3 +157,27 @@ def test_sft_padded_prompt_tuning_runs(tmp_path, base_dir):
     info = json.loads((d / "run.json").read_text())
     assert info["packing"] is False and info["after"]["val_loss"] < info["before"]["val_loss"]
     assert (d / "final" / "adapter_config.json").exists()
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_exact_match_generates_under_the_training_precision(tokenizer, method):
+    """Held-out answers are generated under the run's autocast whatever the method: a PeftModel's generate
+    calls the inner model's forward, which the accelerator's autocast wrapper never sees, so LoRA runs used
+    to answer in fp32 while their losses were measured in bf16 (and `lmwright eval` disagreed with run.json)."""
+    import torch
+
+    from lmwright.methods import MethodConfig, apply_method
+    from lmwright.models import ModelConfig, build_model
+    from lmwright.stages.sft import exact_match
+
+    model = build_model(ModelConfig(name="llama-tiny"), tokenizer=tokenizer, seed=0)
+    model = apply_method(model, MethodConfig(name=method), "causal-lm")
+    seen: list[bool] = []
+    inner = next(m for m in model.modules() if type(m).__name__ == "LlamaModel")
+    inner.register_forward_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
+    convs = [[{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"}]]
+    exact_match(model, tokenizer, convs, max_new_tokens=3, precision="bf16")
+    assert seen and all(seen)
+    seen.clear()
+    exact_match(model, tokenizer, convs, max_new_tokens=3, precision="no")
+    assert seen and not any(seen)
