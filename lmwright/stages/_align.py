@@ -228,12 +228,9 @@ def reward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def autocast_for(train_cfg, device: str):
     """The autocast the engine trains under (``train.mixed_precision``), so that rollout / reference
     log-probs computed outside the engine use the same precision as the training forward."""
-    from lmwright.utils.hardware import choose_mixed_precision
+    from lmwright.utils import hardware
 
-    mp = choose_mixed_precision(train_cfg.mixed_precision)
-    if mp == "no":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device, dtype=torch.bfloat16 if mp == "bf16" else torch.float16)
+    return hardware.autocast_for(hardware.choose_mixed_precision(train_cfg.mixed_precision), device)
 
 
 # ------------------------------------------------------------------------------------ sampling

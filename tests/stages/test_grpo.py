@@ -29,14 +29,25 @@ def test_reward_functions():
     assert total_reward(fns, "FOX", "fox") == 1.5
 
 
-def test_grpo_smoke_with_lora(tmp_path, tokenizer, prompts_file):
+@pytest.mark.parametrize("start", ["folder", "adapter-run"])
+def test_grpo_smoke_with_lora(tmp_path, tokenizer, prompts_file, start):
+    """LoRA from a model folder, and from an adapter run (its adapter folded into the base, which is saved as
+    the new adapter's base, <run>/base): final/ loads and generates either way."""
+    from lmwright.methods import MethodConfig, apply_method, load_trained, save_trained
     from lmwright.models import ModelConfig, build_model
     from lmwright.stages import STAGES
+    from lmwright.stages._align import sample
     from lmwright.stages.common import save_final
 
     base = tmp_path / "base"
-    save_final(build_model(ModelConfig(name="llama-tiny"), tokenizer=tokenizer, seed=0), tokenizer, base, "causal-lm")
-    cfg = stage_config("grpo", f"model.name={base}", f"data.path=[{prompts_file}]", "data.val_fraction=0.05",
+    model = build_model(ModelConfig(name="llama-tiny"), tokenizer=tokenizer, seed=0)
+    save_final(model, tokenizer, base, "causal-lm")
+    start_dir = base
+    if start == "adapter-run":
+        start_dir = tmp_path / "sft-lora"
+        save_trained(apply_method(model, MethodConfig(name="lora"), "causal-lm"), MethodConfig(name="lora"),
+                     start_dir, tokenizer=tokenizer, base_path=base, task="causal-lm")
+    cfg = stage_config("grpo", f"model.name={start_dir}", f"data.path=[{prompts_file}]", "data.val_fraction=0.05",
                        f"train.output_dir={tmp_path}", "train.run_name=grpo", "method.name=lora",
                        "reward.functions=[{name: length, target: 4}]", "group_size=4", "rollout.batch_size=8",
                        "rollout.max_new_tokens=6", "rollout.eval_prompts=4", "rollout.epochs=2",
@@ -45,6 +56,10 @@ def test_grpo_smoke_with_lora(tmp_path, tokenizer, prompts_file):
     metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("rollout/reward_std" in m and "kl" in m for m in metrics)
     assert (run_dir / "final" / "adapter_config.json").exists()
+    assert (run_dir / "base" / "config.json").exists() == (start == "adapter-run")
+    policy, tok = load_trained(run_dir / "final", task="causal-lm")
+    assert sample(policy, tok, [tok("The capital of")["input_ids"]], 4, temperature=0.0)["completion_mask"].shape \
+        == (1, 4)
 
 
 @pytest.mark.slow
