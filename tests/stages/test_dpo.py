@@ -141,4 +141,4 @@ def test_dpo_raises_the_rule_win_rate_of_generations(tmp_path, polite_sft_policy
     assert res["greedy answers polite after"] >= res["greedy answers polite before"]
     assert res["held-out preference accuracy after"] >= res["held-out preference accuracy before"] + 0.2
     # not asserted: answer accuracy. This 2-layer policy seldom answers right after a polite opener (it saw
-    # few), so answering politely more often costs it accuracy; the demo's larger model keeps it (report).
+    # few), so answering politely more often costs it accuracy; the demo's model too (README, known limitations).
