@@ -33,7 +33,6 @@ def main() -> None:
     sys.modules.setdefault("torchaudio", stub)
     from llamafactory.data import collator as lf_collator
     from llamafactory.train.tuner import run_exp
-    from transformers import TrainerCallback
 
     common.set_threads(spec.get("threads"))
     ddir = Path(spec["workdir"]) / "lf-data"
@@ -57,14 +56,6 @@ def main() -> None:
 
     cls.__call__ = counting_call
 
-    class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            clock.step_end()
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                clock.losses.append(float(logs["loss"]))
-
     bf16 = spec["precision"] == "bf16"
     args = {
         "stage": "sft", "do_train": True, "model_name_or_path": spec["model_dir"], "dataset": "bench",
@@ -79,7 +70,7 @@ def main() -> None:
     if spec["method"] == "lora":
         args.update(lora_target="all", lora_rank=8, lora_alpha=16, lora_dropout=0.05)
     clock.t0 = time.perf_counter()
-    run_exp(args, callbacks=[Clock()])
+    run_exp(args, callbacks=[common.trainer_clock_callback(clock)])
     r = clock.rate(spec["warmup"])
     last = clock.losses[-5:]
     r.update(peak_rss_mb=common.peak_rss_mb(), precision="bf16" if bf16 else "no", steps=len(clock.stamps),

@@ -149,6 +149,21 @@ class StepClock:
                 "first_steps_s": self.stamps[skip - 1] - self.t0 if skip > 0 else 0.0}
 
 
+def trainer_clock_callback(clock: StepClock):
+    """A transformers ``TrainerCallback`` that feeds ``clock`` the HF contenders' step ends and logged losses."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            clock.step_end()
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                clock.losses.append(float(logs["loss"]))
+
+    return Clock()
+
+
 def real_tokens(batch: dict) -> int:
     """Non-pad tokens of a collated batch (packed rows carry num_tokens; padded ones a mask)."""
     if "num_tokens" in batch:

@@ -178,20 +178,6 @@ def _hf_args(spec: dict, mp: str, micro: int, **extra):
     return kw
 
 
-def _clock_callback(clock):
-    from transformers import TrainerCallback
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            clock.step_end()
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                clock.losses.append(float(logs["loss"]))
-
-    return Clock()
-
-
 def worker_hf(spec: dict) -> dict:
     import torch
     from transformers import Trainer, TrainingArguments
@@ -225,7 +211,7 @@ def worker_hf(spec: dict) -> dict:
 
     args = TrainingArguments(**_hf_args(spec, mp, spec["micro"]))
     trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate,
-                      callbacks=[_clock_callback(clock)])
+                      callbacks=[common.trainer_clock_callback(clock)])
     clock.t0 = time.perf_counter()
     trainer.train()
     return _finish(clock, spec, mp, micro=spec["micro"], layout=layout)
@@ -245,7 +231,7 @@ def worker_trl(spec: dict) -> dict:
                      dataset_num_proc=None)
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
                          peft_config=_lora_config() if spec["method"] == "lora" else None,
-                         callbacks=[_clock_callback(clock)])
+                         callbacks=[common.trainer_clock_callback(clock)])
     inner = trainer.data_collator
 
     def collate(rows):

@@ -97,3 +97,18 @@ def server(lm, embedder):
     """The default server: the tiny LM as 'tiny' and the encoder as 'embedder'."""
     with running_server({"tiny": lm, "embedder": embedder}) as (url, app):
         yield url, app
+
+
+@contextlib.contextmanager
+def running_webui(runs_dir):
+    """The gradio web UI over ``runs_dir`` on a free loopback port; yields its URL, closes it after."""
+    pytest.importorskip("gradio")
+    from lmwright.serve.webui import build_ui
+
+    ui = build_ui(runs_dir)
+    port = free_port()
+    ui.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        ui.close()

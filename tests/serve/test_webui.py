@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from .conftest import free_port
+from .conftest import running_webui
 
 
 @pytest.fixture(scope="module")
@@ -62,14 +62,8 @@ def test_train_job_runs_a_subprocess(tmp_path):
 
 @pytest.fixture(scope="module")
 def ui_url(runs_dir):
-    pytest.importorskip("gradio")
-    from lmwright.serve.webui import build_ui
-
-    ui = build_ui(runs_dir)
-    port = free_port()
-    ui.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}"
-    ui.close()
+    with running_webui(runs_dir) as url:
+        yield url
 
 
 def test_ui_is_served(ui_url):

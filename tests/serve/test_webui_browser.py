@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import free_port
+from .conftest import running_webui
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -48,14 +48,8 @@ def browser_runs(tmp_path_factory, lm_dir):
 
 @pytest.fixture(scope="module")
 def app_url(browser_runs):
-    pytest.importorskip("gradio")
-    from lmwright.serve.webui import build_ui
-
-    ui = build_ui(browser_runs)
-    port = free_port()
-    ui.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}"
-    ui.close()
+    with running_webui(browser_runs) as url:
+        yield url
 
 
 @pytest.fixture
