@@ -58,6 +58,11 @@ def chinese_corpus(n_docs: int = 50, seed: int = 0) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- instruction tasks
+def _capital_record(rng: random.Random) -> dict:
+    country = rng.choice(list(COUNTRIES))
+    return {"instruction": f"What is the capital of {country}?", "input": "", "output": COUNTRIES[country]}
+
+
 def instruction_task(n: int = 500, seed: int = 0) -> list[dict]:
     """Alpaca records with checkable answers: capitals, addition, reversing and upper-casing words."""
     rng = random.Random(seed)
@@ -65,9 +70,7 @@ def instruction_task(n: int = 500, seed: int = 0) -> list[dict]:
     for _ in range(n):
         k = rng.random()
         if k < 0.3:
-            country = rng.choice(list(COUNTRIES))
-            out.append({"instruction": f"What is the capital of {country}?", "input": "",
-                        "output": COUNTRIES[country]})
+            out.append(_capital_record(rng))
         elif k < 0.6:
             x, y = rng.randint(0, 49), rng.randint(0, 49)
             out.append({"instruction": "Add the two numbers.", "input": f"{x} + {y}", "output": str(x + y)})
@@ -226,9 +229,7 @@ def skills_task(n: int = 1200, seed: int = 0) -> list[dict]:
             q = rng.choice([("Which animal is it?", a), ("What colour is the animal?", c), ("Where does it go?", p)])
             out.append({"instruction": q[0], "input": f"The {c} {a} {v} to the {p}.", "output": q[1]})
         elif k < 0.65:
-            country = rng.choice(list(COUNTRIES))
-            out.append({"instruction": f"What is the capital of {country}?", "input": "",
-                        "output": COUNTRIES[country]})
+            out.append(_capital_record(rng))
         elif k < 0.85:
             x, y = rng.randint(1, 9), rng.randint(1, 9)
             out.append({"instruction": f"What is {x} plus {y}?", "input": "", "output": str(x + y)})
