@@ -462,7 +462,12 @@ def load_trained(path: str | Path, task: str | None = None, **kwargs: Any) -> tu
         base = base or json.loads((p / "adapter_config.json").read_text())["base_model_name_or_path"]
         model = _load_base(base, task, meta.get("quantize"), meta.get("quantize_embeddings", False), **kwargs)
         model = PeftModel.from_pretrained(model, str(p), is_trainable=False)
-        if getattr(model.peft_config.get("default"), "peft_type", None) == "LORA":
+        peft_type = getattr(model.peft_config.get("default"), "peft_type", None)
+        if peft_type == "PREFIX_TUNING":
+            from lmwright.methods.peft_methods import accept_past_key_values
+
+            model = accept_past_key_values(model)
+        if peft_type == "LORA":
             from lmwright.methods.peft_methods import lean_lora_layers
 
             model = lean_lora_layers(model)  # the forward training ran: same numbers when evaluated or served

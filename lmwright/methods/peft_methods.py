@@ -203,6 +203,48 @@ class Prefix(_PromptMethod):
                                   encoder_hidden_size=cfg.encoder_hidden_size,
                                   modules_to_save=_modules_to_save(model, cfg, task))
 
+    def apply(self, model: Any, cfg: MethodConfig, task: str) -> Any:
+        return accept_past_key_values(super().apply(model, cfg, task))
+
+
+def accept_past_key_values(peft_model: Any) -> Any:
+    """Let peft's prefix tuning reach an encoder backbone whose cache argument is named ``cache``.
+
+    Why: transformers 5.24 renamed BERT's (and other encoders') ``past_key_values`` argument to
+    ``cache`` (the old name still works, through ``deprecate_kwarg``), but peft 0.21's classification
+    prefix forward inspects the backbone's signature for ``past_key_values`` and refuses the model.
+    We give the backbone a forward that names the argument and passes it on as ``cache``: the same
+    call transformers makes for the deprecated name. Remove when peft checks for ``cache`` as well
+    (https://github.com/huggingface/peft, peft_model.py ``_prefix_tuning_forward``).
+    """
+    import functools
+    import inspect
+
+    name = getattr(peft_model, "transformer_backbone_name", None)
+    if not name:
+        return peft_model
+    base = peft_model.base_model
+    if "past_key_values" in inspect.signature(base.forward).parameters:
+        return peft_model
+    backbone = base.get_submodule(name)
+    params = inspect.signature(backbone.forward).parameters
+    if "past_key_values" in params or "cache" not in params:
+        return peft_model
+    original = backbone.forward
+
+    @functools.wraps(original)
+    def forward(*args: Any, past_key_values: Any = None, **kwargs: Any) -> Any:
+        if past_key_values is not None:
+            kwargs["cache"] = past_key_values
+        return original(*args, **kwargs)
+
+    keyword = inspect.Parameter("past_key_values", inspect.Parameter.KEYWORD_ONLY, default=None)
+    plain = [p for p in params.values() if p.kind != p.VAR_KEYWORD]
+    varkw = [p for p in params.values() if p.kind == p.VAR_KEYWORD]
+    forward.__signature__ = inspect.signature(original).replace(parameters=[*plain, keyword, *varkw])  # type: ignore[attr-defined]
+    backbone.forward = forward
+    return peft_model
+
 
 @METHODS.register("ptuning")
 class PTuning(_PromptMethod):
