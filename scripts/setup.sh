@@ -3,6 +3,9 @@
 # pull a multi-GB CUDA build), then the package with its extras. Safe to run again.
 #   bash scripts/setup.sh            # core + dev + webui extras (what the tests need)
 #   EXTRAS=export,quant bash scripts/setup.sh
+#   LMWRIGHT_UNLOCKED=1 bash scripts/setup.sh   # newest releases instead of the tested set (constraints.txt)
+# The package is installed through constraints.txt, the versions the test suite last passed with, so both
+# README commands give the same result on any fresh machine; `bash scripts/lock.sh` moves it forward.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -24,5 +27,13 @@ else
   echo "no GPU: installing the CPU build of torch==${TORCH_VERSION}"
   pip install -q "torch==${TORCH_VERSION}" 2>&1 | grep -v "^WARNING: Location" || true
 fi
-pip install -q -e ".[${EXTRAS}]" 2>&1 | grep -v "^WARNING: Location" || true
+LOCK=()
+if [ "${LMWRIGHT_UNLOCKED:-0}" != "1" ] && [ -f constraints.txt ]; then
+  LOCK=(-c constraints.txt)
+  echo "installing the tested versions (constraints.txt; LMWRIGHT_UNLOCKED=1 for the newest)"
+fi
+pip install -q "${LOCK[@]}" -e ".[${EXTRAS}]" 2>&1 | grep -v "^WARNING: Location" || true
+if [ -f constraints.txt ] && ! python scripts/versions.py --against constraints.txt >/tmp/lmwright-drift.txt 2>&1; then
+  echo "versions that differ from the tested set (constraints.txt):"; sed 's/^/  /' /tmp/lmwright-drift.txt
+fi
 python -c "import torch, transformers, lmwright; print(f'lmwright {lmwright.__version__}: torch {torch.__version__}, transformers {transformers.__version__}')"

@@ -60,3 +60,25 @@ def tiny_llama(tokenizer):
     from lmwright.models import ModelConfig, build_model
 
     return build_model(ModelConfig(name="llama-tiny"), task="causal-lm", tokenizer=tokenizer, seed=0)
+
+
+def pytest_report_header(config):
+    """The versions under test, and which differ from the tested set (constraints.txt): when a test fails
+    on a fresh install, these lines say which release moved."""
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root / "scripts"))
+    try:
+        from versions import drift, installed, read_lock
+    finally:
+        sys.path.pop(0)
+    have = installed()
+    keys = ("transformers", "peft", "accelerate", "tokenizers", "datasets", "trl", "bitsandbytes", "torchao")
+    lines = ["lmwright stack: " + ", ".join(f"{k} {have.get(k, '-')}" for k in keys)]
+    lock = root / "constraints.txt"
+    if lock.exists():
+        moved = drift(read_lock(lock), have)
+        lines.append("versions differing from constraints.txt: " + ("; ".join(moved) if moved else "none"))
+    return lines
