@@ -133,23 +133,43 @@ def keep_first_trained(ids: list[int], labels: list[int], k: int) -> tuple[list[
 
 def encode(tokenizer, convs: Sequence[list[dict]], train_on: str, seq_len: int,
            keep_trained: Sequence[int | None] | None = None) -> tuple[list[tuple[list[int], list[int]]], dict]:
-    """(input_ids, labels) per conversation, from the chat template; drops those left with nothing to learn."""
-    from lmwright.data.chat import render_training_ids
+    """(input_ids, labels) per sample, from the chat template, and what became of the conversations (the
+    ``data`` entry of run.json): ``samples``; ``truncated`` (samples cut to ``seq_len``);
+    ``dropped_truncated`` (the cut left nothing to learn); ``dropped_empty_mask`` (no assistant turn to
+    learn); ``dropped_token_boundary`` (served and trained tokens would differ); ``dropped_no_target`` (all
+    drops); ``split_conversations`` (a template that rewrites earlier turns, Qwen3: one sample per turn)."""
+    from lmwright.data.chat import SKIPPABLE_REASONS, render_training_samples
+    from lmwright.data.errors import DataError
 
-    samples, truncated, dropped = [], 0, 0
+    samples: list[tuple[list[int], list[int]]] = []
+    stats = {"truncated": 0, "dropped_truncated": 0, "split_conversations": 0,
+             **{f"dropped_{r}": 0 for r in SKIPPABLE_REASONS}}
     for i, msgs in enumerate(convs):
-        ids, labels = render_training_ids(tokenizer, msgs, train_on)
-        k = keep_trained[i] if keep_trained is not None else None
-        if k is not None:
-            ids, labels = keep_first_trained(ids, labels, k)
-        if len(ids) > seq_len:
-            truncated += 1
-            ids, labels = ids[:seq_len], labels[:seq_len]
-        if all(lab == IGNORE_INDEX for lab in labels[1:]):
-            dropped += 1
+        try:
+            pieces = render_training_samples(tokenizer, msgs, train_on, getattr(msgs, "tools", None))
+        except DataError as e:
+            if e.reason not in SKIPPABLE_REASONS:
+                raise
+            stats[f"dropped_{e.reason}"] += 1
             continue
-        samples.append((ids, labels))
-    return samples, {"samples": len(samples), "truncated": truncated, "dropped_no_target": dropped}
+        stats["split_conversations"] += len(pieces) > 1
+        k = keep_trained[i] if keep_trained is not None else None
+        for ids, labels in pieces:
+            if k is not None:
+                ids, labels = keep_first_trained(ids, labels, k)
+            if len(ids) > seq_len:
+                stats["truncated"] += 1
+                ids, labels = ids[:seq_len], labels[:seq_len]
+            if all(lab == IGNORE_INDEX for lab in labels[1:]):
+                stats["dropped_truncated"] += 1
+                continue
+            samples.append((ids, labels))
+    dropped = {k: v for k, v in stats.items() if k.startswith("dropped_") and v}
+    if dropped:
+        log.warning("%d of %d conversations give no sample (%s)", sum(dropped.values()), len(convs),
+                    ", ".join(f"{k[8:]}: {v}" for k, v in dropped.items()))
+    stats["dropped_no_target"] = sum(v for k, v in stats.items() if k.startswith("dropped_"))
+    return samples, {"samples": len(samples), **stats}
 
 
 def make_rows(samples: list[tuple[list[int], list[int]]], seq_len: int, packing: bool, pad_id: int):

@@ -33,6 +33,17 @@ def cpu_has_native_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & flags)
 
 
+def cpu_bf16_pays() -> bool:
+    """Whether bf16 autocast trains faster than fp32 on this CPU: only with AMX tiles.
+
+    Measured (bench/pretrain_throughput.py and bench/README.md, the CPU flags named beside each figure):
+    with AMX, bf16 is ~1.6x faster than fp32; with avx512_bf16 alone it is 1.6x slower on a 1M GPT,
+    0.78x on llama-tiny and 1.17x on llama-demo (2 cores, 2026-12-01): no better than fp32 on the
+    small models a CPU trains, with bf16's coarser numerics on top. Without either, ~3x slower.
+    """
+    return "amx_bf16" in cpu_flags()
+
+
 def device_type() -> str:
     import torch
 
@@ -49,6 +60,15 @@ def bf16_native() -> bool:
     return cpu_has_native_bf16()
 
 
+def bf16_faster() -> bool:
+    """What ``mixed_precision: auto`` goes by: a CUDA GPU with bf16, or a CPU with AMX."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return cpu_bf16_pays()
+
+
 def preferred_dtype():
     import torch
 
@@ -58,10 +78,13 @@ def preferred_dtype():
 
 
 def choose_mixed_precision(requested: str) -> str:
-    """'auto' -> bf16 only where the hardware has native support, else 'no'."""
+    """'auto' -> bf16 where it trains faster than fp32 (CUDA with bf16, a CPU with AMX), else 'no' (fp32).
+
+    Not merely where bf16 is native: on a CPU with avx512_bf16 and no AMX it is not faster (see
+    :func:`cpu_bf16_pays`)."""
     if requested != "auto":
         return requested
-    return "bf16" if bf16_native() else "no"
+    return "bf16" if bf16_faster() else "no"
 
 
 def autocast_for(mixed_precision: str, device: str):
@@ -127,6 +150,7 @@ def describe() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "native_bf16": bf16_native(),
+        "cpu_flags": sorted({"amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2"} & cpu_flags()),
         "device": device_type(),
     }
     if torch.cuda.is_available():
