@@ -22,8 +22,11 @@ class CleanConfig:
 @dataclass
 class DataConfig:
     path: list[str] = opt([], "training data: files (.txt .jsonl .json .csv .parquet), folders, globs, "
-                              "a `lmwright data prepare` output folder or a datasets save_to_disk folder")
-    format: str = opt("text", "record format: text, alpaca, messages, preference, classification, pairs")
+                              "a `lmwright data prepare` output folder, a datasets save_to_disk folder, or a data "
+                              "set of a LLaMA-Factory registry: <dir>/dataset_info.json:<name> (see "
+                              "docs/data-formats.md)")
+    format: str = opt("text", "record format: text, alpaca, messages (also sharegpt, tool calls), preference, "
+                              "kto (unpaired, labelled replies), classification, pairs")
     txt_mode: Literal["line", "paragraph", "file"] = opt("line", ".txt files: one record per non-empty line, "
                                                           "per blank-line separated paragraph, or per file")
     columns: dict = opt({}, "rename source columns to the format's fields, e.g. {review: text, stars: label}")

@@ -33,7 +33,7 @@ from lmwright.config import ConfigError, opt, to_dict
 from lmwright.data.clean import Cleaner
 from lmwright.data.config import DataConfig
 from lmwright.data.errors import DataError
-from lmwright.data.formats import FORMATS, rename_columns
+from lmwright.data.formats import FORMATS, detect_format, rename_columns
 from lmwright.data.sources import MANIFEST, is_prepared_dir, read_records, resolve_paths, source_kind
 
 SPLITS = ("train", "validation")
@@ -121,11 +121,13 @@ def _run(cfg: DataConfig) -> _Outcome:
                                on_error=cfg.on_error, on_reject=on_parse_error)
         for rec in _progress(records, f"reading {split}"):
             read += 1
+            raw = rename_columns(rec.data, cfg.columns)
             try:
-                canon = fmt.canonicalize(rename_columns(rec.data, cfg.columns), rec.where)
+                canon = fmt.canonicalize(raw, rec.where)
             except DataError as e:
+                e = _suggest_format(e, raw, cfg.format)
                 if cfg.on_error == "raise":
-                    raise
+                    raise e from None
                 reject(rec.file, rec.line, e.reason, str(e))
                 continue
             out, reason = cleaner(canon, rec.where)
@@ -150,6 +152,15 @@ def _run(cfg: DataConfig) -> _Outcome:
         raise DataError(f"no training record left out of {read} read from {', '.join(cfg.path)}"
                         + (f" (rejected: {_reasons_text(reasons)})" if reasons else ""))
     return _Outcome(train, validation, rejects, reasons, read, sources, val_sources)
+
+
+def _suggest_format(err: DataError, raw: dict, fmt: str) -> DataError:
+    """The error, plus the format the record looks like when that is another one (the usual cause)."""
+    guess = detect_format(raw)
+    if guess is None or guess == fmt:
+        return err
+    return DataError(f"{err} - the record looks like '{guess}' data: set data.format={guess}", file=err.file,
+                     line=err.line, reason=err.reason)
 
 
 def _reasons_text(reasons: Counter) -> str:

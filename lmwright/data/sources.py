@@ -3,8 +3,9 @@
 Supported: ``.txt`` (one record per non-empty line, per blank-line separated paragraph, or one per
 file), ``.jsonl``, ``.json`` (a list of objects or ``{"data": [...]}``), ``.csv``, ``.parquet``,
 folders (recursively, files with those extensions, in sorted order so reading is reproducible),
-globs, a folder saved by ``datasets``' ``save_to_disk`` (a Dataset or a DatasetDict) and a folder
-written by ``lmwright data prepare``.
+globs, a folder saved by ``datasets``' ``save_to_disk`` (a Dataset or a DatasetDict), a folder
+written by ``lmwright data prepare`` and a data set named in a LLaMA-Factory ``dataset_info.json``
+(``path/to/dataset_info.json:<name>`` or ``path/to/folder:<name>``, see :func:`llamafactory_spec`).
 
 Every record keeps where it came from (``file``, ``line``) so that every later error can say
 ``data/train.jsonl:17: ...``. For line-oriented files ``line`` is the line number; for row-oriented
@@ -18,9 +19,11 @@ this module stays cheap.
 from __future__ import annotations
 
 import csv
+import difflib
 import glob
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +64,9 @@ def is_datasets_dir(path: str | Path) -> bool:
 
 
 def source_kind(path: str | Path) -> str:
-    """The reader a resolved path goes to: prepared, datasets, or its file extension without the dot."""
+    """The reader a resolved path goes to: prepared, datasets, llamafactory, or its file extension without the dot."""
+    if llamafactory_spec(path) is not None:
+        return "llamafactory"
     p = Path(path)
     if is_prepared_dir(p):
         return "prepared"
@@ -85,6 +90,10 @@ def resolve_paths(paths: Iterable[str | Path]) -> list[str]:
     out: list[str] = []
     for raw in paths:
         s = str(raw)
+        if (spec := llamafactory_spec(s)) is not None:
+            lf_dataset(*spec)  # the registry, the entry and its files must be there
+            out.append(s)
+            continue
         if _has_magic(s) and not os.path.exists(s):
             matches = sorted(glob.glob(s, recursive=True))
             if not matches:
@@ -111,6 +120,10 @@ def resolve_paths(paths: Iterable[str | Path]) -> list[str]:
             continue
         if p.suffix.lower() not in EXTENSIONS:
             raise DataError(f"{s}: unsupported file type '{p.suffix}'; use one of {', '.join(EXTENSIONS)}")
+        if p.name == LF_REGISTRY:
+            names = ", ".join(sorted(n for n, e in _lf_registry(p).items() if isinstance(e, dict) and "file_name" in e))
+            raise DataError(f"{s}: a LLaMA-Factory registry, not data: name one of its data sets, e.g. "
+                            f"data.path={s}:<name> (local ones: {names or 'none'})")
         out.append(s)
     return out
 
@@ -119,8 +132,8 @@ def _walk(root: Path) -> list[str]:
     found: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.startswith(".") and name.lower().endswith(EXTENSIONS):
+        for name in sorted(filenames):  # a LLaMA-Factory registry in a data folder is not data
+            if not name.startswith(".") and name.lower().endswith(EXTENSIONS) and name != LF_REGISTRY:
                 found.append(os.path.join(dirpath, name))
     return found
 
@@ -325,7 +338,186 @@ def _read_prepared(path: str, split: str = "train", **_) -> Iterator[Record | Da
         yield from _read_jsonl(file)
 
 
+# ---------------------------------------------------------------------- LLaMA-Factory dataset_info.json
+LF_REGISTRY = "dataset_info.json"
+LF_FORMATTINGS = ("alpaca", "sharegpt", "openai")
+# LLaMA-Factory column -> the field name lmwright's formats read (alpaca and sharegpt layouts)
+LF_COLUMNS = {"system": "system", "tools": "tools", "chosen": "chosen", "rejected": "rejected", "kto_tag": "label",
+              "prompt": "instruction", "query": "input", "response": "output", "history": "history",
+              "messages": "conversations"}
+LF_MEDIA = ("images", "videos", "audios")
+# tag -> (its default, the sharegpt role it names)
+LF_TAGS = {"role_tag": ("from", None), "content_tag": ("value", None), "user_tag": ("human", "human"),
+           "assistant_tag": ("gpt", "gpt"), "observation_tag": ("observation", "observation"),
+           "function_tag": ("function_call", "function_call"), "system_tag": ("system", "system")}
+
+
+def llamafactory_spec(path: str | Path) -> tuple[Path, str] | None:
+    """``(registry file, data set name)`` when ``path`` names a data set of a LLaMA-Factory registry:
+    ``<dir>/dataset_info.json:<name>`` or ``<dir>:<name>`` where ``<dir>`` holds a ``dataset_info.json``."""
+    s = str(path)
+    head, sep, name = s.rpartition(":")
+    if not sep or not head or not name or "/" in name or "\\" in name:
+        return None
+    h = Path(head)
+    if h.name == LF_REGISTRY:
+        return h, name
+    if h.is_dir() and (h / LF_REGISTRY).is_file() and not (h / "state.json").exists():
+        return h / LF_REGISTRY, name
+    return None
+
+
+def _lf_registry(path: Path) -> dict:
+    if not path.is_file():
+        raise DataError(f"{path}: no such file (a LLaMA-Factory dataset_info.json)")
+    text = path.read_text(encoding="utf-8-sig")
+    try:
+        reg = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON at column {e.colno}: {e.msg}", file=str(path),
+                        line=e.lineno) from None
+    if not isinstance(reg, dict):
+        raise DataError(f"{path}: expected an object that maps data set names to their descriptions, got "
+                        f"{type(reg).__name__}", file=str(path))
+    return reg
+
+
+def _lf_line(path: Path, name: str) -> int:
+    """The line of ``"name":`` in the registry (for errors), 1 when not found."""
+    text = path.read_text(encoding="utf-8-sig")
+    m = re.search(r'^\s*"' + re.escape(name) + r'"\s*:', text, flags=re.M)
+    return text.count("\n", 0, m.start()) + 1 if m else 1
+
+
+@dataclass(frozen=True)
+class LFDataset:
+    """One validated entry of a LLaMA-Factory registry: its local files and how to read their records."""
+
+    name: str
+    registry: Path
+    files: tuple[str, ...]
+    formatting: str
+    ranking: bool
+    columns: dict  # LLaMA-Factory column -> source column
+    tags: dict  # tag -> value
+    num_samples: int | None
+
+
+def lf_dataset(registry: Path, name: str) -> LFDataset:
+    """Read and check the entry ``name`` of a ``dataset_info.json`` (errors name the file, line and field)."""
+    reg = _lf_registry(registry)
+    if name not in reg:
+        local = sorted(n for n, e in reg.items() if isinstance(e, dict) and "file_name" in e)
+        close = difflib.get_close_matches(name, list(reg), n=1)
+        raise DataError(f"{registry}: no data set '{name}'" + (f"; did you mean '{close[0]}'?" if close else "")
+                        + f" (local ones: {', '.join(local) or 'none'})", file=str(registry))
+    entry = reg[name]
+    where = f"{registry}:{_lf_line(registry, name)}"
+
+    def bad(field: str, problem: str, hint: str) -> DataError:
+        return DataError(f"{where}: field '{name}.{field}': {problem} ({hint})", file=str(registry))
+
+    if not isinstance(entry, dict):
+        raise bad("", f"must be an object, got {type(entry).__name__}", "see LLaMA-Factory's data/README.md")
+    if "file_name" not in entry:
+        remote = next((f"{k}={entry[k]}" for k in ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url")
+                       if k in entry), "no file_name")
+        raise bad("file_name", f"missing ({remote})", "lmwright reads local files: download the data set and add "
+                  "its file_name, or point data.path at the files")
+    formatting = entry.get("formatting", "alpaca")
+    if formatting not in LF_FORMATTINGS:
+        raise bad("formatting", f"{formatting!r} is not one of {', '.join(LF_FORMATTINGS)}", "fix dataset_info.json")
+    ranking = entry.get("ranking", False)
+    if not isinstance(ranking, bool):
+        raise bad("ranking", f"must be true or false, got {ranking!r}", "fix dataset_info.json")
+    columns, tags = entry.get("columns") or {}, entry.get("tags") or {}
+    for field, mapping, known in (("columns", columns, (*LF_COLUMNS, *LF_MEDIA)), ("tags", tags, LF_TAGS)):
+        if not isinstance(mapping, dict):
+            raise bad(field, f"must be an object, got {type(mapping).__name__}", "fix dataset_info.json")
+        for k, v in mapping.items():
+            if k not in known:
+                raise bad(f"{field}.{k}", f"unknown (known: {', '.join(known)})", "fix dataset_info.json")
+            if not isinstance(v, str):
+                raise bad(f"{field}.{k}", f"must be a string, got {type(v).__name__}", "fix dataset_info.json")
+    media = [k for k in LF_MEDIA if k in columns]
+    if media:
+        raise bad(f"columns.{media[0]}", "a multimodal data set", "lmwright trains on text: pick a text data set")
+    num = entry.get("num_samples")
+    if num is not None and (isinstance(num, bool) or not isinstance(num, int) or num < 1):
+        raise bad("num_samples", f"must be a positive integer, got {num!r}", "fix dataset_info.json")
+    target = registry.parent / str(entry["file_name"])
+    if not target.exists():
+        raise bad("file_name", f"{target}: no such file or folder", "the path is relative to dataset_info.json's folder")
+    files = tuple(resolve_paths([target]))
+    return LFDataset(name, registry, files, formatting, ranking, dict(columns), dict(tags), num)
+
+
+def _lf_convert(ds: LFDataset, rec: Record) -> Record | DataError:
+    """A record of ``ds`` with LLaMA-Factory's columns and tags applied: the field names lmwright's formats
+    read (instruction/input/output/history or conversations, system, tools, chosen, rejected, label) and
+    sharegpt turns with the standard ``from``/``value`` and roles (human, gpt, system, function_call,
+    observation)."""
+    sharegpt = ds.formatting != "alpaca"
+    defaults = {"messages": "conversations"} if sharegpt else {"prompt": "instruction", "query": "input",
+                                                               "response": "output"}
+    skip = ("prompt", "query", "response", "history") if sharegpt else ("messages",)  # the other formatting's
+    src_msgs = ds.columns.get("messages", "conversations")
+    # keep the source's name where the formats know it, so that their errors name the source's field
+    msgs_key = src_msgs if src_msgs in ("messages", "conversations") else "conversations"
+    out: dict = {}
+    for col, field in LF_COLUMNS.items():
+        src = ds.columns.get(col, defaults.get(col))
+        if col not in skip and src is not None and src in rec.data:
+            out[msgs_key if col == "messages" else field] = rec.data[src]
+    if not sharegpt and "instruction" in out:
+        out["text"] = out["instruction"]  # LLaMA-Factory pretraining reads the prompt column as text
+    if sharegpt:
+        tag = {k: ds.tags.get(k, d) for k, (d, _) in LF_TAGS.items()}
+        roles = {tag[k]: r for k, (_, r) in LF_TAGS.items() if r is not None}
+        try:
+            if isinstance(out.get(msgs_key), list):
+                out[msgs_key] = [_lf_turn(t, f"{src_msgs}[{i}]", tag, roles, ds, rec)
+                                 for i, t in enumerate(out[msgs_key])]
+            for k in ("chosen", "rejected"):
+                if isinstance(out.get(k), dict):
+                    out[k] = _lf_turn(out[k], ds.columns.get(k, k), tag, roles, ds, rec)
+        except DataError as e:
+            return e
+    return Record(out, rec.file, rec.line)
+
+
+def _lf_turn(t, field: str, tag: dict, roles: dict, ds: LFDataset, rec: Record) -> dict:
+    hint = f"dataset_info.json's tags for '{ds.name}': " + ", ".join(f"{k}={v}" for k, v in tag.items())
+    if not isinstance(t, dict):
+        raise DataError(f"{rec.where}: field '{field}': must be an object, got {type(t).__name__} ({hint})",
+                        file=rec.file, line=rec.line)
+    role = t.get(tag["role_tag"])
+    if role not in roles:
+        what = "missing" if role is None else f"{role!r} is not one of the role tags {', '.join(roles)}"
+        raise DataError(f"{rec.where}: field '{field}.{tag['role_tag']}': {what} ({hint})", file=rec.file,
+                        line=rec.line)
+    out = {"from": roles[role], "value": t.get(tag["content_tag"])}
+    for k in ("tool_calls", "tool_call_id", "name"):  # OpenAI fields of formatting: openai
+        if k in t:
+            out[k] = t[k]
+    return out
+
+
+def _read_llamafactory(path: str, txt_mode: TxtMode = "line", split: str = "train", **_
+                       ) -> Iterator[Record | DataError]:
+    spec = llamafactory_spec(path)
+    assert spec is not None
+    ds = lf_dataset(*spec)
+    n = 0
+    for src in ds.files:
+        for item in _READERS[source_kind(src)](src, txt_mode=txt_mode, split=split):
+            if ds.num_samples is not None and n >= ds.num_samples:
+                return
+            n += 1
+            yield item if isinstance(item, DataError) else _lf_convert(ds, item)
+
+
 _READERS: dict[str, Callable[..., Iterator[Record | DataError]]] = {
     "txt": _read_txt, "jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet,
-    "datasets": _read_datasets, "prepared": _read_prepared,
+    "datasets": _read_datasets, "prepared": _read_prepared, "llamafactory": _read_llamafactory,
 }

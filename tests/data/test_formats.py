@@ -20,7 +20,7 @@ VALID = {
                                {"role": "assistant", "content": "4", "name": "x"}]},
                  {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                                {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "2+2?"},
-                               {"role": "assistant", "content": "4"}]}),
+                               {"role": "assistant", "content": "4"}], "tools": []}),
     "preference": ({"prompt": "2+2?", "chosen": "4", "rejected": "5"},
                    {"prompt": "2+2?", "chosen": "4", "rejected": "5"}),
     "classification": ({"text": "great film", "label": "positive"}, {"text": "great film", "label": "positive"}),
@@ -93,7 +93,8 @@ def test_messages_tool_role_and_sharegpt():
                                          {"role": "assistant", "content": "noon"}]}, W)
     assert [m["role"] for m in got["messages"]] == ["user", "tool", "assistant"]
     got = fmt.canonicalize({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}, W)
-    assert got == {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    assert got == {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+                   "tools": []}
 
 
 def test_preference_messages_form_makes_all_lists():
