@@ -33,6 +33,7 @@ SFT drops and counts those (run.json). See docs/chat-templates.md.
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
 import weakref
@@ -100,7 +101,10 @@ _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _cached(tokenizer, key: tuple, compute):
-    per_tok = _CACHE.setdefault(tokenizer, {})
+    try:
+        per_tok = _CACHE.setdefault(tokenizer, {})
+    except TypeError:  # a tokenizer that cannot be weakly referenced or hashed: no cache
+        return compute()
     if key not in per_tok:
         per_tok[key] = compute()
     return per_tok[key]
@@ -189,7 +193,7 @@ def _char_spans(tokenizer, messages: list[dict], turns: list[int], end_of_turn: 
         if full[:end] != turn[:end]:
             raise HistoryRewriteError(
                 f"the chat template rewrites earlier turns: assistant messages[{k}] renders differently once "
-                f"later messages follow (as Qwen3's drops past <think> reasoning)")
+                f"later messages follow (Qwen3's template drops past <think> reasoning)")
         if end <= len(prompt):
             raise ConfigError(f"the chat template renders nothing for assistant messages[{k}]: there is no answer to "
                               f"train on; check that the template renders the role 'assistant'")
@@ -220,7 +224,7 @@ def _probe(tokenizer, template: str) -> TemplateInfo:
         try:
             _char_spans(tokenizer, _PROBE, _assistant_turns(_PROBE), end_of_turn, template=template)
         except HistoryRewriteError as e:
-            rewrites = f"{e} (seen on a probe conversation)"
+            rewrites = f"{e}, in lmwright's probe conversation"
         except DataError as e:
             raise ConfigError(f"the chat template cannot render a two-turn user/assistant conversation: {e}") from None
     return TemplateInfo(generation_blocks, end_of_turn, rewrites)
@@ -325,19 +329,35 @@ def _mask_from_generation_blocks(tokenizer, messages, tools, n_turns: int) -> tu
     return ids, spans
 
 
+def _token_end(tokenizer, ids: list[int], offsets: list[tuple[int, int]] | None, text: str, end: int,
+               end_of_turn: str | None) -> int | None:
+    """How many tokens of ``ids`` (the tokens of ``text``) cover ``text[:end]``; None if a token straddles
+    ``end``. Offsets are exact after a special token; elsewhere the text up to ``end`` is encoded."""
+    if offsets is not None and end_of_turn and text.endswith(end_of_turn, 0, end):
+        stop = bisect.bisect_left(offsets, (end, -1))
+        if stop and offsets[stop - 1][1] == end:
+            return stop
+    upto = _encode(tokenizer, text[:end])
+    return len(upto) if ids[:len(upto)] == upto else None
+
+
 def _mask_from_renderings(tokenizer, messages, turns, tools, info) -> tuple[list[int], list[tuple[int, int]]]:
     full, char_spans = _char_spans(tokenizer, messages, turns, info.end_of_turn, tools)
-    ids = _encode(tokenizer, full)
+    fast = getattr(tokenizer, "is_fast", False)
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=fast)
+    ids = list(enc["input_ids"])
+    offsets = [tuple(o) for o in enc["offset_mapping"]] if fast else None
+    # what the server feeds before each turn, encoded in one batch
+    served = tokenizer([prompt for _, prompt, _ in char_spans], add_special_tokens=False)["input_ids"]
     spans = []
-    for k, prompt, end in char_spans:
-        prompt_ids = _encode(tokenizer, prompt)
-        if ids[:len(prompt_ids)] != prompt_ids:
+    for (k, prompt, end), prompt_ids in zip(char_spans, served):
+        if ids[:len(prompt_ids)] != list(prompt_ids):
             raise DataError(f"the tokens of the prompt served before assistant messages[{k}] are not a prefix of the "
                             f"conversation's tokens (the tokenizer merges the generation prompt with the start of "
                             f"the answer, {_around(full, len(prompt))}): trained tokens would differ "
                             f"from served ones", reason="token_boundary")
-        upto = _encode(tokenizer, full[:end])
-        if ids[:len(upto)] != upto:
+        stop = _token_end(tokenizer, ids, offsets, full, end, info.end_of_turn)
+        if stop is None:
             raise DataError(f"assistant messages[{k}] does not end on a token boundary ({_around(full, end)})",
                             reason="token_boundary")
         for call in messages[k].get("tool_calls") or []:
@@ -345,7 +365,7 @@ def _mask_from_renderings(tokenizer, messages, turns, tools, info) -> tuple[list
             if name and name not in full[len(prompt):end]:
                 raise ConfigError(f"the chat template does not render the tool_calls of assistant messages[{k}] "
                                   f"(no {name!r} in its turn): use a template that supports tool calls")
-        spans.append((len(prompt_ids), len(upto)))
+        spans.append((len(prompt_ids), stop))
     return ids, spans
 
 
@@ -383,9 +403,9 @@ def render_training_ids(tokenizer, messages: list[dict], train_on: str = "assist
         spans = spans[-1:] if train_on == "last" else spans
     else:
         if len(turns) > 1 and info.rewrites_history:
-            raise HistoryRewriteError(f"{info.rewrites_history}; so a conversation with several assistant turns "
+            raise HistoryRewriteError(f"{info.rewrites_history}. So a conversation with several assistant turns "
                                       f"cannot be trained as one sample: train one turn per sample "
-                                      f"(render_training_samples, what sft does) or train_on=last")
+                                      f"(render_training_samples, what sft does) or set train_on=last")
         ids, spans = _mask_from_renderings(tokenizer, messages, turns, tools, info)
     labels = [-100] * len(ids)
     for start, stop in spans:

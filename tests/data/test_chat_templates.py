@@ -332,6 +332,29 @@ def test_template_that_drops_answers_fails_loudly(tokenizer_dir):
     assert stop_token_ids(tok)  # serving still works: it falls back to <|im_end|>/eos
 
 
+def test_plain_text_template(tokenizer_dir, caplog):
+    """A template with no special tokens: the answer is trained up to its last character (the model
+    cannot learn to stop, which is logged); a generation prompt that ends in a space the answer's first
+    token absorbs would serve other tokens than those trained: that conversation is dropped and counted."""
+    from lmwright.stages.sft import encode
+
+    tok = make_tokenizer(tokenizer_dir, "chatml-default-system")
+    tok.chat_template = ("{%- for m in messages %}{{- m.role + ':\n' + m.content + '\n\n' }}{%- endfor %}"
+                         "{%- if add_generation_prompt %}{{- 'assistant:\n' }}{%- endif %}")
+    msgs = conversation(False)
+    with caplog.at_level("WARNING", logger="lmwright.chat"):
+        assert template_info(tok).end_of_turn is None
+    assert "cannot learn to stop" in caplog.text
+    assert_parity(tok, msgs, "")
+    tok.chat_template = ("{%- for m in messages %}{{- m.role + ': ' + m.content + '\\n\\n' }}{%- endfor %}"
+                         "{%- if add_generation_prompt %}{{- 'assistant: ' }}{%- endif %}")
+    with pytest.raises(DataError, match="not a prefix") as e:
+        render_training_ids(tok, msgs)
+    assert e.value.reason == "token_boundary"
+    samples, stats = encode(tok, [msgs], "assistant", 512)
+    assert not samples and stats["dropped_token_boundary"] == 1 == stats["dropped_no_target"]
+
+
 def test_stop_ids_include_generation_config_eos(tmp_path, tokenizer_dir):
     import json
 
