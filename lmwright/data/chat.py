@@ -305,7 +305,7 @@ def render_prompt_ids(tokenizer, messages: list[dict], tools: list[dict] | None 
     """Token ids of a conversation ready for the assistant's next turn (what the server feeds); ``tools``:
     tool/function JSON schemas the template renders (``ConfigError`` if it cannot); default: the
     conversation's own ``tools`` attribute (a ``Conversation`` of the messages format carries them)."""
-    tools = tools if tools is not None else getattr(messages, "tools", None)
+    tools = (tools if tools is not None else getattr(messages, "tools", None)) or None  # [] = no tools
     check_tools(tokenizer, tools)
     out = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True,
                                         return_dict=True)
@@ -385,7 +385,7 @@ def render_training_ids(tokenizer, messages: list[dict], train_on: str = "assist
     """
     if train_on not in TRAIN_ON:
         raise ConfigError(f"train_on={train_on!r}: use one of {', '.join(TRAIN_ON)}")
-    tools = tools if tools is not None else getattr(messages, "tools", None)
+    tools = (tools if tools is not None else getattr(messages, "tools", None)) or None  # [] = no tools
     check_tools(tokenizer, tools)
     if train_on == "all":
         ids = _encode(tokenizer, _render(tokenizer, messages, tools))
@@ -418,7 +418,7 @@ def render_training_samples(tokenizer, messages: list[dict], train_on: str = "as
     """``render_training_ids`` as a list of samples: one, or, with ``train_on=assistant`` and a template
     that rewrites earlier turns (Qwen3), one per assistant turn: the conversation up to that turn with
     only that turn trained, exactly what the server feeds at that turn followed by the answer."""
-    tools = tools if tools is not None else getattr(messages, "tools", None)
+    tools = (tools if tools is not None else getattr(messages, "tools", None)) or None  # [] = no tools
     try:
         return [render_training_ids(tokenizer, messages, train_on, tools)]
     except HistoryRewriteError:

@@ -300,6 +300,7 @@ def test_tools_and_tool_calls(tokenizer_dir):
         render_training_ids(gemma, conversation(False), tools=[TOOL])
     with pytest.raises(ConfigError, match="does not support tools"):
         render_prompt_ids(gemma, conversation(False)[:1], tools=[TOOL])
+    assert render_training_ids(gemma, conversation(False), tools=[]) == render_training_ids(gemma, conversation(False))
     # ... and so does one that drops tool calls (the call would train an empty answer)
     phi = make_tokenizer(tokenizer_dir, "phi3")
     with pytest.raises(ConfigError, match="tool_calls"):
