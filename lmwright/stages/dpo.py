@@ -2,9 +2,14 @@
 model. ``loss`` picks the objective: ``sigmoid`` (DPO), ``ipo``, ``hinge``, ``robust``, ``label_smoothed``
 (reference-based), ``simpo``, ``orpo`` (reference-free) or ``kto``.
 
-KTO trains on unpaired good/bad replies: each preference record gives two, ``(prompt, chosen)`` desirable
-and ``(prompt, rejected)`` undesirable; KTO's reference point z0 is estimated on mismatched pairs
-``(prompt_i, reply_{i+1})`` fixed when the data is built.
+KTO trains on unpaired good/bad replies, one loss term per reply (desirable or undesirable, each on its own).
+They come from ``kto`` records (``data.format=kto``: a prompt, one reply and its boolean label, e.g.
+LLaMA-Factory's kto data), or from ``preference`` records, each giving two: ``(prompt, chosen)`` desirable
+and ``(prompt, rejected)`` undesirable. KTO's reference point z0 (the policy's KL from the reference) is
+estimated, as in trl's KTOTrainer, on mismatched pairs ``(prompt_i, reply_j)``: the batch mean of their
+log-ratios, clamped at 0 and without gradient (those rows are scored under no_grad). The pairs are fixed
+when the data is built (so their reference log-probs can be precomputed): ``j`` is the next record whose
+prompt differs (a record with the same prompt would give a matched pair).
 
 The reference is the frozen starting policy. By default (``precompute_ref``) its log-probs are computed
 once before training, from the policy itself (adapter disabled for peft methods): no second model in
@@ -64,7 +69,8 @@ class DPOConfig:
     model: ModelConfig = opt(ModelConfig(), "the policy to align (usually an SFT run)")
     tokenizer: str | None = opt(None, "tokenizer folder (default: the model's)")
     method: MethodConfig = opt(MethodConfig(), "how the weights are adapted (full, lora, ...)")
-    data: DataConfig = opt(DataConfig(format="preference"), "preference records: prompt, chosen, rejected")
+    data: DataConfig = opt(DataConfig(format="preference"), "preference records: prompt, chosen, rejected (or, "
+                                                            "for loss=kto, kto records: prompt, completion, label)")
     train: TrainConfig = opt(TrainConfig(lr=5e-5, metric_for_best="val_win"), "the training loop")
     loss: Literal["sigmoid", "ipo", "hinge", "robust", "label_smoothed", "simpo", "orpo", "kto"] = opt(
         "sigmoid", "preference loss (see docs/objectives.md)")
@@ -90,11 +96,15 @@ class DPOConfig:
 def check(cfg: DPOConfig) -> dict[str, Any]:
     from lmwright.methods import check_compat
 
-    if cfg.data.format != "preference":
+    if cfg.data.format not in ("preference", "kto"):
         raise ConfigError(f"data.format={cfg.data.format}: dpo trains on preference records (prompt, chosen, "
-                          "rejected; kto splits them into unpaired good/bad replies); set data.format=preference")
+                          "rejected; kto splits them into unpaired good/bad replies) or, with loss=kto, on kto records "
+                          "(prompt, completion, label); set data.format=preference or data.format=kto")
+    if cfg.data.format == "kto" and cfg.loss != "kto":
+        raise ConfigError(f"data.format=kto with loss={cfg.loss}: kto records are unpaired (one reply and a label), "
+                          f"and only loss=kto trains on them; set loss=kto, or give preference records")
     if not cfg.data.path:
-        raise ConfigError("data.path is empty: point it at preference records")
+        raise ConfigError(f"data.path is empty: point it at {cfg.data.format} records")
     check_compat(cfg.method, cfg.model, "causal-lm", cfg.model.gradient_checkpointing)
     tokenizer = resolve_tokenizer(cfg.model, cfg.tokenizer or cfg.model.tokenizer)
     if cfg.judge.enabled():
@@ -112,6 +122,8 @@ def build_items(records: list[dict], tokenizer, cfg: DPOConfig) -> tuple[list[di
     """Paired items {chosen, rejected} or, for kto, unpaired {reply, mismatch, desirable}; (items, skipped)."""
     from lmwright.stages.reward import encode_pairs
 
+    if cfg.data.format == "kto":
+        return unpaired_items(records, tokenizer, cfg)
     pairs, skipped = encode_pairs(records, tokenizer, cfg)
     if cfg.loss != "kto":
         return pairs, skipped
@@ -127,6 +139,46 @@ def build_items(records: list[dict], tokenizer, cfg: DPOConfig) -> tuple[list[di
         unpaired.append({"reply": p["chosen"], "mismatch": mismatch, "desirable": 1.0})
         unpaired.append({"reply": p["rejected"], "mismatch": mismatch, "desirable": 0.0})
     return unpaired, skipped
+
+
+def unpaired_items(records: list[dict], tokenizer, cfg: DPOConfig) -> tuple[list[dict], int]:
+    """``kto`` records as {reply, mismatch, desirable}: the reply to its prompt, and the reply of the next record
+    with another prompt to this prompt (for z0); (items, skipped: prompt over budget or reply cut away)."""
+    from lmwright.stages._align import encode_reply
+
+    kept, skipped = [], 0
+    for i, r in enumerate(records):
+        item = encode_reply(tokenizer, r["prompt"], r["completion"], cfg.max_prompt_tokens, cfg.max_length)
+        if item is None:
+            if not cfg.skip_long:
+                raise ConfigError(f"record {i}: the prompt is longer than max_prompt_tokens={cfg.max_prompt_tokens} "
+                                  "(or max_length leaves no reply token); raise them or set skip_long=true")
+            skipped += 1
+            continue
+        kept.append((r, item))
+    items = []
+    for i, (r, item) in enumerate(kept):
+        j = next((j % len(kept) for j in range(i + 1, i + len(kept)) if kept[j % len(kept)][0]["prompt"] != r["prompt"]),
+                 (i + 1) % len(kept))
+        mismatch = encode_reply(tokenizer, r["prompt"], kept[j][0]["completion"], cfg.max_prompt_tokens,
+                                cfg.max_length) or item
+        items.append({"reply": item, "mismatch": mismatch, "desirable": float(r["label"])})
+    return items, skipped
+
+
+def kto_balance_note(items: list[dict], cfg: DPOConfig) -> str | None:
+    """trl's advice (KTO paper, Eq. 8): with unequal counts, w_D * n_D / (w_U * n_U) should lie in [1, 4/3]."""
+    n_d = sum(it["desirable"] == 1.0 for it in items)
+    n_u = len(items) - n_d
+    if not n_d or not n_u:
+        return f"the training data has no {'undesirable' if n_u == 0 else 'desirable'} reply: KTO learns from both"
+    ratio = cfg.kto_desirable_weight * n_d / (cfg.kto_undesirable_weight * n_u)
+    if n_d == n_u or 1.0 <= ratio <= 4 / 3:
+        return None
+    lo, hi = cfg.kto_undesirable_weight * n_u / n_d, cfg.kto_undesirable_weight * n_u / n_d * 4 / 3
+    return (f"{n_d} desirable and {n_u} undesirable replies with weights {cfg.kto_desirable_weight}/"
+            f"{cfg.kto_undesirable_weight}: w_D*n_D / (w_U*n_U) = {ratio:.2f}, outside [1, 4/3] (KTO paper, Eq. 8); "
+            f"e.g. kto_desirable_weight in [{lo:.2f}, {hi:.2f}]")
 
 
 def keys_of(cfg: DPOConfig) -> tuple[str, str]:
@@ -165,16 +217,23 @@ def make_objective(cfg: DPOConfig, ref, autocast=None):
                                            attention_mask=batch["attention_mask"]).logits, batch["labels"])
         return logps.chunk(2)
 
+    def kto_objective(model, batch: dict[str, torch.Tensor]) -> LossOutput:
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        B = ids.shape[0] // 2  # replies first, then their mismatched pairs
+        a, _ = sequence_logprobs(model(input_ids=ids[:B], attention_mask=mask[:B]).logits, labels[:B])  # (B,)
+        with torch.no_grad():  # z0 carries no gradient (trl scores these rows under no_grad too)
+            b, _ = sequence_logprobs(model(input_ids=ids[B:], attention_mask=mask[B:]).logits, labels[B:])
+        ref_a, ref_b = reference_logps(batch)
+        return kto_loss(a, ref_a, batch["desirable"].bool(), kto_kl_estimate(b, ref_b), cfg.beta,
+                        cfg.kto_desirable_weight, cfg.kto_undesirable_weight)
+
     def objective(model, batch: dict[str, torch.Tensor]) -> LossOutput:
+        if cfg.loss == "kto":
+            return kto_objective(model, batch)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (2B, T, V)
         logps, counts = sequence_logprobs(logits, batch["labels"])  # (2B,), (2B,)
         a, b = logps.chunk(2)
         na, nb = counts.float().chunk(2)
-        if cfg.loss == "kto":
-            ref_a, ref_b = reference_logps(batch)
-            z0 = kto_kl_estimate(b.detach(), ref_b)
-            return kto_loss(a, ref_a, batch["desirable"].bool(), z0, cfg.beta, cfg.kto_desirable_weight,
-                            cfg.kto_undesirable_weight)
         if cfg.loss == "simpo":
             out = simpo_loss(a / na, b / nb, cfg.beta, cfg.simpo_gamma, cfg.label_smoothing)
         elif cfg.loss == "orpo":
@@ -206,6 +265,10 @@ def make_judge(cfg: DPOConfig, val_recs: list[dict], tokenizer, device):
     j = cfg.judge
     rc = RolloutConfig(max_new_tokens=j.max_new_tokens, temperature=j.temperature, eval_prompts=j.prompts,
                        max_prompt_tokens=cfg.max_prompt_tokens)
+    if cfg.data.format == "kto":  # the judge's reference answer is a desirable reply
+        val_recs = [{"prompt": r["prompt"], "chosen": r["completion"]} for r in val_recs if r["label"]]
+        if not val_recs:
+            return None
     prompts, _ = build_prompts(val_recs, "preference", tokenizer, rc)
     scorer = Scorer(RewardSpec(model=j.model, functions=j.functions), device)
     evaluate = make_eval(prompts[:j.prompts], scorer, tokenizer, rc, lambda m: m, samples=j.samples)
@@ -235,6 +298,8 @@ def run(cfg: DPOConfig) -> Path:
     val_ds, val_skipped = build_items(val_recs, tokenizer, cfg)
     log.info("data: %d train / %d validation items (%s), %d records skipped", len(train_ds), len(val_ds), cfg.loss,
              skipped + val_skipped)
+    if cfg.loss == "kto" and (note := kto_balance_note(train_ds, cfg)):
+        log.warning("kto: %s", note)
     collate = partial(collate_pairs, pad_id=tokenizer.pad_token_id, keys=keys_of(cfg))
 
     run_ = Run.create(cfg.train.output_dir, cfg.train.run_name, "dpo")

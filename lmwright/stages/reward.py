@@ -45,8 +45,11 @@ def check(cfg: RewardConfig) -> dict[str, Any]:
     from lmwright.methods import check_compat
 
     if cfg.data.format != "preference":
+        unpaired = (" (kto records judge one reply each: train them with `lmwright train dpo loss=kto "
+                    "data.format=kto`)" if cfg.data.format == "kto" else "")
         raise ConfigError(f"data.format={cfg.data.format}: the reward stage trains on preference records "
-                          "(prompt, chosen, rejected); set data.format=preference")
+                          f"(prompt, chosen, rejected; sharegpt conversations + chosen/rejected turns too){unpaired}; "
+                          f"set data.format=preference")
     if not cfg.data.path:
         raise ConfigError("data.path is empty: point it at preference records (jsonl with prompt/chosen/rejected)")
     check_compat(cfg.method, cfg.model, "reward", cfg.model.gradient_checkpointing)

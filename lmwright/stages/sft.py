@@ -99,25 +99,32 @@ def check_causal(cfg: Any, stage: str) -> dict[str, Any]:
 
 def check(cfg: SFTConfig) -> dict[str, Any]:
     """Everything that can be verified before training (used by `lmwright validate`)."""
-    if cfg.data.format not in ("alpaca", "messages"):
-        raise ConfigError(f"data.format={cfg.data.format}: sft trains on conversations; set data.format=alpaca "
-                          f"or data.format=messages")
+    if cfg.data.format not in ("alpaca", "messages", "kto"):
+        raise ConfigError(f"data.format={cfg.data.format}: sft trains on conversations; set data.format=alpaca, "
+                          f"data.format=messages (also sharegpt and tool-call data) or data.format=kto (its "
+                          f"desirable replies)")
     return check_causal(cfg, "sft")
 
 
 # ------------------------------------------------------------------------------------ data path
 def conversations(records: list[dict], fmt: str, system_prompt: str | None = None) -> list[list[dict]]:
-    """Canonical alpaca/messages records as message lists (``system_prompt`` where none is given)."""
+    """Canonical alpaca/messages/kto records as message lists (``system_prompt`` where none is given).
+
+    A messages record's tool schemas ride along as the list's ``tools`` (a ``Conversation``); kto records
+    give their desirable replies only (SFT imitates: an undesirable reply is what not to say)."""
     from lmwright.data.chat import alpaca_to_messages
+    from lmwright.data.formats.messages import Conversation
 
     if fmt == "alpaca":
         return [alpaca_to_messages(r, system_prompt) for r in records]
+    if fmt == "kto":
+        records = [{"messages": r["prompt"] + r["completion"]} for r in records if r["label"]]
     out = []
     for r in records:
         msgs = list(r["messages"])
         if system_prompt and msgs[0]["role"] != "system":
             msgs.insert(0, {"role": "system", "content": system_prompt})
-        out.append(msgs)
+        out.append(Conversation(msgs, r.get("tools")))
     return out
 
 
