@@ -30,10 +30,10 @@ def contains_match(prediction: str, reference: str) -> bool:
 
 def qa_pair(record: dict, fmt: str) -> tuple[list[dict], str]:
     """(prompt messages, reference answer) of an alpaca or messages record."""
-    if fmt == "alpaca":
-        msgs = [{"role": "system", "content": record["system"]}] if record.get("system") else []
-        user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
-        return msgs + [{"role": "user", "content": user}], record["output"]
+    if fmt == "alpaca":  # the conversation SFT trains on (one home: alpaca_to_messages), minus the answer
+        from lmwright.data.chat import alpaca_to_messages
+
+        return alpaca_to_messages({**record, "output": ""}), record["output"]
     messages = record["messages"]
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     return messages[:last], messages[last]["content"]

@@ -225,3 +225,15 @@ def test_compare_runs(tmp_path):
     page = out.read_text()
     assert "<td>lora</td>" in page and "<td>full</td>" in page and "0.6" in page  # last loss of full
     assert "data:image/png;base64," in page
+
+
+def test_generation_eval_prompts_are_the_sft_training_prompts():
+    """`lmwright eval --task generation --data x.jsonl` asks what SFT trained on (it joined instruction and input
+    with a blank line where SFT uses one newline: a prompt the model never saw)."""
+    from lmwright.eval.generation import qa_pair
+    from lmwright.stages.sft import conversations
+
+    rec = {"instruction": "Who likes cake?", "input": "Iris likes cake.", "output": "Iris", "system": "Be brief."}
+    prompt, ref = qa_pair(rec, "alpaca")
+    assert prompt == conversations([rec], "alpaca")[0][:-1]
+    assert ref == "Iris"
