@@ -137,7 +137,7 @@ def test_generation_scores_answers(lm_dir, tmp_path, monkeypatch):
     from lmwright.models.load import load_tokenizer
 
     tok = load_tokenizer(lm_dir)
-    assert seen[2] == render_prompt_ids(tok, [{"role": "user", "content": "Sky colour?\n\nat night"}])
+    assert seen[2] == render_prompt_ids(tok, [{"role": "user", "content": "Sky colour?\nat night"}])
 
 
 def test_generation_real_decoding(lm_dir, tmp_path):
