@@ -244,7 +244,7 @@ def exact_match(model, tokenizer, convs: list[list[dict]], max_new_tokens: int,
 
     if not convs:
         return float("nan"), []
-    prompts = [render_prompt_ids(tokenizer, c[:-1]) for c in convs]
+    prompts = [render_prompt_ids(tokenizer, c[:-1], tools=getattr(c, "tools", None)) for c in convs]
     with autocast_for(precision, next(model.parameters()).device.type):
         generated = generate(model, tokenizer, prompts, max_new_tokens)
     answers = [tokenizer.decode(a, skip_special_tokens=True).strip() for a, _ in generated]

@@ -181,3 +181,28 @@ def test_exact_match_generates_under_the_training_precision(tokenizer, method):
     seen.clear()
     exact_match(model, tokenizer, convs, max_new_tokens=3, precision="no")
     assert seen and not any(seen)
+
+
+def test_exact_match_prompts_carry_the_conversation_tools(monkeypatch):
+    """The held-out prompts of a tool-calling conversation are rendered with its tools, as training rendered
+    them (slicing off the answer used to drop the Conversation's tools)."""
+    from lmwright.data import chat
+    from lmwright.stages import sft
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def fake_render(tokenizer, messages, tools=None):
+        seen.append(tools)
+        raise Stop
+
+    monkeypatch.setattr(chat, "render_prompt_ids", fake_render)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    conv = sft.conversations([{"messages": [{"role": "user", "content": "Weather?"},
+                                            {"role": "assistant", "content": "Sunny."}], "tools": tools}],
+                             "messages")[0]
+    with pytest.raises(Stop):
+        sft.exact_match(__import__("torch").nn.Linear(1, 1), None, [conv], max_new_tokens=4)
+    assert seen == [tools]
