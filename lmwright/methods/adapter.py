@@ -27,7 +27,7 @@ CONFIG = "bottleneck_adapter.json"
 
 # family -> (attention output module, MLP output module), relative to a block
 SITES = {
-    "llama": ("self_attn", "mlp"),
+    **{f: ("self_attn", "mlp") for f in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3")},
     "gpt2": ("attn", "mlp"),
     "bert": ("attention.output.dense", "output.dense"),  # before BertSelfOutput/BertOutput's residual + norm
 }

@@ -107,7 +107,9 @@ def save_trained(model: Any, cfg: MethodConfig, out_dir: str | Path, tokenizer: 
     config = getattr(model, "config", None)
     meta = {"method": cfg.name, "task": task or _task_of(model), "base": base,
             "num_labels": getattr(config, "num_labels", None),
-            "quantize": _quantize_of(model), "quantize_embeddings": _embeddings_quantized(model)}
+            "quantize": _quantize_of(model), "quantize_embeddings": _embeddings_quantized(model),
+            # the attention kernel it trained with: the base reloads with it (Gemma-2 has no SDPA)
+            "attn_implementation": getattr(config, "_attn_implementation", None)}
     if meta["task"] in ("classification", "reward") and getattr(config, "id2label", None):
         meta["id2label"] = {str(k): v for k, v in config.id2label.items()}
     (out / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
@@ -185,14 +187,31 @@ def _unwrap(model: Any) -> Any:
 
 
 def model_family(model_or_config: Any) -> str:
-    """Family key used by COMPAT and the adapter hooks: llama, gpt2, bert, t5, bart or the model_type."""
+    """Family key used by COMPAT and the adapter hooks (see ``FAMILIES``), or the model_type if unknown."""
     config = getattr(model_or_config, "config", model_or_config)
     mt = getattr(config, "model_type", "")
     return _FAMILY_OF.get(mt, mt)
 
 
-_FAMILY_OF = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma": "llama",
-              "gpt2": "gpt2", "bert": "bert", "roberta": "bert", "t5": "t5", "bart": "bart"}
+# family key -> what it covers; the COMPAT table and docs/methods.md are per family
+FAMILIES: dict[str, str] = {
+    "llama": "Llama 1-3 (LlamaForCausalLM), incl. Llama-3 rope scaling, tied or untied embeddings",
+    "mistral": "Mistral (sliding-window attention)",
+    "qwen2": "Qwen2, Qwen2.5 (q/k/v bias)",
+    "qwen3": "Qwen3 (q/k norm)",
+    "gemma": "Gemma (1)",
+    "gemma2": "Gemma-2 (logit soft-capping, alternating sliding/full attention; eager attention only)",
+    "gemma3": "Gemma-3 text (Gemma3ForCausalLM with Gemma3TextConfig)",
+    "phi3": "Phi-3 (fused qkv_proj and gate_up_proj)",
+    "gpt2": "GPT-2 (Conv1D layers)",
+    "bert": "BERT, RoBERTa (encoders)",
+    "t5": "T5 (encoder-decoder)",
+    "bart": "BART (encoder-decoder)",
+}
+# model_type -> family; model types not listed (e.g. gemma3, the multimodal Gemma3ForConditionalGeneration)
+# are their own, unsupported family
+_FAMILY_OF = {**{f: f for f in FAMILIES if f != "gemma3"}, "gemma3_text": "gemma3", "roberta": "bert",
+              "gemma3": "gemma3-multimodal"}
 
 
 def linear_module_names(model: Any) -> list[str]:
@@ -219,6 +238,8 @@ def _task_from_arch(a: str) -> str:
         return "masked-lm"
     if a.endswith("ForConditionalGeneration"):
         return "seq2seq"
+    if a.endswith("LMHeadModel"):  # GPT2LMHeadModel and kin: causal LMs whose name ends in "Model"
+        return "causal-lm"
     if a.endswith("Model"):
         return "embedding"
     return "causal-lm"
@@ -287,33 +308,40 @@ def _is_adapter_param(name: str) -> bool:
 _FLOAT = frozenset({"float32", "bfloat16", "float16"})
 _KBIT = frozenset({"nf4", "fp4", "int8"})
 _ALL_TASKS = frozenset(TASKS)
-_ALL_FAMILIES = frozenset({"llama", "gpt2", "bert", "t5", "bart"})
+_ALL_FAMILIES = frozenset(FAMILIES)
 _PROMPT_TASKS = frozenset({"causal-lm", "classification", "seq2seq", "reward"})
+_NO_ADAPTER_SITES = "its blocks add cross-attention, where lmwright's bottleneck adapter has no placement"
 
-# method -> what it works with; tested cells are exercised by tests/methods/test_contract.py
+# method -> what it works with. "refused": family -> why not (check_compat says it; docs/methods.md shows it).
+# Every supported (family, method) cell of the decoder families and BERT is run through the contract
+# matrix of tests/methods/test_contract.py; T5 through the smoke test of tests/methods/test_families.py.
 COMPAT: dict[str, dict[str, Any]] = {
-    "full": {"tasks": _ALL_TASKS, "families": _ALL_FAMILIES, "precision": _FLOAT, "merges": True,
-                 "note": "every weight trains; quantized weights cannot take gradient steps"},
-    "freeze": {"tasks": _ALL_TASKS, "families": _ALL_FAMILIES, "precision": _FLOAT, "merges": True,
-                   "note": "last method.freeze_last_n blocks + method.trainable_modules + task head"},
-    "lora": {"tasks": _ALL_TASKS, "families": _ALL_FAMILIES, "precision": _FLOAT | _KBIT, "merges": True,
-                 "note": "model.quantize=nf4 makes it QLoRA; merge dequantizes the base first"},
-    "dora": {"tasks": _ALL_TASKS, "families": _ALL_FAMILIES, "precision": _FLOAT | _KBIT, "merges": True,
-                 "note": "LoRA with a learned magnitude per output (peft use_dora)"},
-    "ia3": {"tasks": _ALL_TASKS, "families": _ALL_FAMILIES, "precision": _FLOAT, "merges": True,
-                "note": "learned rescaling vectors; peft default targets per family"},
-    "prefix": {"tasks": _PROMPT_TASKS, "families": _ALL_FAMILIES, "precision": _FLOAT, "merges": False,
-                   "note": "not with gradient checkpointing; prefix_projection=true is P-tuning v2"},
-    "ptuning": {"tasks": _PROMPT_TASKS, "families": _ALL_FAMILIES, "precision": _FLOAT, "merges": False,
-                    "note": "virtual tokens from an MLP prompt encoder (P-tuning v1)"},
-    "prompt": {"tasks": _PROMPT_TASKS, "families": _ALL_FAMILIES, "precision": _FLOAT, "merges": False,
-                   "note": "soft prompt embeddings only"},
-    "adapter": {"tasks": _ALL_TASKS - {"seq2seq"}, "families": frozenset({"llama", "gpt2", "bert"}),
-                    "precision": _FLOAT, "merges": False, "note": "lmwright's bottleneck adapter (Houlsby/Pfeiffer)"},
-    "qat": {"tasks": _ALL_TASKS, "families": frozenset({"llama", "bert", "t5", "bart"}), "precision": _FLOAT,
-                "merges": True, "note": "fake-quantized nn.Linear weights (int8/int4, torchao); GPT-2's Conv1D "
-                                  "layers are not covered"},
+    "full": {"tasks": _ALL_TASKS, "precision": _FLOAT, "merges": True,
+             "note": "every weight trains; quantized weights cannot take gradient steps"},
+    "freeze": {"tasks": _ALL_TASKS, "precision": _FLOAT, "merges": True,
+               "note": "last method.freeze_last_n blocks + method.trainable_modules + task head"},
+    "lora": {"tasks": _ALL_TASKS, "precision": _FLOAT | _KBIT, "merges": True,
+             "note": "model.quantize=nf4 makes it QLoRA; merge dequantizes the base first"},
+    "dora": {"tasks": _ALL_TASKS, "precision": _FLOAT | _KBIT, "merges": True,
+             "note": "LoRA with a learned magnitude per output (peft use_dora)"},
+    "ia3": {"tasks": _ALL_TASKS, "precision": _FLOAT, "merges": True,
+            "note": "learned rescaling vectors; peft default targets per family (Phi-3: qkv_proj, down_proj)"},
+    "prefix": {"tasks": _PROMPT_TASKS, "precision": _FLOAT, "merges": False,
+               "note": "not with gradient checkpointing; prefix_projection=true is P-tuning v2"},
+    "ptuning": {"tasks": _PROMPT_TASKS, "precision": _FLOAT, "merges": False,
+                "note": "virtual tokens from an MLP prompt encoder (P-tuning v1)"},
+    "prompt": {"tasks": _PROMPT_TASKS, "precision": _FLOAT, "merges": False,
+               "note": "soft prompt embeddings only"},
+    "adapter": {"tasks": _ALL_TASKS - {"seq2seq"}, "precision": _FLOAT, "merges": False,
+                "refused": {"t5": _NO_ADAPTER_SITES, "bart": _NO_ADAPTER_SITES},
+                "note": "lmwright's bottleneck adapter (Houlsby/Pfeiffer)"},
+    "qat": {"tasks": _ALL_TASKS, "precision": _FLOAT, "merges": True,
+            "refused": {"gpt2": "its Conv1D layers are not nn.Linear, the only layers torchao fake-quantizes"},
+            "note": "fake-quantized nn.Linear weights (int8/int4, torchao)"},
 }
+for _c in COMPAT.values():
+    _c.setdefault("refused", {})
+    _c["families"] = _ALL_FAMILIES - set(_c["refused"])
 
 
 def compat_markdown() -> str:
@@ -325,10 +353,37 @@ def compat_markdown() -> str:
             rows.append(f"| `{name}` | ? | ? | ? | ? | not in COMPAT |")
             continue
         tasks = ", ".join(t for t in TASKS if t in c["tasks"])
-        fams = ", ".join(sorted(c["families"]))
+        fams = "all" if c["families"] == _ALL_FAMILIES else "all but " + ", ".join(sorted(c["refused"]))
         prec = ", ".join(p for p in ("float32", "bfloat16", "float16", "nf4", "fp4", "int8") if p in c["precision"])
         rows.append(f"| `{name}` | {tasks} | {fams} | {prec} | {'yes' if c['merges'] else 'no'} | {c['note']} |")
     return "\n".join(rows)
+
+
+def family_matrix_markdown(checked: dict[tuple[str, str], str] | None = None) -> str:
+    """The family x method table (``qlora`` = lora on a model.quantize=nf4 base), with the reasons of refusals.
+
+    ``checked`` maps (family, method) to the test that exercises the cell; supported cells without a
+    test are marked as such (the table claims no more than the tests show).
+    """
+    checked = checked or {}
+    methods = [*METHODS.names(), "qlora"]
+    rows = ["| family | " + " | ".join(f"`{m}`" for m in methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    reasons: dict[tuple[str, str], list[str]] = {}  # (method, why) -> families, in table order
+    for fam in FAMILIES:
+        for m in methods:
+            why = COMPAT["lora" if m == "qlora" else m]["refused"].get(fam)
+            if why is not None:
+                reasons.setdefault((m, why), []).append(fam)
+    keys = list(reasons)
+    for fam in FAMILIES:
+        cells = []
+        for m in methods:
+            why = COMPAT["lora" if m == "qlora" else m]["refused"].get(fam)
+            cells.append(f"no [{keys.index((m, why)) + 1}]" if why is not None
+                         else checked.get((fam, m), "yes (untested)"))
+        rows.append(f"| {fam} | " + " | ".join(cells) + " |")
+    notes = [f"- [{i}] `{m}` on {', '.join(reasons[(m, why)])}: {why}" for i, (m, why) in enumerate(keys, 1)]
+    return "\n".join(rows + [""] + notes)
 
 
 def check_compat(method_cfg: MethodConfig, model_cfg: Any, task: str,
@@ -366,15 +421,22 @@ def check_compat(method_cfg: MethodConfig, model_cfg: Any, task: str,
     if meta is None:
         return
     family = model_family(meta)
+    if family in c["refused"]:
+        raise ConfigError(f"method.name={name} does not work on the {family} model family: {c['refused'][family]}; "
+                          f"pick another method.name (e.g. lora)")
     if family not in c["families"]:
-        raise ConfigError(f"method.name={name} does not support the {family} model family "
-                          f"(it supports {', '.join(sorted(c['families']))}); pick another method.name or model.name")
+        raise ConfigError(f"method.name={name} is not tested on the {family} model family ({type(meta).__name__}); "
+                          f"lmwright supports {', '.join(sorted(c['families']))}: pick another model.name")
+    attn = getattr(model_cfg, "attn_implementation", None)
+    if attn == "sdpa" and not getattr(type(meta), "_supports_sdpa", True):
+        raise ConfigError(f"model.attn_implementation=sdpa: {type(meta).__name__} ({family}) has no SDPA attention in "
+                          f"this transformers version; set model.attn_implementation=eager")
     targets = normalize_targets(method_cfg.targets)
     if name in ("lora", "dora", "ia3") and isinstance(targets, list):
-        have = linear_module_names(meta)
-        missing = [t for t in targets if not any(t == h or t.endswith("." + h) or h.endswith(t) for h in have)
-                   and not _module_path_exists(meta, t)]
+        # peft matches a target by the module's name or a dotted suffix of its path (mlp.c_proj)
+        missing = [t for t in targets if not _module_path_exists(meta, t)]
         if missing:
+            have = linear_module_names(meta)
             raise ConfigError(f"method.targets {missing} not found in {getattr(model_cfg, 'name', 'the model')}; "
                               f"its linear modules are: {', '.join(have)} (or use method.targets=all-linear)")
     if name == "freeze":
@@ -456,6 +518,8 @@ def load_trained(path: str | Path, task: str | None = None, **kwargs: Any) -> tu
         if meta.get("id2label"):
             kwargs["id2label"] = {int(k): v for k, v in meta["id2label"].items()}
             kwargs["label2id"] = {v: int(k) for k, v in meta["id2label"].items()}
+    if meta.get("attn_implementation") and "attn_implementation" not in kwargs:
+        kwargs["attn_implementation"] = meta["attn_implementation"]
     if (p / "adapter_config.json").exists():
         from peft import PeftModel
 
@@ -496,7 +560,8 @@ def _load_base(base: str | None, task: str, quantize: str | None, quantize_embed
         from lmwright.methods.peft_methods import disable_bnb_cpu_repack
         from lmwright.models.presets import ModelConfig
 
-        model = load_model(base, task=task, model_cfg=ModelConfig(name=base, quantize=quantize,
+        attn = kwargs.pop("attn_implementation", None) or ModelConfig.attn_implementation
+        model = load_model(base, task=task, model_cfg=ModelConfig(name=base, quantize=quantize, attn_implementation=attn,
                                                                   quantize_embeddings=quantize_embeddings), **kwargs)
         return disable_bnb_cpu_repack(model)
     return load_model(base, task=task, **kwargs)

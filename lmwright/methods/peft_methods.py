@@ -22,6 +22,7 @@ from lmwright.methods.base import (
     MethodConfig,
     head_module_names,
     linear_module_names,
+    model_family,
     normalize_targets,
 )
 
@@ -184,6 +185,8 @@ class IA3(_PeftMethod):
             kwargs = {"target_modules": t, "feedforward_modules": [m for m in t if m.rsplit(".", 1)[-1] in ff]}
         elif t == "all-linear":
             kwargs = {"target_modules": "all-linear", "feedforward_modules": []}
+        elif model_family(model) == "phi3":  # peft 0.21 has no IA3 default for Phi-3's fused projections
+            kwargs = {"target_modules": ["qkv_proj", "down_proj"], "feedforward_modules": ["down_proj"]}
         return IA3Config(task_type=_task_type(task), modules_to_save=_modules_to_save(model, cfg, task), **kwargs)
 
 

@@ -68,3 +68,71 @@ def test_config_from_yaml_values():
     assert cfg.targets == ["q_proj", "v_proj"]
     with pytest.raises(ConfigError, match="adapter_placement"):
         from_dict(MethodConfig, {"adapter_placement": "middle"})
+
+
+# ------------------------------------------------------------------------------------------- families
+def _config_folder(tmp_path, family: str, tokenizer):
+    """A folder with only the config.json of a family model (all check_compat reads)."""
+    from tests.families import family_config
+
+    family_config(family, tokenizer).save_pretrained(tmp_path / family)
+    return str(tmp_path / family)
+
+
+@pytest.mark.parametrize("config_cls, family", [
+    ("LlamaConfig", "llama"), ("MistralConfig", "mistral"), ("Qwen2Config", "qwen2"), ("Qwen3Config", "qwen3"),
+    ("GemmaConfig", "gemma"), ("Gemma2Config", "gemma2"), ("Gemma3TextConfig", "gemma3"), ("Phi3Config", "phi3"),
+    ("GPT2Config", "gpt2"), ("BertConfig", "bert"), ("RobertaConfig", "bert"), ("T5Config", "t5"),
+    ("BartConfig", "bart"), ("Gemma3Config", "gemma3-multimodal"), ("OPTConfig", "opt")])
+def test_model_family_of_each_config(config_cls, family):
+    import transformers as tf
+
+    from lmwright.methods.base import model_family
+
+    assert model_family(getattr(tf, config_cls)()) == family
+
+
+def test_untested_family_is_refused_naming_the_supported_ones(tmp_path):
+    import transformers as tf
+
+    tf.OPTConfig(hidden_size=32, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2).save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match=r"not tested on the opt model family.*gemma2.*qwen3"):
+        check_compat(MethodConfig(name="lora"), ModelConfig(name=str(tmp_path)), "causal-lm")
+
+
+def test_gemma2_without_sdpa_names_the_attention_option(tmp_path, tokenizer):
+    folder = _config_folder(tmp_path, "gemma2", tokenizer)
+    with pytest.raises(ConfigError, match="model.attn_implementation=eager"):
+        check_compat(MethodConfig(name="lora"), ModelConfig(name=folder), "causal-lm")
+    check_compat(MethodConfig(name="lora"), ModelConfig(name=folder, attn_implementation="eager"), "causal-lm")
+
+
+def test_phi3_fused_projections_are_the_targets(tmp_path, tokenizer):
+    folder = _config_folder(tmp_path, "phi3", tokenizer)
+    # v_proj is a suffix of qkv_proj as a string but not a module peft would match: refused, like q_proj
+    for wrong in (["q_proj", "v_proj"], ["v_proj"]):
+        with pytest.raises(ConfigError, match=r"not found.*its linear modules are: down_proj, gate_up_proj, o_proj, "
+                                              r"qkv_proj"):
+            check_compat(MethodConfig(name="lora", targets=wrong), ModelConfig(name=folder), "causal-lm")
+    check_compat(MethodConfig(name="lora", targets=["qkv_proj", "gate_up_proj"]), ModelConfig(name=folder), "causal-lm")
+    check_compat(MethodConfig(name="ia3", targets=["mlp.down_proj"]), ModelConfig(name=folder), "causal-lm")
+
+
+def test_gpt2_lm_head_folders_are_causal_lms():
+    from lmwright.methods.base import _task_from_arch
+
+    assert _task_from_arch("GPT2LMHeadModel") == "causal-lm"
+    assert _task_from_arch("BertModel") == "embedding"
+
+
+def test_methods_doc_is_the_generated_one():
+    """docs/methods.md (COMPAT + the family matrix) is what scripts/gen_docs.py writes now."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("gen_docs", root / "scripts" / "gen_docs.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert (root / "docs" / "methods.md").read_text(encoding="utf-8") == gen.methods_doc(), \
+        "docs/methods.md is stale: run python scripts/gen_docs.py"

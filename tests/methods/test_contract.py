@@ -1,4 +1,5 @@
-"""Contract matrix (design convention 6): every method x {tiny causal LM, tiny encoder classifier}.
+"""Contract matrix (design convention 6): every method x {tiny causal LM, tiny encoder classifier} and every
+method x every decoder family (a tiny random model of each, saved as a local folder: see "families" below).
 
 For each cell where the method applies (``COMPAT``): the trainable set is what the method declares
 (task head included), one AdamW step moves exactly the trainable parameters, save -> load_trained
@@ -9,6 +10,7 @@ the disabled adapter is the base model, and weight-delta methods start equal to 
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -26,6 +28,7 @@ from lmwright.methods import (
     save_trained,
     trainable_report,
 )
+from tests.families import FAMILY_ATTENTION, FAMILY_NAMES, folder_factory
 
 CASES = {"llama-causal": ("llama-tiny", "causal-lm"), "bert-cls": ("bert-tiny", "classification")}
 FAMILY = {"llama-tiny": "llama", "bert-tiny": "bert"}
@@ -114,30 +117,26 @@ def _is_head(name: str) -> bool:
     return "classifier" in name or "score" in name
 
 
-@pytest.mark.parametrize("method, case", CELLS)
-def test_trainable_set_as_declared(tokenizer, method, case):
-    _, model, task, _, _ = _prepared(tokenizer, method, case)
+def _check_trainable_set(model, declared, task: str, full: bool) -> None:
+    """The trainable parameters are exactly those ``declared`` names (plus a new classification head)."""
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    declared = {n for n, _ in model.named_parameters()
-                if DECLARED[method](n) or (task == "classification" and _is_head(n)
-                                           and "original_module" not in n)}
-    assert trainable == declared
+    want = {n for n, _ in model.named_parameters()
+            if declared(n) or (task == "classification" and _is_head(n) and "original_module" not in n)}
+    assert trainable == want
     if task == "classification":
         assert any(_is_head(n) for n in trainable), "the new classification head must train"
     rep = trainable_report(model)
     assert 0 < rep["trainable"] <= rep["total"]
-    if method not in ("full", "qat"):
+    if not full:
         assert rep["trainable_pct"] < 100.0
 
 
-@pytest.mark.parametrize("method, case", CELLS)
-def test_one_step_changes_exactly_the_trainable_parameters(tokenizer, method, case):
-    _, model, task, batch, _ = _prepared(tokenizer, method, case)
+def _check_one_step(model, batch) -> None:
+    """One AdamW step moves every trainable parameter that got a gradient, and nothing else."""
     before = _state(model)
     _step(model, batch)
-    params = dict(model.named_parameters())
     moved_body = False
-    for n, p in params.items():
+    for n, p in model.named_parameters():
         changed = not torch.equal(before[n], p.detach())
         if not p.requires_grad:
             assert not changed, f"frozen parameter {n} moved"
@@ -147,45 +146,71 @@ def test_one_step_changes_exactly_the_trainable_parameters(tokenizer, method, ca
     assert moved_body, "the method's own parameters got no gradient (the method has no effect)"
 
 
+def _check_save_load(model, cfg: MethodConfig, tokenizer, base_dir, out_dir, task: str, batch, atol: float = 1e-6):
+    expected = _logits(model, batch)
+    out = save_trained(model, cfg, out_dir, tokenizer=tokenizer, base_path=base_dir, task=task)
+    if cfg.name not in ("full", "freeze", "qat"):  # adapters save only what they train
+        assert not (out / "model.safetensors").exists()
+    loaded, tok = load_trained(out)
+    assert tok("hello world")["input_ids"] == tokenizer("hello world")["input_ids"]
+    if cfg.name == "qat":  # the saved float weights reload into the model QAT converts to
+        torch.testing.assert_close(_logits(loaded, batch), _logits(get_method("qat").merge(model), batch))
+        return
+    torch.testing.assert_close(_logits(loaded, batch), expected, atol=atol, rtol=atol)
+
+
+def _check_merge(model, cfg: MethodConfig, batch, atol: float = 1e-5) -> None:
+    """merged == unmerged logits, or a clear refusal for methods that cannot merge (consumes ``model``)."""
+    expected = _logits(model, batch)
+    if not COMPAT[cfg.name]["merges"]:
+        with pytest.raises(ConfigError, match="cannot be merged"):
+            merge_trained(model, cfg)
+        return
+    merged = merge_trained(model, cfg)
+    assert type(merged).__module__.startswith("transformers."), "merge must give a plain transformers model"
+    torch.testing.assert_close(_logits(merged, batch), expected, atol=atol, rtol=atol)
+
+
+def _check_disabled_is_base(model, batch, base_logits, atol: float = 1e-6) -> None:
+    with disabled(model):
+        got = _logits(model, batch)
+    torch.testing.assert_close(got, base_logits, atol=atol, rtol=atol)
+    after = _logits(model, batch)  # prompt methods add virtual positions to causal-LM logits
+    assert after.shape != base_logits.shape or not torch.allclose(after, base_logits), "the method changes nothing"
+
+
+@pytest.mark.parametrize("method, case", CELLS)
+def test_trainable_set_as_declared(tokenizer, method, case):
+    _, model, task, _, _ = _prepared(tokenizer, method, case)
+    _check_trainable_set(model, DECLARED[method], task, full=method in ("full", "qat"))
+
+
+@pytest.mark.parametrize("method, case", CELLS)
+def test_one_step_changes_exactly_the_trainable_parameters(tokenizer, method, case):
+    _, model, task, batch, _ = _prepared(tokenizer, method, case)
+    _check_one_step(model, batch)
+
+
 @pytest.mark.parametrize("method, case", CELLS)
 def test_save_load_gives_identical_logits(tokenizer, tmp_path, method, case):
     base, model, task, batch, _ = _prepared(tokenizer, method, case)
     base.save_pretrained(tmp_path / "base")
     _step(model, batch)
-    expected = _logits(model, batch)
-    out = save_trained(model, _cfg(method), tmp_path / "out", tokenizer=tokenizer, base_path=tmp_path / "base",
-                       task=task)
-    if method not in ("full", "freeze", "qat"):  # adapters save only what they train
-        assert not (out / "model.safetensors").exists()
-    loaded, tok = load_trained(out)
-    assert tok("hello world")["input_ids"] == tokenizer("hello world")["input_ids"]
-    torch.testing.assert_close(_logits(loaded, batch), expected, atol=1e-6, rtol=1e-6) if method != "qat" \
-        else torch.testing.assert_close(_logits(loaded, batch), _logits(get_method("qat").merge(model), batch))
+    _check_save_load(model, _cfg(method), tokenizer, tmp_path / "base", tmp_path / "out", task, batch)
 
 
 @pytest.mark.parametrize("method, case", [c for c in CELLS if c.values[0] != "qat"])
 def test_merged_equals_unmerged(tokenizer, method, case):
     _, model, task, batch, _ = _prepared(tokenizer, method, case)
     _step(model, batch)
-    expected = _logits(model, batch)
-    if not COMPAT[method]["merges"]:
-        with pytest.raises(ConfigError, match="cannot be merged"):
-            merge_trained(model, _cfg(method))
-        return
-    merged = merge_trained(model, _cfg(method))
-    assert type(merged).__module__.startswith("transformers."), "merge must give a plain transformers model"
-    torch.testing.assert_close(_logits(merged, batch), expected, atol=1e-5, rtol=1e-5)
+    _check_merge(model, _cfg(method), batch)
 
 
 @pytest.mark.parametrize("method, case", [c for c in CELLS if c.values[0] in HAS_DISABLE])
 def test_disabled_adapter_is_the_base_model(tokenizer, method, case):
     _, model, task, batch, base_logits = _prepared(tokenizer, method, case)
     _step(model, batch)
-    with disabled(model):
-        got = _logits(model, batch)
-    torch.testing.assert_close(got, base_logits, atol=1e-6, rtol=1e-6)
-    after = _logits(model, batch)  # prompt methods add virtual positions to causal-LM logits
-    assert after.shape != base_logits.shape or not torch.allclose(after, base_logits), "the method changes nothing"
+    _check_disabled_is_base(model, batch, base_logits)
 
 
 @pytest.mark.parametrize("method, case", [c for c in CELLS if c.values[0] in STARTS_AT_BASE])
@@ -197,3 +222,110 @@ def test_starts_equal_to_the_base_model(tokenizer, method, case):
 def test_matrix_covers_every_method():
     covered = {c.values[0] for c in CELLS}
     assert covered == set(METHODS.names())
+
+
+# ------------------------------------------------------------------------------------------- families
+# Every decoder family as a user has it: a local folder (tests/families.py) loaded by lmwright's loader.
+# Each cell runs the whole contract on one model: validate accepts it, trainable set, starts at the base,
+# one step, disabled == base, save -> load, merged == unmerged. Beside the methods: qlora (lora on a
+# model.quantize=nf4 base) and lora-targets (lora on the family's own attention projection names).
+FAMILY_TARGETS = {"phi3": ["qkv_proj"], "gpt2": ["c_attn"]}  # default: q_proj, v_proj
+
+
+def _targets(family: str) -> list[str]:
+    return FAMILY_TARGETS.get(family, ["q_proj", "v_proj"])
+
+
+def _family_method_cfg(method: str, family: str) -> MethodConfig:
+    cfg = _cfg("lora" if method in ("qlora", "lora-targets") else method)
+    if method == "lora-targets":
+        cfg.targets = _targets(family)
+    return cfg
+
+
+def _family_cells() -> tuple[list, list]:
+    """(cells COMPAT supports, cells COMPAT refuses) over FAMILY_NAMES x methods + qlora, lora-targets."""
+    ok, refused = [], []
+    for family in FAMILY_NAMES:
+        for m in [*METHODS.names(), "qlora", "lora-targets"]:
+            c = COMPAT[_family_method_cfg(m, family).name]
+            cell = pytest.param(m, family, id=f"{m}-{family}")
+            (ok if family in c["families"] else refused).append(cell)
+    return ok, refused
+
+
+FAMILY_CELLS, REFUSED_FAMILY_CELLS = _family_cells()
+
+
+@pytest.fixture(scope="module")
+def family_folder(tmp_path_factory, tokenizer):
+    return folder_factory(tmp_path_factory, tokenizer)
+
+
+def _family_model_cfg(folder, family: str, quantize: str = "none"):
+    from lmwright.models import ModelConfig
+
+    return ModelConfig(name=str(folder), dtype="float32", quantize=quantize,
+                       attn_implementation=FAMILY_ATTENTION.get(family, "sdpa"))
+
+
+def _declared(method: str, family: str):
+    if method == "lora-targets":
+        return lambda n: "lora_" in n and any(f".{t}." in n for t in _targets(family))
+    return DECLARED["lora" if method == "qlora" else method]
+
+
+@pytest.mark.parametrize("method, family", FAMILY_CELLS)
+def test_family_contract(tokenizer, family_folder, tmp_path, method, family):
+    from lmwright.methods import check_compat
+    from lmwright.models import build_model
+
+    if method == "qlora":
+        pytest.importorskip("bitsandbytes")
+    folder = family_folder(family)
+    cfg = _family_method_cfg(method, family)
+    model_cfg = _family_model_cfg(folder, family, "nf4" if method == "qlora" else "none")
+    check_compat(cfg, model_cfg, "causal-lm")  # `lmwright validate` accepts the cell
+    base = build_model(model_cfg, task="causal-lm").eval()  # lmwright's loader, as a stage loads it
+    if method == "qlora":  # as load_trained does: eval below must not repack the 4-bit blocks for bf16
+        from lmwright.methods.peft_methods import disable_bnb_cpu_repack
+
+        disable_bnb_cpu_repack(base)
+    batch = _batch("causal-lm", len(tokenizer))
+    base_logits = _logits(base, batch)
+    # a 4-bit base is consumed by the method (frozen, prepared for k-bit training) rather than copied
+    model = apply_method(base if method == "qlora" else copy.deepcopy(base), cfg, "causal-lm")
+    atol = 1e-5 if method == "qlora" else 1e-6
+
+    _check_trainable_set(model, _declared(method, family), "causal-lm", full=cfg.name in ("full", "qat"))
+    if cfg.name in STARTS_AT_BASE:
+        torch.testing.assert_close(_logits(model, batch), base_logits, atol=atol, rtol=atol)
+    _check_one_step(model, batch)
+    if cfg.name in HAS_DISABLE:
+        _check_disabled_is_base(model, batch, base_logits, atol=atol)
+    _check_save_load(model, cfg, tokenizer, folder, tmp_path / "out", "causal-lm", batch, atol=atol)
+    if cfg.name != "qat":  # qat's merge (convert to integer weights) is checked in test_quantized.py
+        _check_merge(model, cfg, batch, atol=1e-4 if method == "qlora" else 1e-5)
+
+
+@pytest.mark.parametrize("method, family", REFUSED_FAMILY_CELLS)
+def test_family_refusals_are_real_and_explained(tokenizer, family_folder, method, family):
+    """validate refuses the cell with COMPAT's reason, and the method really does not work there."""
+    from lmwright.methods import check_compat
+    from lmwright.models import build_model
+
+    folder = family_folder(family)
+    cfg = _family_method_cfg(method, family)
+    model_cfg = _family_model_cfg(folder, family)
+    with pytest.raises(ConfigError, match=re.escape(COMPAT[cfg.name]["refused"][family])):
+        check_compat(cfg, model_cfg, "causal-lm")
+    with pytest.raises(Exception):  # noqa: B017 - whatever the failure, the cell must not silently train
+        apply_method(build_model(model_cfg, task="causal-lm"), cfg, "causal-lm")
+
+
+def test_family_matrix_covers_every_family_and_method():
+    from lmwright.methods.base import FAMILIES
+
+    assert set(FAMILY_NAMES) <= set(FAMILIES)
+    cells = {tuple(c.values) for c in FAMILY_CELLS + REFUSED_FAMILY_CELLS}
+    assert cells == {(m, f) for f in FAMILY_NAMES for m in [*METHODS.names(), "qlora", "lora-targets"]}
