@@ -182,12 +182,15 @@ def test_failing_prefill_fails_only_its_request(lm):
 
 
 def _hf_greedy(model, ids, n):
-    """``model.generate()`` greedy, exactly ``n`` new tokens (the reference the engine must equal)."""
+    """``model.generate()`` greedy, exactly ``n`` new tokens (the reference the engine must equal).
+
+    No eos: generation neither stops at it nor suppresses it (``min_new_tokens`` would mask its logit, so
+    the reference would pick the runner-up where the engine, told ``stop_token_ids=[]``, picks eos)."""
     import torch
 
     with torch.inference_mode():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                             pad_token_id=0)
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=0,
+                             eos_token_id=None)
     return out[0, len(ids):].tolist()
 
 
