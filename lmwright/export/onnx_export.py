@@ -135,6 +135,12 @@ class OnnxExporter:
         if meta["task"] == "seq2seq" or config.get("is_encoder_decoder"):
             raise ExportError(f"{source_path} is an encoder-decoder ({config.get('model_type')}); the onnx exporter "
                               "handles decoder-only LMs, encoders and classifiers. Export it with --format hf")
+        if meta["task"] == "causal-lm" and "sliding_attention" in (config.get("layer_types") or []):
+            # measured on Gemma-2/Gemma-3 (transformers 5.24, torch.onnx dynamo): the traced sliding-window
+            # mask indexes past the window once a prompt is longer than it, and onnxruntime fails
+            raise ExportError(f"{source_path} ({config.get('model_type')}) has sliding-window attention layers; "
+                              "the onnx exporter cannot trace their cache and mask correctly. Export it with "
+                              "--format hf")
 
     def write(self, src: Source, out_dir: Path, opts: dict[str, Any]) -> None:
         from lmwright.export.hf import write_generation_config
