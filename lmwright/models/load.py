@@ -1,7 +1,9 @@
-"""Resolve and load local model folders: a run folder, a checkpoint folder or a Hugging Face folder.
+"""Resolve and load local models: a run folder, a checkpoint folder, a Hugging Face folder or a GGUF file.
 
 Nothing is ever downloaded (``local_files_only=True``). Adapter folders (peft or lmwright's own
-methods) are loaded by ``lmwright.methods.load_trained``, one layer up.
+methods) are loaded by ``lmwright.methods.load_trained``, one layer up. A ``.gguf`` file (or a folder
+holding exactly one and no config.json) resolves to a Hugging Face folder converted from it once and
+cached (:mod:`lmwright.models.gguf_import`), so everything that takes a folder takes a GGUF file too.
 """
 
 from __future__ import annotations
@@ -18,10 +20,17 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 def resolve_model_path(path: str | Path) -> Path:
-    """A run folder -> its ``final/`` (or newest checkpoint's model); other folders unchanged."""
+    """A run folder -> its ``final/`` (or newest checkpoint's model); a GGUF file -> its converted
+    Hugging Face folder (cached); other folders unchanged."""
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"model folder not found: {p}")
+    gguf_dir = _gguf_folder(p)
+    if gguf_dir is not None:
+        return gguf_dir
+    if p.is_file():
+        raise ConfigError(f"{p} is a file: a model is a folder (run, checkpoint, Hugging Face or adapter) or a "
+                          ".gguf file")
     if (p / "run.json").exists() and not (p / "config.json").exists():
         if (p / "final").is_dir():
             return p / "final"
@@ -35,12 +44,23 @@ def resolve_model_path(path: str | Path) -> Path:
     return p
 
 
+def _gguf_folder(p: Path) -> Path | None:
+    """The converted folder if ``p`` is a GGUF file or a folder holding exactly one (else None)."""
+    from lmwright.models.gguf_import import cached_import, find_gguf
+
+    found = find_gguf(p)
+    return cached_import(found) if found is not None else None
+
+
 def load_tokenizer(path: str | Path):
+    """A tokenizer folder, or the tokenizer embedded in a GGUF file (with its chat template)."""
     from transformers import AutoTokenizer
 
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"tokenizer folder not found: {p}")
+    if p.is_file() or not (p / "tokenizer_config.json").exists():
+        p = _gguf_folder(p) or p
     try:
         return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     except (OSError, ValueError) as e:

@@ -60,7 +60,7 @@ def preset_names() -> list[str]:
 
 @dataclass
 class ModelConfig:
-    name: str = opt("llama-tiny", "preset name (see `lmwright models`) or a local model/run folder")
+    name: str = opt("llama-tiny", "preset name (see `lmwright models`), a local model/run folder or a .gguf file")
     tokenizer: str | None = opt(None, "tokenizer folder; default: the model folder, or the run's tokenizer")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
         "auto", "weight dtype; auto = float32 on CPU, bfloat16 on GPUs that support it")
@@ -86,7 +86,7 @@ class ModelConfig:
         if not self.is_preset() and not Path(self.name).exists():
             from lmwright.registry import suggest
 
-            raise ConfigError(f"model.name '{self.name}' is neither a preset nor an existing folder."
+            raise ConfigError(f"model.name '{self.name}' is neither a preset nor an existing folder or .gguf file."
                               f"{suggest(self.name, preset_names())} Presets: {', '.join(preset_names())}")
 
 
