@@ -9,12 +9,21 @@ not written: llama.cpp falls back to ``token_embd`` when ``output.weight`` is mi
 Types: ``f32`` everything; ``f16`` / ``q8_0`` quantize 2-D weights and keep 1-D norms in f32 (as the
 converter does); a row length not divisible by the q8_0 block (32) falls back to f16.
 
-Tokenizer: gpt2-style byte-level BPE (``tokenizer.ggml.model = gpt2``, tokens, merges, token types,
-bos/eos/pad/unk ids, add_bos, the chat template). Other tokenizer models are refused up front.
+RoPE: default, ``linear`` (``llama.rope.scaling.*`` keys) and Llama-3's ``llama3``, written as the
+converter does: a ``rope_freqs`` tensor of per-frequency divisors (``lmwright.models.gguf_import``
+reads it back into rope parameters).
 
-Parity (no llama.cpp here; llama-cpp-python would be used if installed): every tensor is read back
-with ``GGUFReader``, dequantized, un-permuted and compared with the source weight; the read-back
-weights are also loaded into the transformers model to compare logits with the source.
+Tokenizer: gpt2-style byte-level BPE (``tokenizer.ggml.model = gpt2``, tokens, merges, token types,
+bos/eos/pad/unk ids, add_bos, the chat template). ``tokenizer.ggml.pre`` names llama.cpp's split for
+the tokenizer's pre-tokenizer (:func:`pre_tokenizer_name`: ``gpt-2`` for plain ByteLevel, ``smollm``
+for digits-one-by-one + ByteLevel, ``llama-bpe``/``qwen2``/... for a Split regex transformers knows).
+Other tokenizer models and pre-tokenizers are refused up front.
+
+Parity: every tensor is read back with ``GGUFReader``, dequantized, un-permuted and compared with the
+source weight; the read-back weights are also loaded into the transformers model to compare logits
+with the source. Where llama-cpp-python (``llama_cpp``) is installed, llama.cpp itself loads the file
+and computes logits on the same prompts (f32 KV cache): held to the float tolerance for f32 files,
+reported as information for f16/q8_0 (llama.cpp rounds the activations of those matmuls too).
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from lmwright.export import EXPORTERS, ExportError, Source
 from lmwright.export.parity import Check, ParityReport, compare_outputs, model_output, tolerance
 
 GGUF_FILE = "model.gguf"
+ROPE_FREQS = "rope_freqs.weight"  # llama3 rope scaling: per-frequency divisors (not a transformers weight)
 TYPES = ("f32", "f16", "q8_0")
 # max |diff| of a read-back weight, relative to the tensor's max |w|: f16 has an 11-bit mantissa
 # (rel. error <= 2^-11); q8_0 rounds to amax/127 per block of 32 (error <= half a step) with an f16 scale
@@ -101,6 +111,22 @@ def _rope_scaling(config: Any) -> dict[str, Any]:
     return dict(params)
 
 
+def llama3_rope_freqs(config: Any) -> Any:
+    """The ``rope_freqs`` tensor (float32, head_dim/2) for llama3 rope scaling, or None for other ropes."""
+    import numpy as np
+
+    from lmwright.models.gguf_import import llama3_rope_factors
+
+    s = _rope_scaling(config)
+    if s.get("rope_type", s.get("type")) != "llama3":
+        return None
+    n_head, _ = _heads(config)
+    dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
+    return np.asarray(llama3_rope_factors(_rope_theta(config), dim, float(s.get("factor", 8.0)),
+                                          float(s.get("low_freq_factor", 1.0)), float(s.get("high_freq_factor", 4.0)),
+                                          int(s.get("original_max_position_embeddings", 8192))), dtype=np.float32)
+
+
 def _tokenizer_json(tok_dir: Path) -> dict[str, Any]:
     f = tok_dir / "tokenizer.json"
     if not f.exists():
@@ -108,13 +134,40 @@ def _tokenizer_json(tok_dir: Path) -> dict[str, Any]:
     return json.loads(f.read_text(encoding="utf-8"))
 
 
+# llama.cpp's names first where transformers knows several for one regex
+_PREFERRED_PRE = ("llama-bpe", "qwen2", "tekken", "gpt-4o", "qwen35")
+
+
+def pre_tokenizer_name(tj: dict[str, Any]) -> str | None:
+    """llama.cpp's ``tokenizer.ggml.pre`` for a byte-level tokenizer.json, or None if it has no equivalent."""
+    pre = tj.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [p.get("type") for p in parts]
+    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
+        return "smollm"  # llama.cpp: each digit alone, then GPT-2's regex (same split as starcoder/refact)
+    if (kinds == ["Split", "ByteLevel"] and not parts[1].get("use_regex", True)
+            and str(parts[0].get("behavior", "")).lower() == "isolated" and not parts[0].get("invert")):
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+        regex = (parts[0].get("pattern") or {}).get("Regex")
+        names = [n for n, r in GGUF_PRE_TOKENIZER_SPLITS.items() if r == regex]
+        return next((n for n in _PREFERRED_PRE if n in names), names[0] if names else None)
+    return None
+
+
 def _check_tokenizer(tj: dict[str, Any], where: Path) -> None:
     model_type = (tj.get("model") or {}).get("type")
-    pre = json.dumps(tj.get("pre_tokenizer") or {})
-    if model_type != "BPE" or "ByteLevel" not in pre:
+    pre = tj.get("pre_tokenizer") or {}
+    if model_type != "BPE" or "ByteLevel" not in json.dumps(pre):
         raise ExportError(f"gguf export writes gpt2-style byte-level BPE tokenizers; the tokenizer in {where} is "
-                          f"{model_type or 'unknown'} (pre-tokenizer {(tj.get('pre_tokenizer') or {}).get('type')}). "
+                          f"{model_type or 'unknown'} (pre-tokenizer {pre.get('type')}). "
                           "Train a bpe tokenizer (`lmwright data tokenizer --type bpe`) or export --format hf/onnx")
+    if pre_tokenizer_name(tj) is None:
+        raise ExportError(f"the byte-level tokenizer in {where} splits text with a pre-tokenizer llama.cpp has no name "
+                          f"for ({json.dumps(pre)[:200]}); llama.cpp would tokenize differently. Export it with "
+                          "--format hf or onnx")
 
 
 def vocab_metadata(tok: Any, vocab_size: int) -> dict[str, Any]:
@@ -180,13 +233,16 @@ def write_gguf(src: Source, path: Path, gtype: str) -> None:
     if scaling.get("rope_type", "default") == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(scaling["factor"]))
+    rope_freqs = llama3_rope_freqs(cfg)
+    if rope_freqs is not None:
+        w.add_tensor(ROPE_FREQS, rope_freqs)
     w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                      "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gtype])
     if gtype == "q8_0":
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     v = vocab_metadata(tok, cfg.vocab_size)
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-2")  # the ByteLevel(use_regex=True) split is GPT-2's regex
+    w.add_tokenizer_pre(pre_tokenizer_name(json.loads(tok.backend_tokenizer.to_str())) or "gpt-2")
     w.add_token_list(v["tokens"])
     w.add_token_types(v["types"])
     w.add_token_merges(v["merges"])
@@ -263,8 +319,8 @@ class GGUFExporter:
             raise ExportError(f"GGUF export writes Llama-family causal LMs; {source_path} is a {mt} {meta['task']} "
                               "model. Export it with --format hf or onnx")
         rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) not in ("default", "linear"):
-            raise ExportError(f"GGUF export supports default and linear RoPE; {source_path} uses "
+        if rope.get("rope_type", rope.get("type", "default")) not in ("default", "linear", "llama3"):
+            raise ExportError(f"GGUF export supports default, linear and llama3 RoPE; {source_path} uses "
                               f"'{rope.get('rope_type')}'. Export it with --format hf")
         base = Path(meta.get("base_dir", source_path))
         tok_dir = next((d for d in (source_path, source_path.parent / "tokenizer", base)
@@ -289,7 +345,13 @@ class GGUFExporter:
         n_head, n_kv = _heads(cfg)
         state = {k: v.detach().float().cpu().numpy() for k, v in src.model.state_dict().items()}
         worst, worst_name, restored = 0.0, "", {}
+        rope_freqs = llama3_rope_freqs(cfg)
         for g, (arr, _ttype) in tensors.items():
+            if g == ROPE_FREQS:
+                want = rope_freqs if rope_freqs is not None else np.zeros(0, np.float32)
+                err = float(np.abs(arr - want).max()) if arr.shape == want.shape else float("inf")
+                report.checks.append(Check("rope_freqs (llama3)", err, 1e-6))
+                continue
             name = hf_name(g)
             if name.endswith(("q_proj.weight", "q_proj.bias")):
                 arr = unpermute(arr, n_head, n_head)
@@ -304,6 +366,7 @@ class GGUFExporter:
                 report.checks.append(Check(f"weight {name} (relative)", err, rtol))
             restored[name] = torch.from_numpy(arr.copy())
         expected = {gguf_name(k) for k in state if gguf_name(k) and not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+        expected |= {ROPE_FREQS} if rope_freqs is not None else set()
         report.checks.append(Check("tensors written", float(len(expected ^ set(tensors))), 0.0))
         report.notes.append(f"{len(tensors)} tensors read back with GGUFReader; worst relative weight error "
                             f"{worst:.3g} ({worst_name}); allowed {WEIGHT_RTOL[gtype]:.3g} for {gtype} matrices")
@@ -316,13 +379,45 @@ class GGUFExporter:
         got = [model_output(clone.eval(), i, ref.task) for i in ref.prompt_ids]
         tol = tolerance(ref, "gguf", opts.get("atol"))
         report.checks.append(compare_outputs(ref, got, tol, name="logits (read-back weights)", gate=gtype == "f32"))
-        report.notes.append("llama.cpp itself not run (llama-cpp-python is not installed)"
-                            if not _has_llama_cpp() else "llama-cpp-python found but not used by this check")
+        try:
+            lc = llama_cpp_logits(out_dir / GGUF_FILE, ref.prompt_ids)
+        except Exception as e:  # noqa: BLE001 - llama.cpp refusing the file is the finding
+            report.checks.append(Check("llama.cpp loads the file", 1.0, 0.0))
+            report.notes.append(f"llama.cpp (llama-cpp-python) could not run the file: {type(e).__name__}: {e}")
+        else:
+            if lc is None:
+                report.notes.append("llama.cpp itself not run (llama-cpp-python is not installed)")
+            else:
+                report.checks.append(compare_outputs(ref, lc, tol, name="logits (llama.cpp)", gate=gtype == "f32"))
+            if lc is not None and gtype != "f32":  # not gated: the rounding below is llama.cpp's design
+                report.notes.append("llama.cpp logits are information for f16/q8_0: they carry the weight rounding, "
+                                    "and llama.cpp rounds the activations of those matmuls too")
         report.hint = "The GGUF tensors do not match the model; report this with the run folder."
         return report
 
 
-def _has_llama_cpp() -> bool:
-    import importlib.util
+def llama_cpp_logits(path: Path, prompts: list[list[int]], threads: int | None = None) -> list[Any] | None:
+    """llama.cpp's logits (T, V) for each prompt, from the GGUF file itself; None without llama-cpp-python."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    import os
 
-    return importlib.util.find_spec("llama_cpp") is not None
+    import numpy as np
+
+    n_ctx = max((len(p) for p in prompts), default=1) + 8
+    threads = threads or max(1, min(4, os.cpu_count() or 1))
+    # an f32 KV cache (type 0): llama.cpp's default f16 cache alone moves SmolLM2-135M's logits by 2.6e-2
+    llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, n_threads=threads,
+                type_k=0, type_v=0, verbose=False)
+    out = []
+    try:
+        for ids in prompts:
+            llm.reset()
+            llm.eval(list(ids))
+            out.append(np.array(llm.scores[: len(ids)], dtype=np.float32))
+    finally:
+        if hasattr(llm, "close"):
+            llm.close()
+    return out
