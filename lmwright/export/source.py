@@ -2,7 +2,8 @@
 
 ``inspect_source`` reads only JSON files, so every "cannot export this" error (no tokenizer, an
 adapter whose method cannot merge, a missing base folder) is raised before a weight is loaded or a
-byte is written. ``load_source`` goes through ``lmwright.methods.load_trained`` so that every folder
+byte is written. (A GGUF file as the model or an adapter's base is the exception: it is converted to
+a Hugging Face folder first, once, and cached; see ``lmwright.models.gguf_import``.) ``load_source`` goes through ``lmwright.methods.load_trained`` so that every folder
 lmwright writes (plain, peft adapter, bottleneck adapter, qat) loads the way it was trained.
 """
 
@@ -66,6 +67,11 @@ def inspect_source(model: str | Path) -> tuple[Path, dict[str, Any], dict[str, A
     if adapter == "bottleneck":
         raise ExportError(_no_merge(p, "adapter"))
     if adapter:
+        if base and Path(base).is_file():  # a .gguf base: the folder converted from it (cached)
+            try:
+                base = str(resolve_model_path(base))
+            except ConfigError as e:
+                raise ExportError(f"{p}: its base {e}") from None
         if not base or not Path(base).is_dir():
             raise ExportError(f"{p} is an adapter whose base model folder '{base}' does not exist; export needs "
                               "the base weights to merge into (fix 'base' in lmwright.json or "
