@@ -178,14 +178,15 @@ def _umask_mode(folder: Path) -> None:
             f.chmod(0o666 & ~mask)
 
 
-def _convert(path: Path, out: Path, dtype: str, log) -> dict[str, Any]:
+def _convert(path: Path, out: Path, dtype: str, log, checked: tuple | None = None) -> dict[str, Any]:
+    """Load ``path`` with transformers, fix what it leaves out, save into ``out``; ``checked``: check_gguf's answer."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     from lmwright.utils.logging import quiet_transformers
 
-    meta, names = check_gguf(path)
+    meta, names = checked or check_gguf(path)
     t0 = time.time()
     arch = meta["general.architecture"]
     log(f"reading {path.name} ({path.stat().st_size / 2**20:.0f} MiB, {arch}); dequantizing to {dtype}")
@@ -444,13 +445,13 @@ def cached_import(path: Path, log=_log) -> Path:
     if (target / IMPORT_FILE).is_file():
         log(f"model {path}: using its Hugging Face conversion cached at {target}")
     else:
-        check_gguf(path)
+        checked = check_gguf(path)
         log(f"model {path} is a GGUF file: converting it once to a Hugging Face folder at {target} (later runs "
             "reuse it; `lmwright models import` writes one where you choose)")
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
-            _convert(path, tmp, "float32", log)
+            _convert(path, tmp, "float32", log, checked)
             _umask_mode(tmp)
             try:
                 os.rename(tmp, target)
