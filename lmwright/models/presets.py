@@ -54,6 +54,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# model_type of the decoder-only (causal LM) folders the causal stages and the clm objective accept
+CAUSAL_MODEL_TYPES = ("llama", "gpt2", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gpt_neox",
+                      "phi", "phi3", "opt")
+
+
 def preset_names() -> list[str]:
     return sorted(PRESETS)
 

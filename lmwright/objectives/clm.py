@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from lmwright.config import ConfigError
+from lmwright.models.presets import CAUSAL_MODEL_TYPES
 from lmwright.objectives.base import PRETRAIN_OBJECTIVES, LossOutput, causal_lm_loss
 
 
@@ -13,7 +14,7 @@ from lmwright.objectives.base import PRETRAIN_OBJECTIVES, LossOutput, causal_lm_
 class CausalLM:
     name = "clm"
     task = "causal-lm"
-    families = {"llama", "gpt2"}
+    families = set(CAUSAL_MODEL_TYPES)
 
     def __init__(self, cfg: Any = None):
         self.cfg = cfg

@@ -21,7 +21,7 @@ from lmwright.config import ConfigError, opt
 from lmwright.data.config import DataConfig
 from lmwright.engine.config import TrainConfig
 from lmwright.methods.base import MethodConfig
-from lmwright.models.presets import ModelConfig
+from lmwright.models.presets import CAUSAL_MODEL_TYPES, ModelConfig
 from lmwright.objectives.base import IGNORE_INDEX, LossOutput, token_cross_entropy
 from lmwright.stages.common import STAGES, flops_per_token, model_family, resolve_tokenizer, save_final
 from lmwright.utils.hardware import choose_mixed_precision
@@ -31,7 +31,7 @@ log = get_logger("lmwright.sft")
 
 # methods that feed virtual tokens: a packed row would need them before every sample, so they pad
 VIRTUAL_TOKEN_METHODS = ("prefix", "ptuning", "prompt")
-CAUSAL_FAMILIES = ("llama", "gpt2", "mistral", "qwen2", "qwen3", "gemma", "gpt_neox", "phi", "phi3", "opt")
+CAUSAL_FAMILIES = CAUSAL_MODEL_TYPES
 
 
 @dataclass
