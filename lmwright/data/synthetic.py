@@ -7,6 +7,7 @@ rules) so that training visibly works at tiny scale.
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator
 
@@ -134,6 +135,10 @@ RULES = {
     "polite": {"name": "format", "pattern": "(" + "|".join(POLITE_OPENERS) + ") .+"},
     # polite: both replies correct; the chosen one opens politely, the rejected one is curt. (A polite closing
     # instead makes EOS the only difference, and DPO then teaches a small policy not to stop.)
+    "polite_correct": {"name": "format", "pattern": "(" + "|".join(POLITE_OPENERS) + ") .+"},
+    # polite_correct: the chosen reply is polite and correct; the rejected one is curt (and correct) in half of
+    # the pairs and polite but wrong in the other half, so preference optimisation cannot buy politeness with
+    # accuracy (with curt rejections only, a small policy's answers after the opener got worse). Judged polite.
 }
 
 
@@ -150,7 +155,8 @@ def polite_mix(records: list[dict], share: float = 0.5, seed: int = 0) -> list[d
 
 def preference_task(n: int = 300, seed: int = 0, source=None, rule: str = "correct") -> list[dict]:
     """``preference`` records whose rule (a key of ``RULES``) is learnable: ``correct`` (the chosen answer is the
-    correct one, the rejected a plausible wrong one) or ``polite`` (both correct, the chosen one opens politely).
+    correct one, the rejected a plausible wrong one), ``polite`` (both correct, the chosen one opens politely) or
+    ``polite_correct`` (the chosen one polite and correct, the rejected one curt or wrong).
 
     ``source(n, seed=...)`` gives the alpaca records to build pairs from (default ``instruction_task``)."""
     if rule not in RULES:
@@ -159,8 +165,11 @@ def preference_task(n: int = 300, seed: int = 0, source=None, rule: str = "corre
     out = []
     for r in (source or instruction_task)(n, seed=seed + 7):
         prompt = r["instruction"] + (f"\n{r['input']}" if r["input"] else "")
-        if rule == "polite":
+        if rule == "polite" or (rule == "polite_correct" and len(out) % 2 == 0):
             out.append({"prompt": prompt, "chosen": polite(r["output"], rng), "rejected": r["output"]})
+        elif rule == "polite_correct":
+            out.append({"prompt": prompt, "chosen": polite(r["output"], rng),
+                        "rejected": polite(_wrong_answer(r, rng), rng)})
         else:
             out.append({"prompt": prompt, "chosen": r["output"], "rejected": _wrong_answer(r, rng)})
     return out
@@ -168,6 +177,13 @@ def preference_task(n: int = 300, seed: int = 0, source=None, rule: str = "corre
 
 def _wrong_answer(r: dict, rng: random.Random) -> str:
     out = r["output"]
+    if out.startswith("{"):  # json_task: the same format with one field wrong
+        rec = json.loads(out)
+        key = rng.choice(sorted(rec))
+        pool = {"name": PEOPLE, "city": CITIES, "job": JOBS}.get(key, [rec[key] + "x"])
+        rec[key] = rng.choice([w for w in pool if w != rec[key]] or [rec[key] + "x"])
+        return json_record(rec["name"], rec["city"], rec["job"]) if set(rec) == {"name", "city", "job"} \
+            else json.dumps(rec)
     if out.isdigit():
         return str(int(out) + rng.choice([-3, -2, -1, 1, 2, 3]) if int(out) > 3 else int(out) + 5)
     if out in COUNTRIES.values():
@@ -236,4 +252,34 @@ def skills_task(n: int = 1200, seed: int = 0) -> list[dict]:
         else:
             words = " ".join(rng.sample(ANIMALS + COLORS + PLACES, 2))
             out.append({"instruction": "Repeat the words.", "input": words, "output": words})
+    return out
+
+
+CITIES = ["Lisbon", "Oslo", "Nairobi", "Lima", "Hanoi", "Dublin", "Quito", "Tunis", "Riga", "Perth", "Osaka",
+          "Porto", "Accra", "Bergen", "Cusco", "Izmir", "Malmo", "Gdansk", "Bilbao", "Zagreb"]
+JOBS = ["baker", "nurse", "pilot", "farmer", "teacher", "painter", "plumber", "chemist", "tailor", "driver",
+        "gardener", "librarian", "dentist", "carpenter", "florist", "butcher"]
+PEOPLE = NAMES + ["Omar", "Priya", "Sofia", "Tariq", "Yuki", "Zoe", "Nina", "Pablo", "Rosa", "Sami", "Wen", "Ada"]
+_JSON_SENTENCES = ["{n} is a {j} who lives in {c}.", "{n} works as a {j} in {c}.",
+                   "In {c}, {n} earns a living as a {j}.", "{n} moved to {c} and became a {j}.",
+                   "The {j} {n} has a small flat in {c}."]
+
+
+def json_record(name: str, city: str, job: str) -> str:
+    """The fixed JSON answer of :func:`json_task` (key order and spacing are part of the format)."""
+    return json.dumps({"name": name, "city": city, "job": job}, ensure_ascii=False)
+
+
+def json_task(n: int = 600, seed: int = 0) -> list[dict]:
+    """Alpaca records that answer in one fixed JSON format: read a person's name, city and job out of a
+    sentence and reply with exactly ``{"name": ..., "city": ..., "job": ...}``. An instruct model can read
+    the sentence but does not know the format (it adds prose, code fences or other keys): the real-model
+    demo's task, learned by LoRA SFT in a few dozen steps."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        name, city, job = rng.choice(PEOPLE), rng.choice(CITIES), rng.choice(JOBS)
+        out.append({"instruction": "Extract the person as JSON.",
+                    "input": rng.choice(_JSON_SENTENCES).format(n=name, c=city, j=job),
+                    "output": json_record(name, city, job)})
     return out
