@@ -74,26 +74,45 @@ def read_config(path: Path) -> dict:
     return json.loads(f.read_text(encoding="utf-8"))
 
 
+def check_safetensors(path: Path) -> None:
+    """A folder whose weights are pickled ``.bin`` files only: say how to convert it (pickle can run code)."""
+    if any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json")):
+        return
+    pickled = sorted(f.name for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt") for f in path.glob(pattern))
+    if pickled:
+        raise ConfigError(
+            f"{path} holds pickled weights only ({', '.join(pickled[:3])}): lmwright loads safetensors only, "
+            "because loading a pickle can run arbitrary code. If you trust the folder, convert it once in Python: "
+            "`from transformers import AutoModel; AutoModel.from_pretrained(FOLDER)"
+            ".save_pretrained(FOLDER, safe_serialization=True)` (use the AutoModelFor... class of the task), "
+            "then load it again")
+
+
 def load_model(path: str | Path, task: str = "causal-lm", model_cfg=None, **extra):
     """Load a plain Hugging Face model folder for ``task`` (no remote code, safetensors only)."""
     import transformers as tf
 
-    from lmwright.models.presets import _TASK_CLASSES, resolve_dtype
+    from lmwright.models.presets import _TASK_CLASSES, check_overrides, resolve_dtype
 
     p = resolve_model_path(path)
     read_config(p)
+    check_safetensors(p)
     auto = getattr(tf, _TASK_CLASSES[task])
-    kwargs = dict(local_files_only=True, trust_remote_code=False, **extra)
+    kwargs = dict(extra)
     if model_cfg is not None:
         kwargs["attn_implementation"] = model_cfg.attn_implementation
         kwargs["dtype"] = resolve_dtype(model_cfg.dtype)
         if model_cfg.overrides:
+            check_overrides(model_cfg.overrides)  # also here: a ModelConfig built in code skips check()
             kwargs.update(model_cfg.overrides)
         if model_cfg.quantize != "none":
             kwargs["quantization_config"] = bnb_config(model_cfg)
+    check_overrides(extra)
+    # set last so that nothing above can switch them off
+    kwargs.update(local_files_only=True, trust_remote_code=False, use_safetensors=True)
     try:
         model = auto.from_pretrained(str(p), **kwargs)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         raise ConfigError(f"cannot load {p} as {task}: {e}") from None
     if model_cfg is not None and getattr(model_cfg, "quantize_embeddings", False):
         quantize_embeddings(model, model_cfg)

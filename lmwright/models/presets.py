@@ -85,6 +85,7 @@ class ModelConfig:
         return self.name in PRESETS
 
     def check(self) -> None:
+        check_overrides(self.overrides)
         if self.quantize_embeddings and self.quantize not in ("nf4", "fp4"):
             raise ConfigError(f"model.quantize_embeddings=true needs model.quantize=nf4 or fp4 (got "
                               f"{self.quantize}): set one of them, or model.quantize_embeddings=false")
@@ -93,6 +94,21 @@ class ModelConfig:
 
             raise ConfigError(f"model.name '{self.name}' is neither a preset nor an existing folder or .gguf file."
                               f"{suggest(self.name, preset_names())} Presets: {', '.join(preset_names())}")
+
+
+# from_pretrained keywords that would load remote code or pickled weights, or reach the network:
+# model.overrides are architecture settings, never loader switches
+FORBIDDEN_OVERRIDES = ("trust_remote_code", "use_safetensors", "local_files_only", "from_tf", "from_flax",
+                       "code_revision", "revision", "weights_only", "gguf_file", "subfolder")
+
+
+def check_overrides(overrides: dict | None) -> None:
+    """Refuse model.overrides keys that switch the loader's safety off (remote code, pickle, downloads)."""
+    for key in overrides or {}:
+        if str(key) in FORBIDDEN_OVERRIDES:
+            raise ConfigError(f"model.overrides.{key} is not allowed: lmwright never runs a model's remote code "
+                              "and loads safetensors weights only, from local folders. Remove it; overrides are "
+                              "for architecture settings such as {num_hidden_layers: 4}")
 
 
 def preset_family(name: str) -> str:
