@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmwright.config import opt
+from lmwright.config import ConfigError, opt
 
 POLITE_SHARE = 0.1  # of the SFT answers; the alignment step's rule is "polite"
 
@@ -34,6 +34,32 @@ class DemoConfig:
     overwrite: bool = opt(True, "replace an earlier demo in the same workdir")
 
 
+WORKDIR_MARKER = ".lmwright-demo"  # written into a workdir the demo created; only such a folder is ever deleted
+
+
+def prepare_workdir(work: Path, overwrite: bool) -> None:
+    """Create ``work`` (with the marker) or, with ``overwrite``, replace an earlier demo's workdir.
+
+    A folder that exists, is not empty and has no marker was not made by a demo: it is never deleted
+    nor written into, whatever ``overwrite`` says.
+    """
+    import shutil
+
+    if work.exists() or work.is_symlink():
+        if not work.is_dir() or work.is_symlink():
+            raise ConfigError(f"workdir {work} exists and is not a folder: pick another --workdir")
+        if any(work.iterdir()):
+            if not (work / WORKDIR_MARKER).is_file():
+                raise ConfigError(f"workdir {work} is not empty and was not created by `lmwright demo` (no "
+                                  f"{WORKDIR_MARKER} file in it): the demo never deletes or writes into such a "
+                                  "folder. Pick a new or empty folder with --workdir")
+            if overwrite:
+                shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / WORKDIR_MARKER).write_text("created by lmwright demo; `lmwright demo` may delete this folder\n",
+                                       encoding="utf-8")
+
+
 def _stage(name: str, overrides: dict[str, Any]):
     from lmwright.config import load_config
     from lmwright.stages import STAGES
@@ -48,16 +74,13 @@ def _say(msg: str) -> None:
 
 
 def run_demo(cfg: DemoConfig) -> Path:
-    import shutil
-
     from lmwright.data import DataConfig, prepare
     from lmwright.data.synthetic import polite_mix, skills_task, story_corpus
     from lmwright.data.tokenizer import TokenizerConfig, train_tokenizer
 
     t0 = time.perf_counter()
     work = Path(cfg.workdir)
-    if work.exists() and cfg.overwrite:
-        shutil.rmtree(work)
+    prepare_workdir(work, cfg.overwrite)
     (work / "data").mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 

@@ -67,16 +67,13 @@ def task_accuracy(model_dir: str | Path, records: list[dict], max_new_tokens: in
 
 
 def run_real_demo(cfg: RealDemoConfig) -> Path:
-    import shutil
-
     from lmwright.data.synthetic import json_task, preference_task
-    from lmwright.demo import _stage, _write_jsonl
+    from lmwright.demo import _stage, _write_jsonl, prepare_workdir
     from lmwright.models.gguf_import import find_gguf, import_gguf
 
     t0 = time.perf_counter()
     work = Path(cfg.workdir)
-    if work.exists() and cfg.overwrite:
-        shutil.rmtree(work)
+    prepare_workdir(work, cfg.overwrite)
     (work / "data").mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     results: dict[str, Any] = {"model": cfg.model}
