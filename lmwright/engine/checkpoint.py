@@ -7,8 +7,10 @@
   ``trainer_state.json``     step, data position, scheduler step, best metric, patience counter
   ``model/``                 the model as the method saves it, so a checkpoint is also loadable
 
-A checkpoint is written to ``.tmp-step-N`` and renamed into place: a kill mid-save leaves the
-previous checkpoint intact, and temp folders are ignored and cleaned on the next start.
+A checkpoint is written to ``.tmp-step-N``, every file fsynced, and renamed into place: a kill mid-save
+leaves the previous checkpoint intact, and temp folders are ignored and cleaned on the next start. A
+newest checkpoint that is corrupt anyway (a disk error, a copy cut short) is skipped with a warning by
+:func:`load_latest_checkpoint`, which resumes from the newest good one.
 """
 
 from __future__ import annotations
@@ -23,11 +25,18 @@ from typing import Any
 
 import torch
 
+from lmwright.utils.logging import get_logger
+
 STATE_FILE = "trainer_state.json"
+log = get_logger("lmwright.engine")
 
 
 class ResumeError(RuntimeError):
     """A resume was asked for but cannot continue exactly; never silently restart from step 0."""
+
+
+class CorruptCheckpoint(ResumeError):
+    """A checkpoint file cannot be read (truncated, garbled): an older checkpoint may still be good."""
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
@@ -85,17 +94,42 @@ def save_checkpoint(ckpt_dir: Path, step: int, model: torch.nn.Module, optimizer
     if save_model is not None:
         save_model(tmp / "model")
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))  # written last: marks completeness
-    _fsync_dir(tmp)
+    fsync_tree(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(ckpt_dir)
+    _fsync(ckpt_dir)
     return final
 
 
-def _fsync_dir(d: Path) -> None:
+def fsync_tree(root: Path) -> None:
+    """fsync every file and folder under ``root`` (then ``root``): its data is on disk before a rename
+    publishes it, so a power loss cannot leave a renamed folder with empty or short files."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            _fsync(Path(dirpath) / name)
+        if Path(dirpath) != root:
+            _fsync(Path(dirpath))
+    _fsync(root)
+
+
+def replace_dir(tmp: Path, dest: Path) -> None:
+    """Publish the finished folder ``tmp`` as ``dest`` (fsynced, then renamed; an old ``dest`` is removed)."""
+    fsync_tree(tmp)
+    if dest.exists():
+        old = dest.with_name(f".old-{dest.name}-{os.getpid()}")
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
+    _fsync(dest.parent)
+
+
+def _fsync(path: Path) -> None:
+    """fsync a file or a folder (a folder's entry list: a rename inside it is durable); best effort."""
     try:
-        fd = os.open(d, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
@@ -105,15 +139,34 @@ def _fsync_dir(d: Path) -> None:
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer) -> dict[str, Any]:
-    """Restore parameters, optimizer and RNG states; return the trainer state."""
+    """Restore parameters, optimizer and RNG states; return the trainer state.
+
+    Every file is read before anything is restored, so a :class:`CorruptCheckpoint` leaves the model,
+    optimizer and RNGs untouched (and an older checkpoint can be tried).
+    """
     from safetensors.torch import load_file
 
     need = ["trainable.safetensors", "optimizer.pt", "rng.pt", "rng.json", STATE_FILE]
     missing = [n for n in need if not (path / n).exists()]
     if missing:
-        raise ResumeError(f"checkpoint {path} is incomplete (missing {', '.join(missing)}); "
-                          f"delete it or pass train.resume=never to start over")
-    weights = load_file(str(path / "trainable.safetensors"))
+        raise CorruptCheckpoint(f"checkpoint {path} is incomplete (missing {', '.join(missing)}); "
+                                f"delete it or pass train.resume=never to start over")
+    reading = need[0]
+    try:
+        weights = load_file(str(path / reading))
+        reading = "optimizer.pt"
+        opt_state = torch.load(path / reading, weights_only=True, map_location="cpu")
+        reading = "rng.pt"
+        rng_tensors = torch.load(path / reading, weights_only=True)
+        reading = "rng.json"
+        rng_py = json.loads((path / reading).read_text())
+        reading = STATE_FILE
+        state = json.loads((path / reading).read_text())
+        if not isinstance(state, dict) or "step" not in state or "position" not in state:
+            raise ValueError("no step/position in it")
+    except Exception as e:  # noqa: BLE001 - safetensors, pickle, zip and json each raise their own type
+        raise CorruptCheckpoint(f"checkpoint {path} is corrupt ({reading}: {type(e).__name__}: {e}); "
+                                f"delete it or pass train.resume=never to start over") from None
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
     if set(weights) != expected:
@@ -123,9 +176,23 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer) -> dict[str, 
     with torch.no_grad():
         for n, t in weights.items():
             params[n].copy_(t.to(params[n].device, params[n].dtype))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=True), json.loads((path / "rng.json").read_text()))
-    return json.loads((path / STATE_FILE).read_text())
+    optimizer.load_state_dict(opt_state)
+    set_rng_state(rng_tensors, rng_py)
+    return state
+
+
+def load_latest_checkpoint(ckpts: list[Path], model: torch.nn.Module, optimizer) -> tuple[Path, dict[str, Any]]:
+    """Resume from the newest of ``ckpts`` (oldest first) that reads back; a corrupt newer one is skipped
+    with a warning. Raises the newest one's :class:`CorruptCheckpoint` if none is good."""
+    first: CorruptCheckpoint | None = None
+    for path in reversed(ckpts):
+        try:
+            return path, load_checkpoint(path, model, optimizer)
+        except CorruptCheckpoint as e:
+            first = first or e
+            log.warning("%s; trying the previous checkpoint", e)
+    assert first is not None, "load_latest_checkpoint needs at least one checkpoint"
+    raise first
 
 
 def prune_checkpoints(ckpt_dir: Path, keep_last: int, keep: set[int]) -> None:

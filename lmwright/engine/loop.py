@@ -25,6 +25,7 @@ from lmwright.engine.checkpoint import (
     clean_temp,
     list_checkpoints,
     load_checkpoint,
+    load_latest_checkpoint,
     prune_checkpoints,
     save_checkpoint,
 )
@@ -227,8 +228,10 @@ def train(model: torch.nn.Module, train_data: Sequence, collate: Callable, objec
     clean_temp(run.checkpoints)
     ckpts = list_checkpoints(run.checkpoints)
     resume_from: Path | None = None
+    state: dict | None = None
     if cfg.resume == "auto":
-        resume_from = ckpts[-1] if ckpts else None
+        if ckpts:  # the newest checkpoint that reads back (a corrupt newer one is skipped with a warning)
+            resume_from, state = load_latest_checkpoint(ckpts, model, optimizer)
     elif cfg.resume == "never":
         if ckpts and run.is_main:
             raise ResumeError(f"{run.dir} already has checkpoints ({ckpts[-1].name}); use a new train.run_name "
@@ -238,7 +241,8 @@ def train(model: torch.nn.Module, train_data: Sequence, collate: Callable, objec
         if not (resume_from / "trainer_state.json").exists():
             raise ResumeError(f"train.resume={cfg.resume}: not a checkpoint folder (no trainer_state.json)")
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer)
+        if state is None:
+            state = load_checkpoint(resume_from, model, optimizer)
         if state.get("world", 1) != world or state.get("micro_batch_size") != cfg.micro_batch_size \
                 or state.get("grad_accum") != cfg.grad_accum:
             raise ResumeError(f"{resume_from} was written with world={state.get('world')}, micro_batch_size="

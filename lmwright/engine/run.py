@@ -80,7 +80,10 @@ class Run:
                              versions=versions(), hardware=describe())
         self.info.update(extra)
         tmp = f.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.info, indent=2, default=str), encoding="utf-8")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(self.info, indent=2, default=str))
+            fh.flush()
+            os.fsync(fh.fileno())  # the data is on disk before the rename publishes it
         os.replace(tmp, f)
 
     def log_metrics(self, record: dict[str, Any]) -> None:

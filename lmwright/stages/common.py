@@ -45,11 +45,32 @@ def model_family(model_cfg) -> str | None:
 def save_final(model, tokenizer, out: Path, task: str, extra: dict[str, Any] | None = None,
                method_cfg=None, base_path: str | None = None) -> Path:
     """Write ``final/``: the model as its method saves it, the tokenizer, generation defaults and
-    ``lmwright.json`` (task, method, base)."""
+    ``lmwright.json`` (task, method, base). Written to a temp folder beside ``out``, fsynced and renamed:
+    a kill mid-save leaves the previous ``out`` (or none), never a half-written one."""
+    import os
+    import shutil
+
+    from lmwright.engine.checkpoint import replace_dir
+
+    dest = out
+    out = dest.with_name(f".tmp-{dest.name}-{os.getpid()}")
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    try:
+        _write_final(model, tokenizer, out, task, extra, method_cfg, base_path)
+        replace_dir(out, dest)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return dest
+
+
+def _write_final(model, tokenizer, out: Path, task: str, extra: dict[str, Any] | None, method_cfg,
+                 base_path: str | None) -> None:
     from lmwright.utils.logging import quiet_transformers
 
     quiet_transformers()
-    out.mkdir(parents=True, exist_ok=True)
     if method_cfg is not None and method_cfg.name != "full":
         from lmwright.methods import save_trained
 
@@ -66,7 +87,6 @@ def save_final(model, tokenizer, out: Path, task: str, extra: dict[str, Any] | N
         meta["base"] = str(Path(base_path).resolve()) if base_path is not None else None
     meta.update(extra or {})
     (out / "lmwright.json").write_text(json.dumps(meta, indent=2))
-    return out
 
 
 def write_generation_config(model, tokenizer, out: Path) -> None:
