@@ -51,9 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         from lmwright.registry import RegistryError
 
-        if isinstance(e, RegistryError) or type(e).__name__ in ("DataError", "TokenizerError", "ExportError"):
+        # by class name (the MRO, so subclasses too): importing their modules here would load torch
+        names = {c.__name__ for c in type(e).__mro__}
+        if isinstance(e, RegistryError) or names & {"DataError", "TokenizerError", "ExportError", "ResumeError"}:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        if "TrainingDiverged" in names:
+            print(f"error: training diverged: {e}", file=sys.stderr)
+            return 1
         raise
 
 

@@ -42,12 +42,38 @@ class TrainConfig:
     nproc: int = opt(1, "processes for data-parallel training (CLI --nproc launches them)")
 
     def check(self) -> None:
+        import math
+
+        for name in ("epochs", "lr", "min_lr_ratio", "weight_decay", "max_grad_norm"):
+            v = getattr(self, name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"train.{name} must be a finite number, got {v}")
         if self.micro_batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("train.micro_batch_size and train.grad_accum must be >= 1")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ConfigError(f"train.epochs must be > 0, got {self.epochs}; leave it unset to train max_steps")
         if self.max_steps < 1 and not self.epochs:
             raise ConfigError("train.max_steps must be >= 1 (or set train.epochs)")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"train.min_lr_ratio must be within [0, 1], got {self.min_lr_ratio}")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ConfigError("train.weight_decay and train.max_grad_norm must be >= 0 (max_grad_norm 0 = no "
+                              "clipping)")
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"train.betas must be two numbers in [0, 1), e.g. [0.9, 0.95]; got {self.betas}")
+        if self.log_every < 1:
+            raise ConfigError(f"train.log_every must be >= 1, got {self.log_every}")
+        if self.keep_last < 1:
+            raise ConfigError(f"train.keep_last must be >= 1 (the checkpoint to resume from), got {self.keep_last}")
+        for name in ("warmup_steps", "eval_every", "save_every", "early_stopping_patience"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.eval_max_batches is not None and self.eval_max_batches < 1:
+            raise ConfigError(f"train.eval_max_batches must be >= 1 (or unset), got {self.eval_max_batches}")
+        if self.nproc < 1:
+            raise ConfigError(f"train.nproc must be >= 1, got {self.nproc}")
 
     def best_is_greater(self) -> bool:
         if self.greater_is_better is not None:
