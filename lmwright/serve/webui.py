@@ -8,13 +8,20 @@ are plain functions over run folders so tests can call them without a browser; c
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+from lmwright.config import ConfigError
 from lmwright.serve.guardrails import Guardrails
+
+# the Train tab may read config files only from the runs folder and the shipped examples (configs/)
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+_RUN_NAME = re.compile(r"^[^./\\\x00][^/\\\x00]{0,254}$")  # one folder name, not hidden, no separators
 
 STAGES = ["pretrain", "sft", "classify", "upft", "reward", "dpo", "ppo", "grpo", "distill"]
 
@@ -29,6 +36,24 @@ def list_runs(runs_dir: str | Path) -> list[str]:
         if p.is_dir() and any((p / f).exists() for f in ("run.json", "config.json", "adapter_config.json", "final")):
             out.append(p.name)
     return out
+
+
+def inside(root: str | Path, path: str | Path) -> Path:
+    """``path`` (relative to ``root``, or absolute) resolved, if it lies inside ``root``; else a ConfigError.
+    The UI's text boxes and dropdown values go through this: a browser can send any string."""
+    root = Path(root).resolve()
+    p = Path(path)
+    p = (p if p.is_absolute() else root / p).resolve()
+    if p != root and root not in p.parents:
+        raise ConfigError(f"{path} is outside the runs folder {root}: the web UI reads and writes only there")
+    return p
+
+
+def run_folder(runs_dir: str | Path, run: str) -> Path:
+    """The folder of the run named ``run`` (a plain name of a folder directly under ``runs_dir``)."""
+    if not isinstance(run, str) or not _RUN_NAME.match(run):
+        raise ConfigError(f"{run!r} is not a run name (one folder name in the runs folder)")
+    return inside(runs_dir, run)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -59,21 +84,52 @@ def loss_points(rows: list[dict]) -> list[dict]:
 
 
 class ModelCache:
-    """Loaded models by run name, loaded on first use (loading takes seconds; chatting should not)."""
+    """Loaded models by run name, loaded on first use (loading takes seconds; chatting should not).
 
-    def __init__(self, runs_dir: str | Path, guardrails: Guardrails | None = None):
+    At most ``capacity`` models stay loaded: the least recently used one is dropped to make room, so a
+    UI used with many runs does not grow until the machine runs out of memory.
+    """
+
+    def __init__(self, runs_dir: str | Path, guardrails: Guardrails | None = None, capacity: int = 2):
+        if capacity < 1:
+            raise ConfigError(f"ModelCache capacity must be >= 1, got {capacity}")
         self.runs_dir = Path(runs_dir)
         self.guardrails = guardrails or Guardrails()
-        self._models: dict[str, Any] = {}
+        self.capacity = capacity
+        self._models: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, run: str):
         from lmwright.serve.api import load
 
+        folder = run_folder(self.runs_dir, run)
         with self._lock:
-            if run not in self._models:
-                self._models[run] = load(self.runs_dir / run, guardrails=self.guardrails, name=run)
+            if run in self._models:
+                self._models.move_to_end(run)
+                return self._models[run]
+            while len(self._models) >= self.capacity:
+                self._models.popitem(last=False)
+                _free_memory()
+            self._models[run] = load(folder, guardrails=self.guardrails, name=run)
             return self._models[run]
+
+    def loaded(self) -> list[str]:
+        """Names of the loaded models, least recently used first."""
+        with self._lock:
+            return list(self._models)
+
+
+def _free_memory() -> None:
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
 
 
 def chat_stream(cache: ModelCache, run: str, history: list[dict], message: str, temperature: float, top_p: float,
@@ -94,25 +150,87 @@ def chat_stream(cache: ModelCache, run: str, history: list[dict], message: str, 
     yield out
 
 
+def train_command(runs_dir: str | Path, stage: str, config: str, overrides: str) -> list[str]:
+    """The ``lmwright train`` command line for the Train tab's fields, confined to ``runs_dir``.
+
+    The fields are free text from a browser: the config file must be a YAML file in the runs folder or a
+    shipped example, every override must be ``key=value`` (no command-line flags), the run lands in the
+    runs folder (``train.output_dir`` is set to it and may not be given) and ``train.run_name`` must be
+    a plain folder name.
+    """
+    from lmwright.config import merge_sources
+
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage {stage!r}; valid: {', '.join(STAGES)}")
+    runs_dir = Path(runs_dir).resolve()
+    files: list[str] = []
+    if config.strip():
+        found = _config_file(runs_dir, Path(config.strip()))
+        if found is None:
+            raise ConfigError(f"config file {config.strip()!r}: give a .yaml file in the runs folder {runs_dir} or "
+                              "a shipped example under configs/")
+        files.append(str(found))
+    items = overrides.split()
+    for item in items:
+        if item.startswith("-") or "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value (command-line flags are not accepted)")
+    raw, _ = merge_sources(files, items)
+    train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
+    if any(o.split("=", 1)[0].strip() in ("train", "train.output_dir") for o in items):
+        raise ConfigError("train.output_dir cannot be set from the web UI: runs are written to the runs folder "
+                          f"{runs_dir}")
+    run_name = train.get("run_name")
+    if run_name is not None:
+        run_folder(runs_dir, str(run_name))  # a plain name, inside the runs folder
+    cmd = [sys.executable, "-m", "lmwright.cli", "train", stage]
+    if files:
+        cmd += ["-c", files[0]]
+    return cmd + items + [f"train.output_dir={runs_dir}"]
+
+
+def _config_file(runs_dir: Path, p: Path) -> Path | None:
+    """``p`` (absolute, or relative to the runs folder, configs/ or its parent) if it is an existing YAML file
+    inside the runs folder or a configs/ folder (shipped, or the working directory's)."""
+    roots = [runs_dir] + [r.resolve() for r in (SHIPPED_CONFIGS, Path.cwd() / "configs") if r.is_dir()]
+    bases = [None] if p.is_absolute() else [b for r in roots for b in (r, r.parent)]
+    for base in bases:
+        cand = (p if base is None else base / p).resolve()
+        if cand.suffix in (".yaml", ".yml") and cand.is_file() and any(r == cand or r in cand.parents for r in roots):
+            return cand
+    return None
+
+
 class TrainJob:
     """One ``lmwright train <stage>`` subprocess started from the UI, with its output captured."""
 
-    def __init__(self, stage: str, config: str, overrides: str, log_file: Path):
-        if stage not in STAGES:
-            raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(STAGES)}")
-        cmd = [sys.executable, "-m", "lmwright.cli", "train", stage]
-        if config.strip():
-            cmd += ["-c", config.strip()]
-        cmd += [o for o in overrides.split() if o]
-        self.cmd = cmd
+    def __init__(self, stage: str, config: str, overrides: str, log_file: Path, runs_dir: str | Path = "runs"):
+        self.cmd = train_command(runs_dir, stage, config, overrides)
         log_file.parent.mkdir(parents=True, exist_ok=True)
         self.log_file = log_file
         self._fh = open(log_file, "w", encoding="utf-8")  # noqa: SIM115 - lives as long as the job
-        self.proc = subprocess.Popen(cmd, stdout=self._fh, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.cmd, stdout=self._fh, stderr=subprocess.STDOUT)
+
+    def running(self) -> bool:
+        if self.proc.poll() is None:  # poll() also reaps a finished process
+            return True
+        if not self._fh.closed:
+            self._fh.close()
+        return False
 
     def status(self) -> str:
-        rc = self.proc.poll()
-        return "running" if rc is None else f"finished (exit code {rc})"
+        return "running" if self.running() else f"finished (exit code {self.proc.returncode})"
+
+    def stop(self, grace_s: float = 10.0) -> str:
+        """SIGTERM (the run saves a checkpoint where it can), then SIGKILL after ``grace_s``; reaped."""
+        if self.running():
+            self.proc.terminate()
+            try:
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.running()
+        return self.status()
 
     def log_tail(self, n: int = 30) -> str:
         try:
@@ -121,13 +239,53 @@ class TrainJob:
             return ""
 
 
+class JobSlot:
+    """The Train tab's one job: a second start is refused while one runs; stop ends and reaps it."""
+
+    def __init__(self, runs_dir: str | Path):
+        self.runs_dir = Path(runs_dir)
+        self.job: TrainJob | None = None
+        self._lock = threading.Lock()
+
+    def start(self, stage: str, config: str, overrides: str) -> str:
+        with self._lock:
+            if self.job is not None and self.job.running():
+                return "a job is already running: stop it first (one job at a time)"
+            try:
+                log = self.runs_dir / ".webui-logs" / f"{stage}.log"
+                self.job = TrainJob(stage, config or "", overrides or "", log, runs_dir=self.runs_dir)
+            except ConfigError as e:
+                return f"not started: {e}"
+            return f"started: {' '.join(self.job.cmd)}"
+
+    def stop(self) -> str:
+        with self._lock:
+            return "no job" if self.job is None else self.job.stop()
+
+    def status(self) -> str:
+        return "idle" if self.job is None else self.job.status()
+
+    def log_tail(self) -> str:
+        return "" if self.job is None else self.job.log_tail()
+
+
+def watch_points(runs_dir: str | Path, folder: str) -> list[dict]:
+    """Loss points of the run ``folder`` (a run name or a path inside the runs folder); none elsewhere."""
+    if not folder:
+        return []
+    try:
+        return loss_points(read_metrics(inside(runs_dir, folder)))
+    except ConfigError:
+        return []
+
+
 def build_ui(runs_dir: str | Path = "runs", guardrails: Guardrails | None = None):
     """The Gradio Blocks app: chat, runs and train tabs."""
     import gradio as gr
 
     runs_dir = Path(runs_dir)
     cache = ModelCache(runs_dir, guardrails)
-    jobs: dict[str, TrainJob] = {}
+    slot = JobSlot(runs_dir)
 
     def refresh():
         runs = list_runs(runs_dir)
@@ -178,7 +336,7 @@ def build_ui(runs_dir: str | Path = "runs", guardrails: Guardrails | None = None
             def show_run(run):
                 import pandas as pd
 
-                rows = read_metrics(runs_dir / run) if run else []
+                rows = read_metrics(run_folder(runs_dir, run)) if run else []
                 return pd.DataFrame(loss_points(rows), columns=["step", "loss", "series"]), pd.DataFrame(rows)
 
             run_sel.change(show_run, run_sel, [plot, table])
@@ -188,28 +346,24 @@ def build_ui(runs_dir: str | Path = "runs", guardrails: Guardrails | None = None
                 stage = gr.Dropdown(STAGES, value="sft", label="stage")
                 config = gr.Textbox(label="config file (-c)", placeholder="configs/sft/tiny.yaml")
             overrides = gr.Textbox(label="overrides (key=value, space separated)")
-            watch = gr.Textbox(label="run folder to watch (its metrics.jsonl)", placeholder=str(runs_dir / "my-run"))
-            start = gr.Button("start", variant="primary")
+            watch = gr.Textbox(label="run to watch (a run name in the runs folder; its metrics.jsonl)",
+                               placeholder="my-run")
+            with gr.Row():
+                start = gr.Button("start", variant="primary")
+                stop = gr.Button("stop", variant="stop")
             status = gr.Textbox(label="status")
             live = gr.LinePlot(x="step", y="loss", color="series", title="live loss")
             log_box = gr.Textbox(label="log", lines=12)
             timer = gr.Timer(2.0)
 
-            def start_job(st, cfg_file, ov, folder):
-                key = folder or st
-                job = TrainJob(st, cfg_file or "", ov or "", runs_dir / ".webui-logs" / f"{Path(key).name}.log")
-                jobs["current"] = job
-                return f"started: {' '.join(job.cmd)}"
-
             def poll(folder):
                 import pandas as pd
 
-                job = jobs.get("current")
-                pts = loss_points(read_metrics(folder)) if folder else []
-                return (pd.DataFrame(pts, columns=["step", "loss", "series"]),
-                        job.log_tail() if job else "", job.status() if job else "idle")
+                pts = watch_points(runs_dir, folder)
+                return pd.DataFrame(pts, columns=["step", "loss", "series"]), slot.log_tail(), slot.status()
 
-            start.click(start_job, [stage, config, overrides, watch], status)
+            start.click(lambda st, c, ov: slot.start(st, c, ov), [stage, config, overrides], status)
+            stop.click(slot.stop, None, status)
             timer.tick(poll, watch, [live, log_box, status])
         refresh_btn.click(refresh, None, [run_a, run_b, run_sel])
     return ui
