@@ -412,9 +412,17 @@ class LocalEngine:
             self._prefill(r)
 
     def _take(self, seq: _Sequence, logits, token: int | None = None) -> None:
-        """Sample one token for ``seq`` (or take ``token``, picked for the batch), stream the released text."""
-        choice = TokenChoice(token) if token is not None else \
-            sample_next(logits, seq.params, seq.generator, seq.prompt + seq.state.token_ids)
+        """Sample one token for ``seq`` (or take ``token``, picked for the batch), stream the released text.
+
+        A failure here (e.g. non-finite logits for ``torch.multinomial``) ends this sequence alone with
+        ``error``; the rest of the batch goes on."""
+        try:
+            choice = TokenChoice(token) if token is not None else \
+                sample_next(logits, seq.params, seq.generator, seq.prompt + seq.state.token_ids)
+        except Exception as e:  # noqa: BLE001 - isolate the failing sequence
+            log.exception("sampling failed for request %s", seq.owner.req.request_id)
+            self._close_seq(seq, "error", f"{type(e).__name__}: {e}")
+            return
         text = seq.state.add(choice.token_id)
         seq.last_token = choice.token_id
         if not seq.state.finish_reason and seq.next_pos + 1 >= self.max_context:  # prompt + output fill it
@@ -463,6 +471,21 @@ class LocalEngine:
         for seq in list(self._active):
             self._close_seq(seq, "error", message)
         self._active, self._cache, self._mask = [], None, None
+        with self._cv:  # a request caught between the queue and the batch must still end its stream
+            waiting = {id(r) for r in self._waiting}
+            orphans = [r for r in self._requests.values() if id(r) not in waiting]
+        for r in orphans:
+            self._fail_request_waiting(r, "error", message)
+
+    def _new_sequences(self, r: _Request) -> list[_Sequence] | None:
+        """The n sequences of a prefilled request; if that fails (e.g. a seed torch refuses), the request
+        ends alone with ``error`` and None is returned."""
+        try:
+            return [_Sequence(r, i, self.tokenizer, self.stop_ids, self.device) for i in range(r.req.params.n)]
+        except Exception as e:  # noqa: BLE001 - isolate the failing request
+            log.exception("cannot start request %s", r.req.request_id)
+            self._fail_request_waiting(r, "error", f"{type(e).__name__}: {e}")
+            return None
 
     # ------------------------------------------------------------------ lean path (Llama)
     def _admit_lean(self) -> None:
@@ -530,7 +553,9 @@ class LocalEngine:
         with self._cv:
             self._counters["prefills"] += 1
         n = r.req.params.n
-        seqs = [_Sequence(r, i, self.tokenizer, self.stop_ids, self.device) for i in range(n)]
+        seqs = self._new_sequences(r)
+        if seqs is None:
+            return
         r.open_choices = n
         for seq in seqs:
             self._lean.load_row(len(self._active), r.buf, r.prefilled)
@@ -592,7 +617,9 @@ class LocalEngine:
         cache = out.past_key_values
         logits = out.logits[0, -1]
         n = r.req.params.n
-        seqs = [_Sequence(r, i, self.tokenizer, self.stop_ids, self.device) for i in range(n)]
+        seqs = self._new_sequences(r)
+        if seqs is None:
+            return
         r.open_choices = n
         if n > 1:
             cache.batch_repeat_interleave(n)

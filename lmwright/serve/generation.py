@@ -8,11 +8,18 @@ start of a stop string is held back, so a stop string never leaks into a stream)
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from lmwright.config import ConfigError, opt
+
+
+MIN_TEMPERATURE = 1e-3  # below it logits / temperature can overflow float32 (use 0 for greedy)
+REPETITION_PENALTY_RANGE = (1e-2, 100.0)  # beyond it penalised logits can overflow float32
+SEED_RANGE = (-(2**63), 2**63 - 1)  # torch.long, as vLLM; seed + choice index still fits torch's generator
+MAX_STOP_CHARS = 256
 
 
 @dataclass
@@ -33,22 +40,36 @@ class SamplingParams:
     timeout_s: float | None = opt(None, "per-request time limit in seconds")
 
     def check(self) -> None:
+        for name in ("temperature", "top_p", "repetition_penalty", "timeout_s"):
+            v = getattr(self, name)
+            if v is not None and not math.isfinite(v):
+                raise ConfigError(f"{name} must be a finite number, got {v}")
         if self.max_tokens < 1:
             raise ConfigError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.temperature < 0:
             raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if 0 < self.temperature < MIN_TEMPERATURE:  # logits / T overflow to inf: no distribution left
+            raise ConfigError(f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE}, got {self.temperature}")
         if self.top_k < 0:
             raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not REPETITION_PENALTY_RANGE[0] <= self.repetition_penalty <= REPETITION_PENALTY_RANGE[1]:
+            lo, hi = REPETITION_PENALTY_RANGE
+            raise ConfigError(f"repetition_penalty must be in [{lo}, {hi}] (1 = off), got {self.repetition_penalty}")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ConfigError(f"seed must be a 64-bit signed integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], "
+                              f"got {self.seed}")
+        if self.timeout_s is not None and self.timeout_s <= 0:
+            raise ConfigError(f"timeout_s must be > 0 seconds, got {self.timeout_s}")
         if not 0 <= self.top_logprobs <= 20:
             raise ConfigError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
         if self.n < 1:
             raise ConfigError(f"n must be >= 1, got {self.n}")
         if any(not s for s in self.stop):
             raise ConfigError("stop strings must be non-empty")
+        if any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise ConfigError(f"stop strings must be at most {MAX_STOP_CHARS} characters each")
 
     @property
     def greedy(self) -> bool:
