@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from lmwright.cli._common import add_config_args, subparser
 
 
@@ -21,6 +23,11 @@ def register(sub) -> None:
     p.add_argument("--engine", choices=["builtin", "vllm"], help="serving engine (default builtin)")
     p.add_argument("--max-seqs", type=int, help="sequences decoded together")
     p.add_argument("--queue-size", type=int, help="requests allowed to wait; beyond -> 429")
+    p.add_argument("--allowed-host", action="append", metavar="HOST",
+                   help="without an API key: also accept this Host name (repeatable; '*' = any)")
+    p.add_argument("--allowed-origin", action="append", metavar="ORIGIN",
+                   help="without an API key: also accept this browser Origin, e.g. https://app.example "
+                        "(repeatable; '*' = any)")
     p.set_defaults(func=run_serve)
 
 
@@ -32,6 +39,9 @@ def _overrides(args) -> list[str]:
         v = getattr(args, flag, None)
         if v is not None:
             out.append(f"{key}={v}")
+    for flag, key in (("allowed_host", "allowed_hosts"), ("allowed_origin", "allowed_origins")):
+        if getattr(args, flag, None):
+            out.append(f"{key}={json.dumps(getattr(args, flag))}")  # a JSON list is a YAML flow list
     return out
 
 
@@ -42,6 +52,7 @@ def run_serve(args) -> int:
     cfg = load_config(ServeConfig, args.config, _overrides(args))
     if not cfg.model:
         raise ConfigError("lmwright serve needs --model RUN_OR_FOLDER")
+    cfg.check()
     resolve_api_key(cfg)  # fail before loading weights when the server would be open to the network
     if cfg.engine == "vllm":
         from lmwright.models.load import load_tokenizer, resolve_model_path

@@ -46,10 +46,21 @@ class ServeConfig:
     default_max_tokens: int = opt(256, "max_tokens when a chat request gives none (capped by the context)")
     drain_timeout_s: float = opt(30.0, "on shutdown, how long in-flight requests may take to finish")
     guardrails: str | None = opt(None, "YAML file of guardrail rules (see lmwright.serve.guardrails)")
+    allowed_hosts: list[str] = opt([], "servers without an API key: Host names accepted besides loopback and the "
+                                       "bound host (DNS-rebinding guard); '*' accepts any")
+    allowed_origins: list[str] = opt([], "servers without an API key: browser Origins (e.g. https://app.example) "
+                                         "accepted besides loopback ones; '*' accepts any")
+    max_embedding_inputs: int = opt(256, "most inputs in one /v1/embeddings request (400 beyond)")
+    embedding_concurrency: int = opt(2, "/v1/embeddings requests computed at once; up to queue_size more wait, "
+                                        "beyond -> 429")
 
     def check(self) -> None:
         if self.max_seqs < 1 or self.queue_size < 0:
             raise ConfigError("max_seqs must be >= 1 and queue_size >= 0")
+        if not self.timeout_s > 0:
+            raise ConfigError(f"timeout_s must be > 0 seconds, got {self.timeout_s}")
+        if self.max_embedding_inputs < 1 or self.embedding_concurrency < 1:
+            raise ConfigError("max_embedding_inputs and embedding_concurrency must be >= 1")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be in 1..65535, got {self.port}")
 
@@ -138,13 +149,63 @@ KNOWN_PATHS = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/emb
 
 class HTTPError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
 
 
 class _TooLarge(Exception):
     pass
+
+
+MAX_JSON_DEPTH = 32  # a request body nested deeper is refused (deep nesting costs recursion, not bytes)
+MAX_STOP = 4  # as OpenAI
+
+
+def json_depth(value: Any, limit: int) -> int:
+    """Nesting depth of a parsed JSON value, counted without recursion; stops counting past ``limit``."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        v, d = todo.pop()
+        if isinstance(v, (dict, list)):
+            deepest = max(deepest, d)
+            if deepest > limit:
+                return deepest
+            todo.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
+def _hostname(host: str) -> str:
+    """'example.com:8000' -> 'example.com', '[::1]:80' -> '::1'."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def host_allowed(host: str, cfg: ServeConfig) -> bool:
+    """Whether a keyless server answers a request with this Host header (DNS rebinding guard)."""
+    if "*" in cfg.allowed_hosts:
+        return True
+    name = _hostname(host).rstrip(".")
+    allowed = set(LOOPBACK) | {h.lower() for h in cfg.allowed_hosts}
+    if cfg.host not in ("0.0.0.0", "::", ""):
+        allowed.add(cfg.host.lower())
+    return name in allowed
+
+
+def origin_allowed(origin: str, cfg: ServeConfig) -> bool:
+    """Whether a keyless server answers a browser request from this Origin (cross-site request guard)."""
+    from urllib.parse import urlsplit
+
+    if "*" in cfg.allowed_origins or origin.rstrip("/") in {o.rstrip("/") for o in cfg.allowed_origins}:
+        return True
+    try:
+        parts = urlsplit(origin)
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and (parts.hostname or "") in LOOPBACK
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
@@ -172,10 +233,11 @@ def create_app(engine_or_models: Any, cfg: ServeConfig | None = None, guardrails
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from lmwright.serve.engine import ContextOverflow, EngineClosed, GenerationRequest, QueueFull
-    from lmwright.serve.generation import SamplingParams
+    from lmwright.serve.generation import MAX_STOP_CHARS, REPETITION_PENALTY_RANGE, SEED_RANGE, SamplingParams
     from lmwright.serve.guardrails import Guardrails, load_guardrails
 
     cfg = cfg or ServeConfig()
+    cfg.check()
     api_key = resolve_api_key(cfg)
     models = _models_map(engine_or_models, cfg)
     if guardrails is None:
@@ -199,6 +261,8 @@ def create_app(engine_or_models: Any, cfg: ServeConfig | None = None, guardrails
             encoders[name] = m
     metrics = Metrics()
     created = int(time.time())
+    embed_slots = asyncio.Semaphore(cfg.embedding_concurrency)
+    embed_state = {"waiting": 0}  # embedding requests admitted (running or waiting for a slot)
 
     # ---------------------------------------------------------------- request schemas
     class _Base(BaseModel):
@@ -225,9 +289,10 @@ def create_app(engine_or_models: Any, cfg: ServeConfig | None = None, guardrails
         stream=(bool, False),
         stream_options=(StreamOptions | None, None),
         stop=(str | list[str] | None, None),
-        seed=(int | None, None),
+        seed=(int | None, Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])),
         top_k=(int | None, Field(None, ge=0)),  # extension, as in vLLM
-        repetition_penalty=(float | None, Field(None, gt=0)),  # extension, as in vLLM
+        repetition_penalty=(float | None, Field(None, ge=REPETITION_PENALTY_RANGE[0],
+                                                le=REPETITION_PENALTY_RANGE[1])),  # extension, as in vLLM
         ignore_eos=(bool, False),  # extension, as in vLLM: end only at max_tokens or a stop string
         **{f: (Any, None) for f in IGNORED_FIELDS},
     )
@@ -259,12 +324,12 @@ def create_app(engine_or_models: Any, cfg: ServeConfig | None = None, guardrails
     app = FastAPI(title="lmwright", lifespan=lifespan)
     app.state.engines, app.state.guardrails, app.state.metrics = engines, guard, metrics
 
-    def err(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None):
-        return JSONResponse(error_body(message, type_, param, code), status_code=status)
+    def err(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None, headers=None):
+        return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
 
     @app.exception_handler(HTTPError)
     async def _http_error(request, e: HTTPError):
-        return err(e.status, e.message, e.type, e.param, e.code)
+        return err(e.status, e.message, e.type, e.param, e.code, e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request, e: RequestValidationError):
@@ -291,14 +356,36 @@ def create_app(engine_or_models: Any, cfg: ServeConfig | None = None, guardrails
         log.exception("unexpected error")
         return err(500, f"internal error: {type(e).__name__}", "server_error")
 
+    def label(path: str) -> str:
+        return path if path in KNOWN_PATHS else "other"  # a bounded label set
+
+    def refuse(path: str, status: int, message: str, code: str):
+        metrics.request(label(path), status)
+        return err(status, message, "invalid_request_error", None, code)
+
     @app.middleware("http")
     async def _gate(request: Request, call_next):
         path = request.url.path
+        if not api_key:  # a keyless server is for this machine: no DNS rebinding, no cross-site requests
+            host = request.headers.get("host", "")
+            if not host_allowed(host, cfg):
+                return refuse(path, 403, f"Host '{host}' is not allowed on a server without an API key; add it "
+                                         "to allowed_hosts (--allowed-host) or set an API key", "host_not_allowed")
+            origin = request.headers.get("origin")
+            if origin is not None and not origin_allowed(origin, cfg):
+                return refuse(path, 403, f"Origin '{origin}' is not allowed on a server without an API key; add it "
+                                         "to allowed_origins (--allowed-origin) or set an API key",
+                              "origin_not_allowed")
         if api_key and path != "/health":
             auth = request.headers.get("authorization", "")
             if auth != f"Bearer {api_key}":
                 metrics.request(path if path in KNOWN_PATHS else "other", 401)
                 return err(401, "missing or invalid API key (Authorization: Bearer <key>)", code="invalid_api_key")
+        if request.method == "POST":
+            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                return refuse(path, 415, f"the request body must be JSON sent with 'Content-Type: application/json' "
+                                         f"(got '{ctype or 'none'}')", "unsupported_media_type")
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > cfg.max_request_bytes:
             metrics.request(path if path in KNOWN_PATHS else "other", 413)
@@ -329,6 +416,12 @@ def create_app(engine_or_models: Any, cfg: ServeConfig | None = None, guardrails
                                  f"max_tokens asks for {asked}. Shorten the prompt or lower max_tokens.",
                             param="max_tokens" if prompt_len < ctx else "messages", code="context_length_exceeded")
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stop) > MAX_STOP:
+            raise HTTPError(400, f"stop: at most {MAX_STOP} stop strings, got {len(stop)}", param="stop",
+                            code="invalid_value")
+        if any(len(x) > MAX_STOP_CHARS for x in stop):
+            raise HTTPError(400, f"stop: each stop string must be at most {MAX_STOP_CHARS} characters",
+                            param="stop", code="invalid_value")
         try:
             p = SamplingParams(max_tokens=asked, temperature=1.0 if req.temperature is None else req.temperature,
                                top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
@@ -387,9 +480,9 @@ def create_app(engine_or_models: Any, cfg: ServeConfig | None = None, guardrails
             watcher.cancel()
             engine.cancel(stream.request_id)
         for f in finish:
-            if f == "timeout":
-                raise HTTPError(408, f"the request took longer than {params.timeout_s}s", "timeout_error",
-                                code="timeout")
+            if f == "timeout":  # 504, not 408: the openai client retries 408 (and 5xx unless told not to)
+                raise HTTPError(504, f"the request took longer than {params.timeout_s}s", "timeout_error",
+                                code="timeout", headers={"x-should-retry": "false"})
             if f == "error":
                 raise HTTPError(500, "generation failed", "server_error")
         return texts, finish, ntok, lps, stream
@@ -488,6 +581,11 @@ def create_app(engine_or_models: Any, cfg: ServeConfig | None = None, guardrails
             data = json.loads(body)
         except ValueError as e:
             raise HTTPError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        except RecursionError:
+            data = None
+        if data is None or json_depth(data, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+            raise HTTPError(400, f"the request body is nested deeper than {MAX_JSON_DEPTH} levels",
+                            code="invalid_json")
         if not isinstance(data, dict):
             raise HTTPError(400, "the request body must be a JSON object", code="invalid_json")
         from pydantic import ValidationError
@@ -507,14 +605,16 @@ def create_app(engine_or_models: Any, cfg: ServeConfig | None = None, guardrails
             content = m.content if isinstance(m.content, str) or m.content is None else \
                 "".join(p.text for p in m.content)
             messages.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
-        messages, verdict = guard.check_messages(messages)
+        loop = asyncio.get_running_loop()
+        # guardrail regexes, the chat template and the tokenizer take time on a huge prompt: off the event loop
+        messages, verdict = await loop.run_in_executor(None, guard.check_messages, messages)
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         if verdict.refused:
             return refusal_response(req, rid, "chat")
         from lmwright.data.chat import render_prompt_ids
 
         try:
-            ids = render_prompt_ids(engine.tokenizer, messages)
+            ids = await loop.run_in_executor(None, render_prompt_ids, engine.tokenizer, messages)
         except Exception as e:  # noqa: BLE001 - a template error is the request's fault
             raise HTTPError(400, f"cannot render the conversation with the chat template: {e}",
                             param="messages") from None
@@ -585,11 +685,12 @@ def create_app(engine_or_models: Any, cfg: ServeConfig | None = None, guardrails
         prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
         if len(prompts) != 1:
             raise HTTPError(400, "send one prompt per request (use n for several choices)", param="prompt")
-        verdict = guard.check_input(prompts[0])
+        loop = asyncio.get_running_loop()
+        verdict = await loop.run_in_executor(None, guard.check_input, prompts[0])  # off the event loop, as chat
         rid = f"cmpl-{uuid.uuid4().hex[:24]}"
         if verdict.refused:
             return refusal_response(req, rid, "completion")
-        ids = list(engine.tokenizer(verdict.text)["input_ids"])
+        ids = await loop.run_in_executor(None, lambda: list(engine.tokenizer(verdict.text)["input_ids"]))
         nlp = req.logprobs
         params = build_params(req, len(ids), engine.max_context, req.max_tokens, nlp is not None, nlp or 0)
         prefix = verdict.text if req.echo else ""
@@ -631,11 +732,20 @@ def create_app(engine_or_models: Any, cfg: ServeConfig | None = None, guardrails
         texts = [req.input] if isinstance(req.input, str) else list(req.input)
         if not texts or any(not isinstance(t, str) or not t for t in texts):
             raise HTTPError(400, "input must be a non-empty string or list of non-empty strings", param="input")
-        if len(texts) > 2048:
-            raise HTTPError(400, "at most 2048 inputs per request", param="input")
+        if len(texts) > cfg.max_embedding_inputs:
+            raise HTTPError(400, f"input: at most {cfg.max_embedding_inputs} inputs per request, got {len(texts)}",
+                            param="input", code="too_many_inputs")
+        if embed_state["waiting"] >= cfg.queue_size + cfg.embedding_concurrency:
+            raise HTTPError(429, "too many embedding requests in flight; retry later", "rate_limit_error",
+                            code="rate_limit_exceeded")
         loop = asyncio.get_running_loop()
-        vecs = await loop.run_in_executor(None, m.embed, texts)
-        ntok = await loop.run_in_executor(None, m.count_tokens, texts)
+        embed_state["waiting"] += 1
+        try:
+            async with embed_slots:  # at most embedding_concurrency run at once; the rest wait here
+                vecs = await loop.run_in_executor(None, m.embed, texts)
+                ntok = await loop.run_in_executor(None, m.count_tokens, texts)
+        finally:
+            embed_state["waiting"] -= 1
         metrics.tokens["prompt"] += ntok
         metrics.observe("lmwright_request_latency_seconds", "embeddings", time.perf_counter() - t0)
         if req.encoding_format == "base64":  # what the openai client asks for by default: float32 LE bytes
