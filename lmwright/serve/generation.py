@@ -15,7 +15,6 @@ from typing import Any
 
 from lmwright.config import ConfigError, opt
 
-
 MIN_TEMPERATURE = 1e-3  # below it logits / temperature can overflow float32 (use 0 for greedy)
 REPETITION_PENALTY_RANGE = (1e-2, 100.0)  # beyond it penalised logits can overflow float32
 SEED_RANGE = (-(2**63), 2**63 - 1)  # torch.long, as vLLM; seed + choice index still fits torch's generator
