@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Iterator
 
 ANIMALS = ["fox", "cat", "dog", "owl", "bear", "wolf", "horse", "rabbit", "mouse", "lion", "duck", "frog"]
@@ -130,12 +131,18 @@ def sentiment_task(n: int = 400, seed: int = 0) -> list[dict]:
 # Preference rules: how a generated preference set picks its chosen reply, and the registered rule reward
 # (lmwright/objectives/rewards.py) that judges a generation by the same rule.
 POLITE_OPENERS = ["Sure!", "Of course!", "Happy to help:"]
+CHATTER = ["Let me know if you need more.", "Hope this helps!", "Anything else I can do?"]
 RULES = {
     "correct": {"name": "exact_answer"},  # the chosen reply is the correct answer, the rejected a wrong one
     "polite": {"name": "format", "pattern": "(" + "|".join(POLITE_OPENERS) + ") .+"},
     # polite: both replies correct; the chosen one opens politely, the rejected one is curt. (A polite closing
     # instead makes EOS the only difference, and DPO then teaches a small policy not to stop.)
     "polite_correct": {"name": "format", "pattern": "(" + "|".join(POLITE_OPENERS) + ") .+"},
+    "concise": {"name": "format", "pattern": "(?!.*(" + "|".join(re.escape(c.split()[0] + " " + c.split()[1])
+                                                                  for c in CHATTER) + ")).+"},
+    # concise: both replies correct; the chosen one is the answer alone, the rejected one adds a chatty closing.
+    # The answer is their shared prefix, whose log-probs cancel in the DPO loss: preferring the concise reply
+    # teaches the policy to stop after the answer without touching the answer (the demo's rule).
     # polite_correct: the chosen reply is polite and correct; the rejected one is curt (and correct) in half of
     # the pairs and polite but wrong in the other half, so preference optimisation cannot buy politeness with
     # accuracy (with curt rejections only, a small policy's answers after the opener got worse). Judged polite.
@@ -144,6 +151,25 @@ RULES = {
 
 def polite(answer: str, rng: random.Random) -> str:
     return f"{rng.choice(POLITE_OPENERS)} {answer}"
+
+
+def chatty(answer: str, rng: random.Random) -> str:
+    return f"{answer} {rng.choice(CHATTER)}"
+
+
+def chatty_mix(records: list[dict], share: float = 0.5, seed: int = 0, match: str | None = None) -> list[dict]:
+    """Alpaca records of which a ``share`` add a chatty closing after the answer (room for preference
+    optimisation on the ``concise`` rule); with ``match``, only records whose instruction contains it, and always
+    the same closing (a habit the SFT policy learns exactly, so exact match is not capped by a coin flip)."""
+    rng = random.Random(seed)
+    out = []
+    for r in records:
+        if match is None and rng.random() < share:
+            r = {**r, "output": chatty(r["output"], rng)}
+        elif match is not None and match in r["instruction"] and rng.random() < share:
+            r = {**r, "output": f"{r['output']} {CHATTER[1]}"}
+        out.append(r)
+    return out
 
 
 def polite_mix(records: list[dict], share: float = 0.5, seed: int = 0) -> list[dict]:
@@ -167,6 +193,8 @@ def preference_task(n: int = 300, seed: int = 0, source=None, rule: str = "corre
         prompt = r["instruction"] + (f"\n{r['input']}" if r["input"] else "")
         if rule == "polite" or (rule == "polite_correct" and len(out) % 2 == 0):
             out.append({"prompt": prompt, "chosen": polite(r["output"], rng), "rejected": r["output"]})
+        elif rule == "concise":
+            out.append({"prompt": prompt, "chosen": r["output"], "rejected": chatty(r["output"], rng)})
         elif rule == "polite_correct":
             out.append({"prompt": prompt, "chosen": polite(r["output"], rng),
                         "rejected": polite(_wrong_answer(r, rng), rng)})
