@@ -27,7 +27,7 @@ def test_chatty_mix_with_match_is_a_learnable_habit():
 
 def test_polite_correct_rejects_curt_or_wrong():
     pairs = preference_task(20, seed=4, source=skills_task, rule="polite_correct")
-    curt = [p for p in pairs if not p["rejected"].split()[0] in ("Sure!", "Of", "Happy")]
+    curt = [p for p in pairs if p["rejected"].split()[0] not in ("Sure!", "Of", "Happy")]
     polite_wrong = [p for p in pairs if p not in curt]
     assert curt and polite_wrong
     assert all(p["chosen"].endswith(p["rejected"]) for p in curt)
