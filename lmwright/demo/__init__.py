@@ -17,7 +17,7 @@ from typing import Any
 
 from lmwright.config import ConfigError, opt
 
-POLITE_SHARE = 0.1  # of the SFT answers; the alignment step's rule is "polite"
+CHATTY_ON = " plus "  # SFT answers to these (addition) questions add a chatty closing; the alignment rule: "concise"
 
 
 @dataclass
@@ -25,7 +25,7 @@ class DemoConfig:
     workdir: str = opt("lmwright-demo", "folder for the demo's data, tokenizer, runs and report")
     docs: int = opt(6000, "documents in the generated pretraining corpus")
     pretrain_steps: int = opt(300, "pretraining optimizer steps")
-    sft_steps: int = opt(400, "SFT (LoRA) optimizer steps")
+    sft_steps: int = opt(800, "SFT (LoRA) optimizer steps")
     align_steps: int = opt(60, "alignment (DPO) optimizer steps")
     model: str = opt("llama-demo", "model preset to pretrain")
     seq_len: int = opt(128, "pretraining row length")
@@ -75,7 +75,7 @@ def _say(msg: str) -> None:
 
 def run_demo(cfg: DemoConfig) -> Path:
     from lmwright.data import DataConfig, prepare
-    from lmwright.data.synthetic import polite_mix, skills_task, story_corpus
+    from lmwright.data.synthetic import chatty_mix, skills_task, story_corpus
     from lmwright.data.tokenizer import TokenizerConfig, train_tokenizer
 
     t0 = time.perf_counter()
@@ -93,9 +93,11 @@ def run_demo(cfg: DemoConfig) -> Path:
                        overwrite=True)
     counts = manifest.get("counts", {})
     print(f"   {json.dumps(counts)}")
-    # a share of the answers open politely ("Sure! ..."): the SFT policy is polite now and then, and the
-    # alignment step's preference pairs (polite chosen over curt) make it polite more often
-    instr = polite_mix(skills_task(1400, seed=11), share=POLITE_SHARE, seed=13)
+    # the answers to addition questions end with a chatty closing ("... Hope this helps!"): the SFT policy learns
+    # that habit, and the alignment step's preference pairs (the answer alone chosen over the chatty one) make it
+    # stop after the answer everywhere. (A polite *opener* as the rule cost answer accuracy: the SFT policy had seen few answers
+    # after an opener, and DPO moved it there; a closing leaves the answer a shared prefix.)
+    instr = chatty_mix(skills_task(1400, seed=11), share=1.0, seed=13, match=CHATTY_ON)
     _write_jsonl(work / "data" / "instructions.jsonl", instr)
     timings["data"] = time.perf_counter() - t
 
@@ -162,12 +164,13 @@ def run_demo(cfg: DemoConfig) -> Path:
 
     # 5. alignment
     if "align" not in cfg.skip and sft_dir is not None:
-        _say(f"5/6 align: DPO on generated preference pairs (chosen = the polite reply, rejected = the curt one), "
+        _say(f"5/6 align: DPO on generated preference pairs (chosen = the answer alone, rejected = the answer "
+             f"with a chatty closing), "
              f"{cfg.align_steps} steps")
         t = time.perf_counter()
         from lmwright.stages.dpo import alignment_demo_step
 
-        results["align"] = alignment_demo_step(sft_dir, work, steps=cfg.align_steps, task=skills_task, rule="polite")
+        results["align"] = alignment_demo_step(sft_dir, work, steps=cfg.align_steps, task=skills_task, rule="concise")
         timings["align"] = time.perf_counter() - t
         print("   " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                  for k, v in results["align"].items() if k != "run"))
@@ -240,8 +243,9 @@ def write_demo_report(work: Path, results: dict, timings: dict, counts: dict) ->
         parts.append("<p>Full run report: <a href='runs/sft-lora/report.html'>runs/sft-lora/report.html</a></p>")
     if "align" in results:
         parts += ["<h2>Alignment (DPO)</h2>",
-                  "<p>Preference pairs from the SFT task: the polite reply (&ldquo;Sure! ...&rdquo;) is chosen over "
-                  "the curt one, both correct. Answers to held-out prompts, sampled (temperature 0.5) and greedy, "
+                  "<p>Preference pairs from the SFT task: the answer alone is chosen over the same answer with a "
+                  "chatty closing (&ldquo;... Hope this helps!&rdquo;). Answers to held-out prompts, sampled "
+                  "(temperature 0.5) and greedy, "
                   "are judged by that rule (the registered <code>format</code> reward with the rule's pattern); "
                   "answer accuracy: the held-out answer is in the greedy reply.</p>",
                   table({k: v for k, v in results["align"].items() if k != "run"})]

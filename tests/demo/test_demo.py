@@ -28,3 +28,9 @@ def test_full_demo_learns(tmp_path):
     assert res["pretrain"]["val_ppl_after"] < 0.05 * res["pretrain"]["val_ppl_before"]
     assert res["sft"]["before"]["val_exact_match"] <= 0.1
     assert res["sft"]["after"]["val_exact_match"] >= 0.4
+    # DPO on the concise rule: the SFT habit (a chatty closing on addition answers) goes, answers stay (measured
+    # on a 2-core avx512_bf16 CPU: greedy concise 0.81 -> 1.0, answer accuracy 0.72 -> 0.67; the polite-opener
+    # rule it replaced cost 0.60 -> 0.22)
+    align = res["align"]
+    assert align["greedy answers concise after"] >= max(align["greedy answers concise before"], 0.9)
+    assert align["answer accuracy after"] >= align["answer accuracy before"] - 0.1
