@@ -34,12 +34,13 @@ def cpu_has_native_bf16() -> bool:
 
 
 def cpu_bf16_pays() -> bool:
-    """Whether bf16 autocast trains faster than fp32 on this CPU: only with AMX tiles.
+    """Whether ``mixed_precision: auto`` trains in bf16 on this CPU: only with AMX tiles.
 
-    Measured (bench/pretrain_throughput.py and bench/README.md, the CPU flags named beside each figure):
-    with AMX, bf16 is ~1.6x faster than fp32; with avx512_bf16 alone it is 1.6x slower on a 1M GPT,
-    0.78x on llama-tiny and 1.17x on llama-demo (2 cores, 2026-12-01): no better than fp32 on the
-    small models a CPU trains, with bf16's coarser numerics on top. Without either, ~3x slower.
+    Measured by bench/precision.py (bench/README.md, CPU flags beside each figure): with AMX, bf16 is ~1.6x
+    faster than fp32. With avx512_bf16 alone the answer depends on the model's size: one training step of
+    llama-tiny (0.2M) 0.78x, llama-demo (2M) 1.15x, llama-20m 1.56x (AMD EPYC, 2 cores, 2026-12-01), and its
+    numerics are coarser; without either, ~3x slower. So without AMX 'auto' stays fp32 (set
+    ``train.mixed_precision=bf16`` for models of ~20M parameters and up); choosing per model size is open.
     """
     return "amx_bf16" in cpu_flags()
 
