@@ -10,7 +10,7 @@ from lmwright.utils import hardware
 
 @pytest.mark.parametrize("flags, expected", [
     ({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}, "bf16"),  # AMX: ~1.6x faster
-    ({"avx512f", "avx512_bf16"}, "no"),  # avx512_bf16 alone: not faster (the issue-17 machine kind)
+    ({"avx512f", "avx512_bf16"}, "no"),  # avx512_bf16 alone: 0.78-1.15x on tiny/demo models (bench/precision.py)
     ({"avx2"}, "no"),  # no native bf16: ~3x slower
 ])
 def test_auto_precision_on_cpu_follows_what_is_faster(monkeypatch, flags, expected):
