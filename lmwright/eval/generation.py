@@ -47,8 +47,13 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_n
     from lmwright.data.chat import stop_token_ids
 
     stops = stop_token_ids(tokenizer)
-    out = []
     model.eval()
+    from lmwright.methods.peft_methods import generate_uncached, is_prompt_learning
+
+    if is_prompt_learning(model):  # peft's cached generate disagrees with their forward: see generate_uncached
+        return [tokenizer.decode(ids, skip_special_tokens=True)
+                for ids, _ in generate_uncached(model, prompts, max_new_tokens, stops)]
+    out = []
     with torch.no_grad():
         for ids in prompts:
             x = torch.tensor([ids])

@@ -359,3 +359,45 @@ def disable_bnb_cpu_repack(model: Any) -> Any:
         if hasattr(mod, "support_avx512bf16_for_cpu"):
             mod.support_avx512bf16_for_cpu = False
     return model
+
+
+# ------------------------------------------------------------------------------------ prompt-learning generation
+def is_prompt_learning(model: Any) -> bool:
+    """A peft model whose active adapter is prefix, P-tuning or prompt tuning."""
+    cfg = getattr(model, "active_peft_config", None)
+    return bool(getattr(cfg, "is_prompt_learning", False))
+
+
+def generate_uncached(model: Any, prompts: list[list[int]], max_new_tokens: int, stops: list[int],
+                      temperature: float = 0.0) -> list[tuple[list[int], bool]]:
+    """(new token ids without the stop token, finished) per prompt, each step one full forward of ``model``.
+
+    Why: peft 0.21's cached generation for prompt-learning adapters does not compute what their forward
+    computes under transformers 5.24 (measured on llama-tiny: prefix logits differ from the first new token,
+    prompt/P-tuning from the second, by 0.1-0.2), so held-out answers were not the trained model's. One prompt
+    at a time (no padding: the virtual tokens sit where training put them) and no KV cache: the forward the
+    model trained with. These adapters serve tiny models here, so the quadratic cost is acceptable. Remove when
+    ``model.generate`` agrees with the forward (tests/methods/test_prompt_generation.py).
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    out: list[tuple[list[int], bool]] = []
+    with torch.no_grad():
+        for p in prompts:
+            seq = torch.tensor([p], device=device)
+            new: list[int] = []
+            finished = False
+            for _ in range(max_new_tokens):
+                logits = model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[0, -1].float()
+                if temperature > 0:
+                    tok = int(torch.multinomial(torch.softmax(logits / temperature, -1), 1))
+                else:
+                    tok = int(logits.argmax())
+                if tok in stops:
+                    finished = True
+                    break
+                new.append(tok)
+                seq = torch.cat([seq, torch.tensor([[tok]], device=device)], 1)
+            out.append((new, finished))
+    return out

@@ -182,8 +182,9 @@ class _Sequence:
 
 
 def _is_prompt_learning(model) -> bool:
-    cfg = getattr(model, "active_peft_config", None)
-    return bool(getattr(cfg, "is_prompt_learning", False))
+    from lmwright.methods.peft_methods import is_prompt_learning
+
+    return is_prompt_learning(model)
 
 
 class LocalEngine:

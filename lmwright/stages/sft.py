@@ -213,6 +213,12 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, te
     was_training = model.training
     model.eval()
     torch.manual_seed(seed)
+    from lmwright.methods.peft_methods import generate_uncached, is_prompt_learning
+
+    if is_prompt_learning(model):  # peft's cached generate disagrees with their forward: see generate_uncached
+        out = generate_uncached(model, prompts, max_new_tokens, stops, temperature)
+        model.train(was_training)
+        return out
     out: list[tuple[list[int], bool]] = []
     for s in range(0, len(prompts), batch_size):
         chunk = prompts[s:s + batch_size]
