@@ -433,12 +433,7 @@ def check_compat(method_cfg: MethodConfig, model_cfg: Any, task: str,
                           f"this transformers version; set model.attn_implementation=eager")
     targets = normalize_targets(method_cfg.targets)
     if name in ("lora", "dora", "ia3") and isinstance(targets, list):
-        # peft matches a target by the module's name or a dotted suffix of its path (mlp.c_proj)
-        missing = [t for t in targets if not _module_path_exists(meta, t)]
-        if missing:
-            have = linear_module_names(meta)
-            raise ConfigError(f"method.targets {missing} not found in {getattr(model_cfg, 'name', 'the model')}; "
-                              f"its linear modules are: {', '.join(have)} (or use method.targets=all-linear)")
+        check_targets(meta, targets, name, task, where=getattr(model_cfg, "name", "the model"))
     if name == "freeze":
         n_blocks = len(find_blocks(meta))
         if method_cfg.freeze_last_n > n_blocks:
@@ -446,8 +441,53 @@ def check_compat(method_cfg: MethodConfig, model_cfg: Any, task: str,
                               f"blocks; set method.freeze_last_n <= {n_blocks}")
 
 
-def _module_path_exists(model: Any, path: str) -> bool:
-    return any(n == path or n.endswith("." + path) for n, _ in _unwrap(model).named_modules())
+def check_targets(model: Any, targets: list[str], method: str, task: str, where: str = "the model") -> None:
+    """The one decision on a ``method.targets`` list, made by ``check_compat`` (on the meta-device model, at
+    ``lmwright validate``) and by the peft methods' ``apply`` (on the real model, before ``get_peft_model``).
+
+    peft matches a target by a module's name or a dotted suffix of its path (``mlp.down_proj``) and then
+    fails on any matched module it cannot adapt (a block such as ``mlp``, a norm, the rotary embedding), or
+    finds nothing when the target names only the task head (it trains in full: ``modules_to_save``). So a
+    target must match at least one module outside the head, and every such module must be a layer type
+    ``method`` adapts (:func:`_adaptable`).
+    """
+    inner = _unwrap(model)
+    heads = set(head_module_names(model, task))
+    missing, head_only, wrong = [], [], {}
+    for t in targets:
+        found = [(n, m) for n, m in inner.named_modules() if n and (n == t or n.endswith("." + t))]
+        body = [m for n, m in found if n.split(".", 1)[0] not in heads]
+        if not found:
+            missing.append(t)
+        elif not body:
+            head_only.append(t)
+        elif any(not _adaptable(m, method) for m in body):
+            wrong[t] = type(next(m for m in body if not _adaptable(m, method))).__name__
+    have = f"its linear modules are: {', '.join(linear_module_names(model))} (or use method.targets=all-linear)"
+    if missing:
+        raise ConfigError(f"method.targets {missing} not found in {where}; {have}")
+    if head_only:
+        raise ConfigError(f"method.targets {head_only} name only the task head of {where} ({', '.join(sorted(heads))}), "
+                          f"which trains in full beside the adapter; target the body's layers: {have}")
+    if wrong:
+        kinds = ", ".join(f"{t} is a {k}" for t, k in wrong.items())
+        raise ConfigError(f"method.targets {list(wrong)} name modules of {where} that {method} cannot adapt ({kinds}; "
+                          f"it adapts {_ADAPTABLE_DOC[method]}); {have}")
+
+
+_ADAPTABLE_DOC = {"lora": "Linear, Conv1D, Conv and Embedding layers", "dora": "Linear, Conv1D, Conv and Embedding layers",
+                  "ia3": "Linear, Conv1D and Conv2d layers"}
+
+
+def _adaptable(module: Any, method: str) -> bool:
+    """Whether peft (0.21) has a ``method`` layer for ``module``'s type: what its dispatchers accept."""
+    import torch
+
+    if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or type(module).__name__ == "Conv1D":
+        return True
+    if method in ("lora", "dora"):
+        return isinstance(module, (torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv3d, torch.nn.MultiheadAttention))
+    return False
 
 
 def normalize_targets(targets: str | list[str]) -> str | list[str]:

@@ -20,8 +20,8 @@ from lmwright.config import ConfigError
 from lmwright.methods.base import (
     METHODS,
     MethodConfig,
+    check_targets,
     head_module_names,
-    linear_module_names,
     model_family,
     normalize_targets,
 )
@@ -83,21 +83,13 @@ class _PeftMethod:
         return model.merge_and_unload()
 
 
-def _lora_targets(model: Any, cfg: MethodConfig) -> str | list[str]:
+def _lora_targets(model: Any, cfg: MethodConfig, task: str) -> str | list[str]:
     t = normalize_targets(cfg.targets)
     if t == "auto":
         return "all-linear"
     if isinstance(t, list):
-        _check_targets(model, t)
+        check_targets(model, t, cfg.name, task)  # the decision check_compat made at validate time
     return t
-
-
-def _check_targets(model: Any, targets: list[str]) -> None:
-    names = {n for n, _ in model.named_modules()}
-    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
-    if missing:
-        raise ConfigError(f"method.targets {missing} not found in the model; its linear modules are: "
-                          f"{', '.join(linear_module_names(model))} (or use method.targets=all-linear)")
 
 
 @METHODS.register("lora")
@@ -109,7 +101,7 @@ class LoRA(_PeftMethod):
         from peft import LoraConfig
 
         return LoraConfig(task_type=_task_type(task), r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                          target_modules=_lora_targets(model, cfg), use_rslora=cfg.rslora,
+                          target_modules=_lora_targets(model, cfg, task), use_rslora=cfg.rslora,
                           use_dora=self.use_dora, modules_to_save=_modules_to_save(model, cfg, task))
 
     def apply(self, model: Any, cfg: MethodConfig, task: str) -> Any:
@@ -179,7 +171,7 @@ class IA3(_PeftMethod):
         t = normalize_targets(cfg.targets)
         kwargs: dict[str, Any] = {}
         if isinstance(t, list):
-            _check_targets(model, t)
+            check_targets(model, t, cfg.name, task)  # the decision check_compat made at validate time
             # IA3 scales the *input* of feed-forward output projections; these names are those projections
             ff = {"down_proj", "fc2", "wo", "c_proj", "dense"}
             kwargs = {"target_modules": t, "feedforward_modules": [m for m in t if m.rsplit(".", 1)[-1] in ff]}

@@ -136,3 +136,47 @@ def test_methods_doc_is_the_generated_one():
     spec.loader.exec_module(gen)
     assert (root / "docs" / "methods.md").read_text(encoding="utf-8") == gen.methods_doc(), \
         "docs/methods.md is stale: run python scripts/gen_docs.py"
+
+
+# ------------------------------------------------------------------------------------------- targets
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+@pytest.mark.parametrize("model, task, targets", [
+    ("llama-tiny", "causal-lm", ["q_proj", "v_proj"]), ("llama-tiny", "causal-lm", ["self_attn.q_proj"]),
+    ("llama-tiny", "causal-lm", ["model.layers.0.mlp.down_proj"]), ("llama-tiny", "causal-lm", ["lm_head"]),
+    ("llama-tiny", "causal-lm", ["mlp"]), ("llama-tiny", "causal-lm", ["self_attn"]),
+    ("llama-tiny", "causal-lm", ["input_layernorm"]), ("llama-tiny", "causal-lm", ["norm"]),
+    ("llama-tiny", "causal-lm", ["rotary_emb"]), ("llama-tiny", "causal-lm", ["embed_tokens"]),
+    ("llama-tiny", "causal-lm", ["q_proj", "mlp"]), ("llama-tiny", "classification", ["score"]),
+    ("llama-tiny", "classification", ["q_proj"]), ("gpt-tiny", "causal-lm", ["c_attn"]),
+    ("gpt-tiny", "causal-lm", ["attn"]), ("bert-tiny", "classification", ["classifier"]),
+    ("bert-tiny", "classification", ["query", "value"])])
+def test_validate_accepts_exactly_the_targets_training_accepts(method, model, task, targets):
+    """check_compat (``lmwright validate``) and apply (training) decide method.targets with one function: a
+    suffix that names a block (mlp), a norm, the rotary embedding or the task head passed validation and
+    failed at the start of training."""
+    from lmwright.methods import apply_method
+    from lmwright.models import build_model
+
+    cfg = MethodConfig(name=method, targets=targets)
+
+    def outcome(fn):
+        try:
+            fn()
+            return "ok"
+        except ConfigError as e:
+            return f"ConfigError: {e}"
+        except Exception as e:  # noqa: BLE001 - peft's own refusal is what validate must foresee
+            return f"{type(e).__name__}: {e}"
+
+    validated = outcome(lambda: check_compat(cfg, ModelConfig(name=model), task))
+    extra = {"num_labels": 2} if task == "classification" else {}
+    trained = outcome(lambda: apply_method(build_model(ModelConfig(name=model), task=task, vocab_size=64, **extra),
+                                           cfg, task))
+    assert (validated == "ok") == (trained == "ok"), (validated, trained)
+    if trained != "ok":
+        assert trained.startswith("ConfigError") and "method.targets" in trained, trained
+
+
+def test_target_that_names_a_block_says_what_can_be_adapted():
+    with pytest.raises(ConfigError, match=r"method.targets \['mlp'\].*LlamaMLP.*gate_proj"):
+        check_compat(MethodConfig(name="lora", targets=["mlp"]), ModelConfig(name="llama-tiny"), "causal-lm")
