@@ -2,7 +2,8 @@
 
 Prompts are rendered with the tokenizer's chat template (``render_prompt_ids``: the same tokens the
 server feeds) and decoding stops at ``stop_token_ids`` (``<|im_end|>``/eos), so the score is that of
-the model as it is served. Answers are compared after normalising case and whitespace.
+the model as it is served. Answers are scored by ``lmwright.engine.metrics`` (the rule SFT's held-out
+``val_exact_match`` uses: equal after stripping surrounding whitespace; case and inner whitespace count).
 
 Without data, on an SFT run folder (``on_run``), the run's held-out prompts are answered and scored by
 the stage itself (``sft.validation_data``/``validation_metrics``: the same ``held_out`` choice, batched
@@ -13,19 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from lmwright.engine.metrics import contains_match, exact_match
 from lmwright.eval import EVAL_TASKS
-
-
-def normalize(text: str) -> str:
-    return " ".join(text.split()).casefold()
-
-
-def exact_match(prediction: str, reference: str) -> bool:
-    return normalize(prediction) == normalize(reference)
-
-
-def contains_match(prediction: str, reference: str) -> bool:
-    return normalize(reference) in normalize(prediction)
 
 
 def qa_pair(record: dict, fmt: str) -> tuple[list[dict], str]:

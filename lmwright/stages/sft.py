@@ -242,10 +242,12 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, te
 
 def exact_match(model, tokenizer, convs: list[list[dict]], max_new_tokens: int,
                 precision: str = "no") -> tuple[float, list[str]]:
-    """Share of conversations whose last assistant turn is reproduced exactly (greedy), and the answers.
-    Generation runs under the training ``precision``'s autocast whatever the method: an adapter model's
-    ``generate`` would otherwise skip the accelerator's autocast that a fully trained model's gets."""
+    """Share of conversations whose last assistant turn is reproduced exactly (greedy; the rule of
+    ``lmwright.engine.metrics.exact_match``, which ``lmwright eval --task generation`` scores with too), and
+    the answers. Generation runs under the training ``precision``'s autocast whatever the method: an adapter
+    model's ``generate`` would otherwise skip the accelerator's autocast that a fully trained model's gets."""
     from lmwright.data.chat import render_prompt_ids
+    from lmwright.engine import metrics
     from lmwright.utils.hardware import autocast_for
 
     if not convs:
@@ -254,7 +256,7 @@ def exact_match(model, tokenizer, convs: list[list[dict]], max_new_tokens: int,
     with autocast_for(precision, next(model.parameters()).device.type):
         generated = generate(model, tokenizer, prompts, max_new_tokens)
     answers = [tokenizer.decode(a, skip_special_tokens=True).strip() for a, _ in generated]
-    hits = sum(a == c[-1]["content"].strip() for a, c in zip(answers, convs))
+    hits = sum(metrics.exact_match(a, c[-1]["content"]) for a, c in zip(answers, convs))
     return hits / len(convs), answers
 
 

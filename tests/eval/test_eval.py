@@ -114,8 +114,10 @@ def test_perplexity_equals_per_document_loss(lm_dir, tokenizer, tmp_path):
 def test_match_functions():
     from lmwright.eval.generation import contains_match, exact_match
 
-    assert exact_match("  Paris ", "paris") and not exact_match("Paris, France", "Paris")
-    assert contains_match("It is Paris, France.", "paris") and not contains_match("Lyon", "Paris")
+    # the rule of lmwright.engine.metrics (tests/engine/test_metrics.py): surrounding whitespace only
+    assert exact_match("  Paris ", "Paris") and not exact_match("Paris, France", "Paris")
+    assert not exact_match("paris", "Paris")
+    assert contains_match("It is Paris, France.", "Paris") and not contains_match("Lyon", "Paris")
 
 
 def test_generation_scores_answers(lm_dir, tmp_path, monkeypatch):
@@ -128,7 +130,7 @@ def test_generation_scores_answers(lm_dir, tmp_path, monkeypatch):
         return ["Paris", "it is 4.", "blue"]
 
     monkeypatch.setattr(generation, "generate_answers", fake_answers)
-    rows = [{"instruction": "Capital of France?", "output": "paris"},
+    rows = [{"instruction": "Capital of France?", "output": "Paris "},
             {"instruction": "2+2?", "output": "4"},
             {"instruction": "Sky colour?", "input": "at night", "output": "black"}]
     m = evaluate(lm_dir, "generation", _jsonl(tmp_path / "qa.jsonl", rows), fmt="alpaca")
