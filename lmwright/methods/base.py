@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from lmwright.config import ConfigError, opt
+from lmwright.models.meta import META_FILE, read_meta
 from lmwright.registry import Registry
 
 METHODS = Registry("method", package="lmwright.methods")
@@ -23,7 +24,6 @@ METHODS = Registry("method", package="lmwright.methods")
 TASKS = ("causal-lm", "classification", "masked-lm", "seq2seq", "embedding", "reward")
 # the heads that a task adds on top of a pretrained body; they always train (they start random)
 HEAD_NAMES = ("score", "classifier", "classification_head", "qa_outputs")
-META_FILE = "lmwright.json"
 
 
 @dataclass
@@ -550,8 +550,8 @@ def load_trained(path: str | Path, task: str | None = None, **kwargs: Any) -> tu
     from lmwright.models.load import load_model, load_tokenizer, resolve_model_path
 
     p = resolve_model_path(path)
-    meta = json.loads((p / META_FILE).read_text()) if (p / META_FILE).exists() else {}
-    task = task or meta.get("task") or _guess_task(p)
+    meta = read_meta(p)
+    task = task or trained_task(p)
     base = meta.get("base")
     if task in ("classification", "reward") and meta.get("num_labels") and "num_labels" not in kwargs:
         kwargs["num_labels"] = meta["num_labels"]
@@ -605,6 +605,16 @@ def _load_base(base: str | None, task: str, quantize: str | None, quantize_embed
                                                                   quantize_embeddings=quantize_embeddings), **kwargs)
         return disable_bnb_cpu_repack(model)
     return load_model(base, task=task, **kwargs)
+
+
+def trained_task(path: str | Path) -> str:
+    """The task a model folder was trained for: its ``lmwright.json`` says (an adapter folder has nothing
+    else to say it), else the architecture in its ``config.json``. ``load_trained`` and ``lmwright.load``
+    both ask here."""
+    from lmwright.models.load import resolve_model_path
+
+    p = resolve_model_path(path)
+    return str(read_meta(p).get("task") or _guess_task(p))
 
 
 def _guess_task(p: Path) -> str:

@@ -236,12 +236,11 @@ class LoadedModel:
 
 def load(path: str | Path, guardrails: Guardrails | str | Path | None = None, task: str | None = None,
          name: str | None = None, **kwargs: Any) -> LoadedModel:
-    """Load a run folder, checkpoint, Hugging Face folder or adapter folder for inference."""
-    from lmwright.methods.base import _guess_task, load_trained
-    from lmwright.models.load import resolve_model_path
+    """Load a run folder, checkpoint, Hugging Face folder or adapter folder for inference, as its
+    ``lmwright.json`` says it was trained (``load_trained``: the loader every command uses)."""
+    from lmwright.methods.base import load_trained, trained_task
 
-    p = resolve_model_path(path)
-    task = task or _guess_task(p)
+    task = task or trained_task(path)
     model, tokenizer = load_trained(path, task=task, **kwargs)
     if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # batching encoders needs a pad token
