@@ -96,11 +96,27 @@ def launch(args) -> int:
     # the worker learns the process count from the override (torchrun's own parser would read a
     # trailing "--nproc=N" as an ambiguous abbreviation of its --nproc-per-node and exit)
     argv += list(args.overrides) + [f"train.nproc={args.nproc}"]
+    if not any(o.startswith("train.run_name=") for o in args.overrides):
+        argv.append(f"train.run_name={_run_name(args)}")  # one folder for every rank
     try:
         torchrun(argv)
     except SystemExit as e:  # torchrun exits on failure; surface its code
         return int(e.code or 0)
     return 0
+
+
+def _run_name(args) -> str:
+    """The run folder all ranks of a launch share: the newest unfinished run of this config, else a new
+    ``<stage>-<timestamp>`` (each rank naming its own could straddle a second)."""
+    import time
+
+    from lmwright.config import load_config
+    from lmwright.engine.run import resume_candidate
+    from lmwright.stages import STAGES
+
+    cfg = load_config(STAGES.get(args.stage).Config, args.config, [*args.overrides, f"train.nproc={args.nproc}"])
+    return resume_candidate(cfg.train.output_dir, args.stage, cfg, None) or \
+        f"{args.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 if __name__ == "__main__":  # pragma: no cover

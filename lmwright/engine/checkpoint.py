@@ -3,7 +3,8 @@
 ``checkpoints/step-N/`` holds
   ``trainable.safetensors``  every trainable parameter (the resume truth; frozen weights are rebuilt)
   ``optimizer.pt``           optimizer state (tensors only; loaded with ``weights_only=True``)
-  ``rng.pt`` / ``rng.json``  torch (+CUDA) RNG states / Python RNG state
+  ``rng.pt`` / ``rng.json``  torch (+CUDA) RNG states / Python RNG state (of rank 0)
+  ``rng-rankR.pt/.json``     the same for every other rank R of a data-parallel run
   ``trainer_state.json``     step, data position, scheduler step, best metric, patience counter
   ``model/``                 the model as the method saves it, so a checkpoint is also loadable
 
@@ -77,8 +78,15 @@ def set_rng_state(tensors: dict[str, torch.Tensor], py: dict) -> None:
     random.setstate((v[0], tuple(v[1]), v[2]))
 
 
+def rng_files(rank: int) -> tuple[str, str]:
+    return ("rng.pt", "rng.json") if rank == 0 else (f"rng-rank{rank}.pt", f"rng-rank{rank}.json")
+
+
 def save_checkpoint(ckpt_dir: Path, step: int, model: torch.nn.Module, optimizer, state: dict[str, Any],
-                    save_model: Callable[[Path], None] | None = None) -> Path:
+                    save_model: Callable[[Path], None] | None = None,
+                    rng_states: list[tuple[dict, dict]] | None = None) -> Path:
+    """Write ``step-N`` atomically (see the module docstring). ``rng_states``: every rank's
+    :func:`rng_state` under data parallelism (rank 0 first); default: this process's."""
     from safetensors.torch import save_file
 
     final = ckpt_dir / f"step-{step}"
@@ -88,9 +96,10 @@ def save_checkpoint(ckpt_dir: Path, step: int, model: torch.nn.Module, optimizer
     tmp.mkdir(parents=True)
     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    tensors, py = rng_state()
-    torch.save(tensors, tmp / "rng.pt")
-    (tmp / "rng.json").write_text(json.dumps(py))
+    for rank, (tensors, py) in enumerate(rng_states or [rng_state()]):
+        pt, js = rng_files(rank)
+        torch.save(tensors, tmp / pt)
+        (tmp / js).write_text(json.dumps(py))
     if save_model is not None:
         save_model(tmp / "model")
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))  # written last: marks completeness
@@ -138,15 +147,20 @@ def _fsync(path: Path) -> None:
         pass
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer) -> dict[str, Any]:
-    """Restore parameters, optimizer and RNG states; return the trainer state.
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, rank: int = 0) -> dict[str, Any]:
+    """Restore parameters, optimizer and this rank's RNG states; return the trainer state.
 
     Every file is read before anything is restored, so a :class:`CorruptCheckpoint` leaves the model,
     optimizer and RNGs untouched (and an older checkpoint can be tried).
     """
     from safetensors.torch import load_file
 
-    need = ["trainable.safetensors", "optimizer.pt", "rng.pt", "rng.json", STATE_FILE]
+    rng_pt, rng_js = rng_files(rank)
+    if rank and not (path / rng_pt).exists():  # written before per-rank states were saved: rank 0's
+        log.warning("%s has no RNG state of rank %d: it continues from rank 0's (dropout masks differ from an "
+                    "uninterrupted run)", path, rank)
+        rng_pt, rng_js = rng_files(0)
+    need = ["trainable.safetensors", "optimizer.pt", rng_pt, rng_js, STATE_FILE]
     missing = [n for n in need if not (path / n).exists()]
     if missing:
         raise CorruptCheckpoint(f"checkpoint {path} is incomplete (missing {', '.join(missing)}); "
@@ -156,9 +170,9 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer) -> dict[str, 
         weights = load_file(str(path / reading))
         reading = "optimizer.pt"
         opt_state = torch.load(path / reading, weights_only=True, map_location="cpu")
-        reading = "rng.pt"
+        reading = rng_pt
         rng_tensors = torch.load(path / reading, weights_only=True)
-        reading = "rng.json"
+        reading = rng_js
         rng_py = json.loads((path / reading).read_text())
         reading = STATE_FILE
         state = json.loads((path / reading).read_text())
@@ -181,13 +195,14 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer) -> dict[str, 
     return state
 
 
-def load_latest_checkpoint(ckpts: list[Path], model: torch.nn.Module, optimizer) -> tuple[Path, dict[str, Any]]:
+def load_latest_checkpoint(ckpts: list[Path], model: torch.nn.Module, optimizer,
+                           rank: int = 0) -> tuple[Path, dict[str, Any]]:
     """Resume from the newest of ``ckpts`` (oldest first) that reads back; a corrupt newer one is skipped
     with a warning. Raises the newest one's :class:`CorruptCheckpoint` if none is good."""
     first: CorruptCheckpoint | None = None
     for path in reversed(ckpts):
         try:
-            return path, load_checkpoint(path, model, optimizer)
+            return path, load_checkpoint(path, model, optimizer, rank)
         except CorruptCheckpoint as e:
             first = first or e
             log.warning("%s; trying the previous checkpoint", e)

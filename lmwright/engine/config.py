@@ -11,7 +11,8 @@ from lmwright.config import ConfigError, opt
 @dataclass
 class TrainConfig:
     output_dir: str = opt("runs", "folder that holds run folders")
-    run_name: str | None = opt(None, "run folder name; default <stage>-<timestamp>. Reusing a name resumes it")
+    run_name: str | None = opt(None, "run folder name; default <stage>-<timestamp>, or the newest unfinished run of "
+                                     "the same config. Reusing a name resumes it")
     seed: int = opt(0, "seed for model init, data order, dropout and masking")
     max_steps: int = opt(200, "optimizer steps to train (ignored when epochs is set)")
     epochs: float | None = opt(None, "train for this many passes over the data instead of max_steps")
@@ -36,7 +37,9 @@ class TrainConfig:
     greater_is_better: bool | None = opt(None, "direction of metric_for_best; default: false for *loss*/*ppl*, else true")
     early_stopping_patience: int = opt(0, "stop after N evaluations without improvement (0 = never)")
     load_best_at_end: bool = opt(True, "final/ holds the best checkpoint's weights, not the last")
-    resume: str = opt("auto", "auto: continue the run's newest checkpoint if any; never; or a checkpoint folder")
+    resume: str = opt("auto", "auto: continue the run's newest checkpoint if any (the newest unfinished run of this "
+                              "config without run_name; a changed config or data is refused); force: continue "
+                              "even if the config or data changed; never; or a checkpoint folder")
     tensorboard: bool = opt(False, "also write TensorBoard event files (needs tensorboard installed)")
     progress: bool = opt(True, "show a live progress bar")
     nproc: int = opt(1, "processes for data-parallel training (CLI --nproc launches them)")

@@ -27,7 +27,9 @@ from lmwright.engine.checkpoint import (
     load_checkpoint,
     load_latest_checkpoint,
     prune_checkpoints,
+    rng_state,
     save_checkpoint,
+    set_rng_state,
 )
 from lmwright.engine.config import TrainConfig
 from lmwright.engine.run import Run
@@ -171,26 +173,33 @@ def evaluate_loss(model, objective: Objective, data: Sequence, collate: Callable
 
 # ----------------------------------------------------------------------------------- interrupts
 class _StopFlag:
+    """Ctrl-C (SIGINT) or SIGTERM (preemption, ``kill``, a scheduler's time limit) asks the loop to save a
+    checkpoint at the end of the current step and stop; a second signal aborts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
     def __init__(self) -> None:
         self.stop = False
-        self._old = None
+        self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _StopFlag:
-        try:
-            self._old = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread
-            self._old = None
+        for sig in self.SIGNALS:
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handlers at all
+                break
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.stop:  # second Ctrl-C: give up immediately
+        if self.stop:  # a second signal: give up immediately
             raise KeyboardInterrupt
         self.stop = True
-        log.warning("interrupt received: saving a checkpoint at the end of this step (Ctrl-C again to abort)")
+        log.warning("%s received: saving a checkpoint at the end of this step (again to abort)",
+                    signal.Signals(signum).name)
 
     def __exit__(self, *exc) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 # ------------------------------------------------------------------------------------- the loop
@@ -229,9 +238,9 @@ def train(model: torch.nn.Module, train_data: Sequence, collate: Callable, objec
     ckpts = list_checkpoints(run.checkpoints)
     resume_from: Path | None = None
     state: dict | None = None
-    if cfg.resume == "auto":
+    if cfg.resume in ("auto", "force"):  # force: the run folder accepted a changed config (Run.start)
         if ckpts:  # the newest checkpoint that reads back (a corrupt newer one is skipped with a warning)
-            resume_from, state = load_latest_checkpoint(ckpts, model, optimizer)
+            resume_from, state = load_latest_checkpoint(ckpts, model, optimizer, rank)
     elif cfg.resume == "never":
         if ckpts and run.is_main:
             raise ResumeError(f"{run.dir} already has checkpoints ({ckpts[-1].name}); use a new train.run_name "
@@ -242,7 +251,7 @@ def train(model: torch.nn.Module, train_data: Sequence, collate: Callable, objec
             raise ResumeError(f"train.resume={cfg.resume}: not a checkpoint folder (no trainer_state.json)")
     if resume_from is not None:
         if state is None:
-            state = load_checkpoint(resume_from, model, optimizer)
+            state = load_checkpoint(resume_from, model, optimizer, rank)
         if state.get("world", 1) != world or state.get("micro_batch_size") != cfg.micro_batch_size \
                 or state.get("grad_accum") != cfg.grad_accum:
             raise ResumeError(f"{resume_from} was written with world={state.get('world')}, micro_batch_size="
@@ -258,6 +267,8 @@ def train(model: torch.nn.Module, train_data: Sequence, collate: Callable, objec
     fwd_model = model
     if cfg.compile:
         fwd_model = torch.compile(model)
+    rng = rng_state()  # as seeded or restored: what runs from here to the loop (DDP set-up, the FLOP/s probe)
+    # must not draw from it, or a resumed run's dropout masks differ from an uninterrupted run's
     fwd_model, optimizer = acc.prepare(fwd_model, optimizer)
     if world > 1:  # DDP wraps the module; keep `model` as the bare one for saving
         model = acc.unwrap_model(fwd_model)
@@ -287,18 +298,24 @@ def train(model: torch.nn.Module, train_data: Sequence, collate: Callable, objec
 
     def checkpoint(step: int) -> Path | None:
         nonlocal last_ckpt
+        rngs = None
+        if world > 1:  # every rank's RNG (dropout, masking): a resume continues each rank exactly
+            from accelerate.utils import gather_object
+
+            rngs = gather_object([rng_state()])
         if run.is_main:
             st = {"step": step, "position": position, "best": best, "best_step": best_step,
                   "bad_evals": bad_evals, "eval_history": result.eval_history, "world": world,
                   "micro_batch_size": cfg.micro_batch_size, "grad_accum": cfg.grad_accum,
                   "metric_for_best": cfg.metric_for_best}
             saver = (lambda d: save_model(model, d)) if save_model else None
-            last_ckpt = save_checkpoint(run.checkpoints, step, model, optimizer, st, saver)
+            last_ckpt = save_checkpoint(run.checkpoints, step, model, optimizer, st, saver, rngs)
             prune_checkpoints(run.checkpoints, cfg.keep_last, {best_step} if best_step is not None else set())
         acc.wait_for_everyone()
         return last_ckpt
 
     step = start_step
+    set_rng_state(*rng)
     with _StopFlag() as stop:
         while step < steps:
             lr = set_lr(optimizer, cfg, step, steps)
@@ -400,13 +417,17 @@ def train(model: torch.nn.Module, train_data: Sequence, collate: Callable, objec
                 progress.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                                                              if k != "step"))
             stop_early = cfg.early_stopping_patience > 0 and bad_evals >= cfg.early_stopping_patience
-            if improved or (cfg.save_every and step % cfg.save_every == 0) or step == steps or stop.stop \
+            stop_now = stop.stop
+            if world > 1:  # a signal may reach the ranks in different steps: they stop together
+                stop_now = bool(acc.reduce(torch.tensor(float(stop_now), device=device), "sum") > 0)
+            if improved or (cfg.save_every and step % cfg.save_every == 0) or step == steps or stop_now \
                     or stop_early:
                 checkpoint(step)
-            if stop.stop:
+            if stop_now:
                 result.interrupted = True
-                log.warning("stopped at step %d; checkpoint %s. Run the same command again to resume.", step,
-                            last_ckpt)
+                log.warning("stopped at step %d; checkpoint %s. To resume, run the same command again (it "
+                            "continues the newest unfinished run of this config) or add train.run_name=%s",
+                            step, last_ckpt, run.dir.name)
                 break
             if stop_early:
                 result.stopped_early = True

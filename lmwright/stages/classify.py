@@ -219,7 +219,7 @@ def run(cfg: ClassifyConfig) -> Path:
         model.config.pad_token_id = pad_id
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    run_ = Run.create(cfg.train.output_dir, cfg.train.run_name, "classify")
+    run_ = Run.start(cfg, "classify", manifest)
     base_path = None if cfg.model.is_preset() else str(resolve_model_path(cfg.model.name).resolve())
     if base_path is None and cfg.method.name != "full":  # a preset has no folder for final/ to point at
         model.save_pretrained(str(run_.dir / "base"))
@@ -227,10 +227,9 @@ def run(cfg: ClassifyConfig) -> Path:
     model = apply_method(model, cfg.method, "classification")
     params = trainable_report(model)
 
-    run_.write_config(cfg)
     run_.write_info(model=cfg.model.name, base=base_path, method=cfg.method.name, quantize=cfg.model.quantize,
                     labels=names, trainable=params["trainable"], total_parameters=params["total"],
-                    trainable_pct=params["trainable_pct"], data_manifest_sha256=manifest.get("sha256"),
+                    trainable_pct=params["trainable_pct"],
                     data_counts=manifest.get("counts"), train_rows=len(train_ds), val_rows=len(val_ds),
                     class_weights=weights.tolist() if weights is not None else None)
     tokenizer.save_pretrained(str(run_.dir / "tokenizer"))

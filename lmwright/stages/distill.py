@@ -186,11 +186,10 @@ def run(cfg: DistillConfig) -> Path:
     if student.get_output_embeddings() is not None and task == "causal-lm" and \
             student.get_output_embeddings().weight.shape[0] != teacher.get_output_embeddings().weight.shape[0]:
         raise ConfigError("teacher and student output vocabularies differ in size: they must share the tokenizer")
-    run_ = Run.create(cfg.train.output_dir, cfg.train.run_name, "distill")
-    run_.write_config(cfg)
+    run_ = Run.start(cfg, "distill", manifest)
     t_params, s_params = count_parameters(teacher)[1], count_parameters(student)[1]
     run_.write_info(teacher=cfg.teacher, student=cfg.model.name, teacher_parameters=t_params,
-                    student_parameters=s_params, data_manifest_sha256=manifest.get("sha256"))
+                    student_parameters=s_params)
 
     def evaluate(m) -> dict[str, float]:
         res = hard_label_metrics(m, val_ds, coll, cfg.train.micro_batch_size, device)

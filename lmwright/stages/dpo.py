@@ -302,7 +302,7 @@ def run(cfg: DPOConfig) -> Path:
         log.warning("kto: %s", note)
     collate = partial(collate_pairs, pad_id=tokenizer.pad_token_id, keys=keys_of(cfg))
 
-    run_ = Run.create(cfg.train.output_dir, cfg.train.run_name, "dpo")
+    run_ = Run.start(cfg, "dpo", manifest)
     # an adapter run as the start with an adapter method: the merged start is the new adapter's base
     model = load_policy(cfg.model, cfg.method, tokenizer, cfg.train.seed, merged_base=run_.dir / "base")
     disable_dropout(model)
@@ -317,9 +317,8 @@ def run(cfg: DPOConfig) -> Path:
                 precompute_reference(items, collate, ref, cfg.train.micro_batch_size, device)
     trainable, total = count_parameters(model)
 
-    run_.write_config(cfg)
     run_.write_info(model=cfg.model.name, method=cfg.method.name, loss=cfg.loss, parameters=total,
-                    trainable=trainable, data_manifest_sha256=manifest.get("sha256"), train_items=len(train_ds),
+                    trainable=trainable, train_items=len(train_ds),
                     val_items=len(val_ds), skipped_records=skipped + val_skipped)
     objective = make_objective(cfg, ref, autocast)
     judge = make_judge(cfg, val_recs, tokenizer, device)

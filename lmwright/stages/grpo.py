@@ -134,7 +134,7 @@ def run(cfg: GRPOConfig) -> Path:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     prompts, val_prompts, skipped, manifest = load_prompts(cfg, tokenizer)
 
-    run_ = Run.create(cfg.train.output_dir, cfg.train.run_name, "grpo")
+    run_ = Run.start(cfg, "grpo", manifest)
     # an adapter run as the start with an adapter method: the merged start is the new adapter's base
     policy = load_policy(cfg.model, cfg.method, tokenizer, cfg.train.seed, merged_base=run_.dir / "base").to(device)
     ref = Reference(policy, keep_copy=cfg.beta > 0 or cfg.max_kl > 0)
@@ -145,9 +145,8 @@ def run(cfg: GRPOConfig) -> Path:
     evaluate = make_eval(val_prompts, scorer, tokenizer, cfg.rollout, lambda m: m)
     trainable, total = count_parameters(policy)
 
-    run_.write_config(cfg)
     run_.write_info(model=cfg.model.name, method=cfg.method.name, parameters=total, trainable=trainable,
-                    data_manifest_sha256=manifest.get("sha256"), prompts=len(prompts), skipped_prompts=skipped)
+                    prompts=len(prompts), skipped_prompts=skipped)
     before = evaluate(policy)
     log.info("before training: %s", before)
     base = base_path_of(cfg.model, run_.dir / "base")

@@ -6,8 +6,6 @@ Read top to bottom: config -> tokenizer -> data -> model -> engine.train -> fina
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,12 +148,9 @@ def run(cfg: PretrainConfig) -> Path:
     trainable, total = count_parameters(model)
 
     is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes
-    run_ = Run.create(cfg.train.output_dir, cfg.train.run_name, "pretrain", is_main=is_main)
-    run_.write_config(cfg)
-    manifest_hash = manifest.get("sha256") or hashlib.sha256(
-        json.dumps(manifest, sort_keys=True, default=str).encode()).hexdigest()
+    run_ = Run.start(cfg, "pretrain", manifest, is_main=is_main)
     run_.write_info(objective=cfg.objective, model=cfg.model.name, parameters=total, trainable=trainable,
-                    data_manifest_sha256=manifest_hash, data_counts=manifest.get("counts"),
+                    data_counts=manifest.get("counts"),
                     train_rows=len(train_ds), val_rows=len(val_ds or []))
     if is_main:
         tokenizer.save_pretrained(str(run_.dir / "tokenizer"))

@@ -115,10 +115,9 @@ def run(cfg: RewardConfig) -> Path:
     model = apply_method(model, cfg.method, "reward")
     trainable, total = count_parameters(model)
 
-    run_ = Run.create(cfg.train.output_dir, cfg.train.run_name, "reward")
-    run_.write_config(cfg)
+    run_ = Run.start(cfg, "reward", manifest)
     run_.write_info(model=cfg.model.name, method=cfg.method.name, parameters=total, trainable=trainable,
-                    data_manifest_sha256=manifest.get("sha256"), train_pairs=len(train_ds), val_pairs=len(val_ds),
+                    train_pairs=len(train_ds), val_pairs=len(val_ds),
                     skipped_records=skipped + val_skipped)
     objective = make_objective(cfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"

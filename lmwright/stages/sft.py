@@ -350,14 +350,13 @@ def run(cfg: SFTConfig) -> Path:
              train_stats["truncated"], cfg.seq_len, len(val_ds or []), len(em_convs))
 
     # model + method
-    run_ = Run.create(cfg.train.output_dir, cfg.train.run_name, "sft")
+    run_ = Run.start(cfg, "sft", manifest)
     model, base_path = build_causal_model(cfg, tokenizer, run_.dir)
     params = trainable_report(model)
-    run_.write_config(cfg)
     run_.write_info(model=cfg.model.name, base=base_path, method=cfg.method.name, quantize=cfg.model.quantize,
                     trainable=params["trainable"], total_parameters=params["total"],
                     trainable_pct=params["trainable_pct"], packing=packing, data=train_stats,
-                    data_manifest_sha256=manifest.get("sha256"), data_counts=manifest.get("counts"),
+                    data_counts=manifest.get("counts"),
                     train_rows=len(train_ds), val_rows=len(val_ds or []))
     tokenizer.save_pretrained(str(run_.dir / "tokenizer"))
 

@@ -125,8 +125,7 @@ def run(cfg: UPFTConfig) -> Path:
     val_convs = [] if cfg.data.format == "text" else sft.conversations(val_recs, cfg.data.format, cfg.system_prompt)
     em_convs = sft.held_out(val_convs, cfg.eval_generate, cfg.data.split_seed)
 
-    run_ = Run.create(cfg.train.output_dir, cfg.train.run_name, "upft")
-    run_.write_config(cfg)
+    run_ = Run.start(cfg, "upft", manifest)
     model, base_path = sft.build_causal_model(cfg, tokenizer, run_.dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
@@ -153,7 +152,7 @@ def run(cfg: UPFTConfig) -> Path:
                     trainable=params["trainable"], total_parameters=params["total"],
                     trainable_pct=params["trainable_pct"], packing=packing, data=stats, prompts=len(prompts),
                     full_responses=n_full, prefix_tokens=cfg.prefix_tokens, sample_seconds=sample_seconds,
-                    data_manifest_sha256=manifest.get("sha256"), train_rows=len(train_ds))
+                    train_rows=len(train_ds))
     tokenizer.save_pretrained(str(run_.dir / "tokenizer"))
 
     precision = choose_mixed_precision(cfg.train.mixed_precision)

@@ -109,8 +109,9 @@ def measure_matmul_flops(n: int = 1024, seconds: float = 0.5, dtype_name: str = 
 
     dev = device_type()
     dtype = getattr(torch, dtype_name)
-    a = torch.randn(n, n, device=dev, dtype=dtype)
-    b = torch.randn(n, n, device=dev, dtype=dtype)
+    g = torch.Generator(device=dev).manual_seed(0)  # a private generator: a probe never shifts training's RNG
+    a = torch.randn(n, n, device=dev, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=dev, dtype=dtype, generator=g)
     for _ in range(2):
         a @ b
     if dev == "cuda":
