@@ -3,7 +3,8 @@
 A task is a plugin registered by name in ``EVAL_TASKS`` (one module each in this package) with
 ``name``, ``formats`` (accepted record formats, the first is the default) and
 ``run(model, tokenizer, records, **opts) -> dict`` (metrics: floats, plus optional details such as a
-confusion matrix). :func:`evaluate` loads any model folder lmwright reads (run, checkpoint, HF or
+confusion matrix; ``opts`` carries ``pooling``, the pooling the model folder was trained with, for tasks that
+embed). :func:`evaluate` loads any model folder lmwright reads (run, checkpoint, HF or
 adapter folder) and the records through ``lmwright.data.load_records`` (no network), and runs the
 task. ``lm-eval:<task>`` runs a local lm-evaluation-harness task instead (optional extra).
 """
@@ -73,8 +74,12 @@ def evaluate(model: str | Path, task: str, data: str | Path | list[str] | None =
     if fmt not in t.formats:
         raise ConfigError(f"eval task '{task}' reads {', '.join(t.formats)} records, not '{fmt}'; pass --format "
                           f"{t.formats[0]} (or convert the data)")
+    from lmwright.models.load import resolve_model_path
+    from lmwright.models.pooling import read_pooling
+
     records = read_eval_records(data, fmt, limit)
     m, tok = load_trained(model, task=t.model_task)
+    opts.setdefault("pooling", read_pooling(resolve_model_path(model)))  # embedding tasks: as it was trained
     metrics = t.run(m, tok, records, fmt=fmt, **opts)
     return {"task": task, "model": str(model), "data": str(data), "format": fmt, **metrics}
 

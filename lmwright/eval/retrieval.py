@@ -1,8 +1,9 @@
 """``retrieval``: recall@k and MRR of an embedding model on ``pairs`` records.
 
 Each anchor is a query; the corpus is every distinct positive and hard negative of the set; the
-relevant document of a query is its own positive. Embeddings are the attention-masked mean of the
-last hidden states, L2-normalised (cosine similarity).
+relevant document of a query is its own positive. Embeddings are the last hidden states pooled as the
+model was trained (``pooling``: what :func:`lmwright.eval.evaluate` reads from the folder with
+``lmwright.models.pooling.read_pooling``; mean or first token), L2-normalised (cosine similarity).
 """
 
 from __future__ import annotations
@@ -31,19 +32,19 @@ def retrieval_metrics(sim: Any, relevant: list[int], ks: tuple[int, ...] = KS) -
     return out
 
 
-def embed(model: Any, tokenizer: Any, texts: list[str], batch_size: int = 32, max_length: int = 256) -> Any:
+def embed(model: Any, tokenizer: Any, texts: list[str], batch_size: int = 32, max_length: int = 256,
+          pooling: str = "mean") -> Any:
+    """(N, D) normalised vectors of ``texts`` (numpy), pooled with ``pooling``."""
     import torch
+
+    from lmwright.models.pooling import sentence_vectors
 
     out = []
     model.eval()
     with torch.no_grad():
         for chunk in batches(texts, batch_size):
             enc = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-            res = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], output_hidden_states=True)
-            h = res.hidden_states[-1]  # (B, T, H): works for bare encoders and models with a head
-            m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
-            e = (h * m).sum(1) / m.sum(1).clamp(min=1)
-            out.append(torch.nn.functional.normalize(e.float(), dim=-1))
+            out.append(sentence_vectors(model, enc["input_ids"], enc["attention_mask"], pooling))  # (B, D)
     return torch.cat(out).numpy()
 
 
@@ -53,7 +54,8 @@ class Retrieval:
     formats = ("pairs",)
     model_task = None
 
-    def run(self, model: Any, tokenizer: Any, records: list[dict], batch_size: int = 32, **_: Any) -> dict[str, Any]:
+    def run(self, model: Any, tokenizer: Any, records: list[dict], batch_size: int = 32, pooling: str = "mean",
+            **_: Any) -> dict[str, Any]:
         corpus: list[str] = []
         index: dict[str, int] = {}
         for r in records:
@@ -61,6 +63,6 @@ class Retrieval:
                 if t and t not in index:
                     index[t] = len(corpus)
                     corpus.append(t)
-        q = embed(model, tokenizer, [r["anchor"] for r in records], batch_size)
-        d = embed(model, tokenizer, corpus, batch_size)
+        q = embed(model, tokenizer, [r["anchor"] for r in records], batch_size, pooling=pooling)
+        d = embed(model, tokenizer, corpus, batch_size, pooling=pooling)
         return retrieval_metrics(q @ d.T, [index[r["positive"]] for r in records])

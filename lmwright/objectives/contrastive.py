@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from lmwright.config import ConfigError, opt
 from lmwright.data.corruption import pad_rows
+from lmwright.models.pooling import pool, read_pooling, sentence_vectors  # noqa: F401 (pool: re-exported)
 from lmwright.objectives.base import PRETRAIN_OBJECTIVES, LossOutput
 
 ENCODER_FAMILIES = {"bert", "roberta", "distilbert", "deberta", "deberta-v2", "electra", "xlm-roberta", "mpnet",
@@ -122,6 +123,11 @@ class Contrastive:
             return {}  # SimCSE text rows: retrieval of the identical sentence says nothing
         return retrieval_metrics(model, rows, tokenizer.pad_token_id, self.cfg.pooling)
 
+    def model_meta(self) -> dict[str, Any]:
+        """What ``lmwright.json`` records beside the model (final/ and checkpoints): the pooling it trained
+        with, which every embedding path reads back (``lmwright.models.pooling.read_pooling``)."""
+        return {"pooling": self.cfg.pooling}
+
     def finalize(self, model, tokenizer, final_dir: Path) -> None:
         longest = min(getattr(model.config, "max_position_embeddings", 512), tokenizer.model_max_length)
         write_sentence_transformers(final_dir, model.config.hidden_size, self.cfg.pooling, longest)
@@ -140,18 +146,9 @@ class PairCollator:
         return {"input_ids": ids, "attention_mask": mask, "n_anchor": len(rows), "n_negative": len(negs)}
 
 
-def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """(N, T, D) hidden states -> (N, D) sentence vectors (mean over real tokens, or the first token)."""
-    if pooling == "cls":
-        return hidden[:, 0]
-    m = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (N, T, 1)
-    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
-
-
 def encode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
-    """(N, D) L2-normalised sentence vectors."""
-    hidden = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (N, T, D)
-    return F.normalize(pool(hidden, attention_mask, pooling).float(), dim=-1)
+    """(N, D) L2-normalised sentence vectors (``lmwright.models.pooling``: the one pooling every path uses)."""
+    return sentence_vectors(model, input_ids, attention_mask, pooling)
 
 
 def info_nce(a: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None = None, temperature: float = 0.05,
@@ -246,16 +243,9 @@ def write_sentence_transformers(out: Path, dim: int, pooling: str, max_seq_lengt
         "normalisation. Or `lmwright embed --model PATH \"text\"`.\n")
 
 
-def read_pooling(folder: Path) -> str:
-    """The pooling written by :func:`write_sentence_transformers` (mean when absent)."""
-    f = Path(folder) / "1_Pooling" / "config.json"
-    if f.exists() and json.loads(f.read_text()).get("pooling_mode_cls_token"):
-        return "cls"
-    return "mean"
-
-
 def load_embedder(path: str):
-    """(model, tokenizer, pooling) of a contrastive run folder, checkpoint or sentence-transformers folder."""
+    """(model, tokenizer, pooling) of a contrastive run folder, checkpoint or sentence-transformers folder
+    (the pooling it trained with: :func:`lmwright.models.pooling.read_pooling`)."""
     from lmwright.models.load import load_model, load_tokenizer, resolve_model_path
 
     p = resolve_model_path(path)

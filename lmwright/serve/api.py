@@ -48,8 +48,9 @@ class LoadedModel:
     """A model ready for inference: what a run folder can do depends on its task."""
 
     def __init__(self, model, tokenizer, task: str, path: str | Path = "", guardrails: Guardrails | None = None,
-                 name: str | None = None):
+                 name: str | None = None, pooling: str = "mean"):
         self.model, self.tokenizer, self.task = model, tokenizer, task
+        self.pooling = pooling  # how embed() pools: what the folder was trained with (load() reads it)
         self.path = str(path)
         self.name = name or (Path(path).name if path else "model")
         self.guardrails = guardrails or Guardrails()
@@ -187,21 +188,19 @@ class LoadedModel:
 
     # ---------------------------------------------------------------- encoders
     def embed(self, texts: list[str] | str) -> list[list[float]]:
-        """Unit-length sentence vectors: mean of the last hidden state over real tokens."""
+        """Unit-length sentence vectors of the last hidden state, pooled as the model was trained
+        (``self.pooling``: mean over real tokens, or the first token; ``lmwright.models.pooling``)."""
         self._need(ENCODERS + GENERATIVE, "embed()")
         import torch
+
+        from lmwright.models.pooling import sentence_vectors
 
         single = isinstance(texts, str)
         batch = [texts] if single else list(texts)
         enc = self.tokenizer(batch, padding=True, truncation=True, max_length=self.max_context,
                              return_tensors="pt", return_token_type_ids=False)
         with torch.inference_mode():
-            out = self.model(**enc, output_hidden_states=True)
-            hidden = out.last_hidden_state if getattr(out, "last_hidden_state", None) is not None \
-                else out.hidden_states[-1]  # (B, T, H)
-            m = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
-            pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
+            pooled = sentence_vectors(self.model, enc["input_ids"], enc["attention_mask"], self.pooling)  # (B, D)
         return pooled.tolist()
 
     def count_tokens(self, texts: list[str]) -> int:
@@ -239,13 +238,16 @@ def load(path: str | Path, guardrails: Guardrails | str | Path | None = None, ta
     """Load a run folder, checkpoint, Hugging Face folder or adapter folder for inference, as its
     ``lmwright.json`` says it was trained (``load_trained``: the loader every command uses)."""
     from lmwright.methods.base import load_trained, trained_task
+    from lmwright.models.load import resolve_model_path
+    from lmwright.models.pooling import read_pooling
 
     task = task or trained_task(path)
     model, tokenizer = load_trained(path, task=task, **kwargs)
     if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # batching encoders needs a pad token
     g = guardrails if isinstance(guardrails, Guardrails) else load_guardrails(guardrails)
-    return LoadedModel(model, tokenizer, task, path, g, name=name or _default_name(Path(path)))
+    return LoadedModel(model, tokenizer, task, path, g, name=name or _default_name(Path(path)),
+                       pooling=read_pooling(resolve_model_path(path)))
 
 
 def _default_name(p: Path) -> str:

@@ -164,8 +164,11 @@ def run(cfg: PretrainConfig) -> Path:
         before = validation_metrics(cfg, model.to(device), tokenizer, obj, val_ds, device)
         log.info("before training: %s", _fmt(before))
 
+    # lmwright.json of final/ and of every checkpoint's model: what inference must know (e.g. the pooling)
+    model_meta = {"objective": cfg.objective, **(obj.model_meta() if hasattr(obj, "model_meta") else {})}
+
     def save_model(m, d: Path) -> None:
-        save_final(m, tokenizer, d, obj.task)
+        save_final(m, tokenizer, d, obj.task, extra=model_meta)
 
     result = train(model, train_ds, collate, obj.loss, cfg.train, run_, val_data=val_ds,
                    evaluate=evaluate if val_ds else None, derive_metrics=obj.metrics_from_eval,
@@ -179,7 +182,7 @@ def run(cfg: PretrainConfig) -> Path:
         after = validation_metrics(cfg, model, tokenizer, obj, val_ds, device)
     if not is_main:
         return run_.dir
-    save_final(model, tokenizer, run_.final, obj.task, extra={"objective": cfg.objective})
+    save_final(model, tokenizer, run_.final, obj.task, extra=model_meta)
     if hasattr(obj, "finalize"):
         obj.finalize(model, tokenizer, run_.final)
 

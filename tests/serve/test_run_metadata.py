@@ -51,3 +51,75 @@ def test_the_folder_task_is_the_metadata_task(lora_classifier, lm_dir):
 
     assert trained_task(lora_classifier) == "classification"
     assert trained_task(lm_dir) == "causal-lm"  # a plain Hugging Face folder: its architecture says
+
+
+# ------------------------------------------------------------------------------------------- pooling
+@pytest.fixture(scope="module")
+def cls_embedder(tmp_path_factory, tokenizer):
+    """An encoder saved as a contrastive run with ``contrastive.pooling=cls`` saves it: lmwright.json + the
+    sentence-transformers layout."""
+    from lmwright.models import ModelConfig, build_model
+    from lmwright.objectives.contrastive import write_sentence_transformers
+    from lmwright.stages.common import save_final
+    from tests.serve.conftest import scramble
+
+    out = tmp_path_factory.mktemp("cls-embedder") / "final"
+    model = build_model(ModelConfig(name="bert-tiny"), task="embedding", tokenizer=tokenizer, seed=0)
+    scramble(model, std=0.2)  # the first token's state differs clearly from the mean
+    save_final(model, tokenizer, out, "embedding", extra={"objective": "contrastive", "pooling": "cls"})
+    write_sentence_transformers(out, model.config.hidden_size, "cls", 128)
+    return out
+
+
+def _cls_vectors(folder, texts):
+    from transformers import AutoModel, AutoTokenizer
+
+    model, tok = AutoModel.from_pretrained(str(folder)).eval(), AutoTokenizer.from_pretrained(str(folder))
+    enc = tok(texts, padding=True, return_tensors="pt", return_token_type_ids=False)
+    with torch.no_grad():
+        h = model(**enc).last_hidden_state  # (B, T, D)
+    return torch.nn.functional.normalize(h[:, 0], dim=-1)
+
+
+def test_every_embedding_path_uses_the_trained_pooling(cls_embedder):
+    """`lmwright embed`, lmwright.load().embed, /v1/embeddings and `lmwright eval --task retrieval` give the
+    vectors of the pooling the model was trained with (they used to mean-pool a cls model, all but the CLI)."""
+    import json
+    import urllib.request
+
+    import lmwright
+    from lmwright.models.pooling import read_pooling
+    from lmwright.objectives.contrastive import embed_texts, load_embedder
+    from tests.serve.conftest import running_server
+
+    assert read_pooling(cls_embedder) == "cls"
+    texts = ["The red fox runs to the river.", "a dog", "Anna gives the bread to Ben."]
+    want = _cls_vectors(cls_embedder, texts)  # (3, D)
+    model, tok, pooling = load_embedder(str(cls_embedder))
+    assert torch.allclose(embed_texts(model, tok, texts, pooling), want, atol=1e-5)  # lmwright embed
+    m = lmwright.load(cls_embedder, name="cls")
+    assert torch.allclose(torch.tensor(m.embed(texts)), want, atol=1e-5)
+    with running_server({"cls": m}) as (url, _):
+        req = urllib.request.Request(f"{url}/v1/embeddings", json.dumps({"model": "cls", "input": texts}).encode(),
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            served = [d["embedding"] for d in json.loads(r.read())["data"]]
+    assert torch.allclose(torch.tensor(served), want, atol=1e-5)
+
+
+def test_retrieval_eval_uses_the_trained_pooling(cls_embedder, tmp_path, monkeypatch):
+    import json
+
+    from lmwright.eval import evaluate, retrieval
+
+    rows = [{"anchor": "The red fox runs to the river.", "positive": "a dog"},
+            {"anchor": "a dog", "positive": "Anna gives the bread to Ben."}]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seen = []
+    real = retrieval.retrieval_metrics
+    monkeypatch.setattr(retrieval, "retrieval_metrics", lambda sim, relevant, *a: seen.append(sim) or real(sim, relevant))
+    evaluate(cls_embedder, "retrieval", data, fmt="pairs")
+    q = _cls_vectors(cls_embedder, [r["anchor"] for r in rows])
+    d = _cls_vectors(cls_embedder, ["a dog", "Anna gives the bread to Ben."])  # the corpus, in first-seen order
+    assert torch.allclose(torch.as_tensor(seen[0]), q @ d.T, atol=1e-5)

@@ -110,26 +110,35 @@ def test_denoise_end_to_end(tmp_path, tokenizer_dir, tokenizer, stories):
                            ref(input_ids=ids, decoder_input_ids=dec).logits)
 
 
-def test_contrastive_end_to_end_from_scratch(tmp_path, tokenizer_dir, tokenizer, pairs):
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_contrastive_end_to_end_from_scratch(tmp_path, tokenizer_dir, tokenizer, pairs, pooling):
+    """The vectors of the run's pooling from sentence-transformers, `lmwright embed` and lmwright.load().embed
+    (/v1/embeddings): lmwright.json records the pooling for every path that embeds."""
     from sentence_transformers import SentenceTransformer
 
+    import lmwright
     from lmwright.objectives.contrastive import embed_texts, load_embedder
 
     train, val = pairs
+    steps = 25 if pooling == "mean" else 4  # cls: the pooling's wiring (a from-scratch CLS state learns slowly)
     cfg = _cfg(tmp_path, tokenizer_dir, "contrastive", "bert-tiny", train, f"data.val_path=[{val}]",
-               "data.format=pairs", "train.max_steps=25", "train.lr=2e-3", "train.micro_batch_size=16",
-               "contrastive.symmetric=true")
+               "data.format=pairs", f"train.max_steps={steps}", "train.lr=2e-3", "train.micro_batch_size=16",
+               "contrastive.symmetric=true", f"contrastive.pooling={pooling}")
     out = run(cfg)
     info = _info(out)
-    assert info["after"]["val_loss"] < info["before"]["val_loss"]
+    if pooling == "mean":
+        assert info["after"]["val_loss"] < info["before"]["val_loss"]
     assert "val_recall@1" in info["before"] and "val_mrr" in info["after"]
     assert "before val_recall@1" in (out / "report.html").read_text()
+    assert json.loads((out / "final" / "lmwright.json").read_text())["pooling"] == pooling
     texts = ["The red fox runs to the river.", "Anna gives the bread to Ben at the lake."]
     st = SentenceTransformer(str(out / "final"), device="cpu")
-    model, tok, pooling = load_embedder(str(out))
-    ours = embed_texts(model, tok, texts, pooling)  # (2, D) AutoModel + mean pooling, normalised
+    model, tok, read = load_embedder(str(out))
+    assert read == pooling
+    ours = embed_texts(model, tok, texts, read)  # (2, D) AutoModel + the run's pooling, normalised
     theirs = torch.as_tensor(st.encode(texts, convert_to_numpy=True))
     assert torch.allclose(ours, theirs, atol=1e-5)
+    assert torch.allclose(torch.tensor(lmwright.load(out).embed(texts)), theirs, atol=1e-5)
 
 
 @pytest.mark.slow
