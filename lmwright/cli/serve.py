@@ -8,6 +8,7 @@ from lmwright.cli._common import add_config_args, subparser
 
 
 def register(sub) -> None:
+    from lmwright.serve.engine import ENGINES
     from lmwright.serve.http import ServeConfig
 
     p = subparser(sub, "serve", "serve a model over an OpenAI-compatible HTTP API (streaming, batching)",
@@ -20,7 +21,7 @@ def register(sub) -> None:
     p.add_argument("--api-key", help="require this bearer token (or env LMWRIGHT_API_KEY)")
     p.add_argument("--api-key-file", help="file holding the API key")
     p.add_argument("--guardrails", metavar="FILE", help="YAML file of guardrail rules")
-    p.add_argument("--engine", choices=["builtin", "vllm"], help="serving engine (default builtin)")
+    p.add_argument("--engine", choices=ENGINES.names(), help="serving engine (default builtin)")
     p.add_argument("--max-seqs", type=int, help="sequences decoded together")
     p.add_argument("--queue-size", type=int, help="requests allowed to wait; beyond -> 429")
     p.add_argument("--allowed-host", action="append", metavar="HOST",
@@ -54,17 +55,9 @@ def run_serve(args) -> int:
         raise ConfigError("lmwright serve needs --model RUN_OR_FOLDER")
     cfg.check()
     resolve_api_key(cfg)  # fail before loading weights when the server would be open to the network
-    if cfg.engine == "vllm":
-        from lmwright.models.load import load_tokenizer, resolve_model_path
-        from lmwright.serve.engine import VllmEngine
+    from lmwright.serve.engine import ENGINES
 
-        path = resolve_model_path(cfg.model)
-        target = VllmEngine(str(path), load_tokenizer(path), max_seqs=cfg.max_seqs, queue_size=cfg.queue_size,
-                            timeout_s=cfg.timeout_s)
-    else:
-        from lmwright.serve.api import load
-
-        target = load(cfg.model, guardrails=cfg.guardrails, name=cfg.name or None)
+    target = ENGINES.get(cfg.engine).serve_target(cfg)
     name = cfg.name or getattr(target, "name", "model")
     print(f"serving {name} from {cfg.model} on http://{cfg.host}:{cfg.port}/v1 (engine {cfg.engine})", flush=True)
     serve(create_app({name: target}, cfg), cfg)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from lmwright.config import ConfigError
+from lmwright.registry import Registry
 from lmwright.serve.generation import (
     SamplingParams,
     SequenceState,
@@ -44,6 +45,10 @@ from lmwright.serve.generation import (
 )
 
 log = logging.getLogger("lmwright.serve")
+
+# Serving engines by name (``lmwright serve --engine NAME``, ServeConfig.engine). A registered engine class has
+# ``serve_target(cfg: ServeConfig)``: what `lmwright serve` hands the HTTP layer for ``cfg.model``.
+ENGINES = Registry("engine")
 
 
 class EngineError(RuntimeError):
@@ -187,6 +192,7 @@ def _is_prompt_learning(model) -> bool:
     return is_prompt_learning(model)
 
 
+@ENGINES.register("builtin")
 class LocalEngine:
     """transformers model + KV cache + a scheduler thread doing continuous batching.
 
@@ -253,6 +259,14 @@ class LocalEngine:
                  "lean llama" if self._lean else "generic transformers", max_seqs, prefill_chunk)
         self._thread = threading.Thread(target=self._loop, name=f"lmwright-engine-{name}", daemon=True)
         self._thread.start()
+
+    @staticmethod
+    def serve_target(cfg: Any) -> Any:
+        """The loaded model (``lmwright.load``): ``create_app`` builds this engine over it with the server's
+        limits, and answers /v1/embeddings with it for encoders."""
+        from lmwright.serve.api import load
+
+        return load(cfg.model, guardrails=cfg.guardrails, name=cfg.name or None)
 
     # ------------------------------------------------------------------ client side (any thread)
     def submit(self, request: GenerationRequest) -> RequestStream:
@@ -690,6 +704,7 @@ class LocalEngine:
 
 
 # ---------------------------------------------------------------------------------- vLLM engine
+@ENGINES.register("vllm")
 class VllmEngine:
     """The same interface on vLLM's ``AsyncLLMEngine`` (GPUs, tensor parallel, paged attention).
 
@@ -714,6 +729,15 @@ class VllmEngine:
         self._counters = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
         self._closing = False
 
+    @classmethod
+    def serve_target(cls, cfg: Any) -> VllmEngine:
+        """vLLM over the resolved model folder, with the server's batch, queue and time limits."""
+        from lmwright.models.load import load_tokenizer, resolve_model_path
+
+        path = resolve_model_path(cfg.model)
+        return cls(str(path), load_tokenizer(path), max_seqs=cfg.max_seqs, queue_size=cfg.queue_size,
+                   timeout_s=cfg.timeout_s)
+
     def _sampling(self, p: SamplingParams):
         from vllm import SamplingParams as VSP
 
@@ -733,11 +757,12 @@ class VllmEngine:
         stream = RequestStream(request.request_id)
         self._inflight.add(request.request_id)
         self._counters["requests"] += 1
+        self._counters["prompt_tokens"] += len(request.prompt_ids)  # once per request, as the built-in engine
         asyncio.get_running_loop().create_task(self._pump(request, stream))
         return stream
 
     async def _pump(self, request: GenerationRequest, stream: RequestStream) -> None:
-        sent = {}
+        sent: dict[int, tuple[str, int]] = {}  # choice index -> (text, token count) sent so far (cumulative)
         try:
             gen = self._engine.generate({"prompt_token_ids": list(request.prompt_ids)},
                                         self._sampling(request.params), request.request_id)
@@ -755,6 +780,8 @@ class VllmEngine:
         except Exception as e:  # noqa: BLE001
             stream.put(TokenEvent(0, "", None, None, "error", len(request.prompt_ids), 0, str(e)))
         finally:
+            # every token produced, finished or not (cancelled, failed), as the built-in engine counts them
+            self._counters["completion_tokens"] += sum(n for _, n in sent.values())
             self._inflight.discard(request.request_id)
             stream.put(None)
 
@@ -770,5 +797,3 @@ class VllmEngine:
         if callable(shutdown):
             shutdown()
 
-
-ENGINES = {"builtin": LocalEngine, "vllm": VllmEngine}
