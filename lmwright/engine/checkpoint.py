@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from lmwright.utils.files import fsync_path, fsync_tree
 from lmwright.utils.logging import get_logger
 
 STATE_FILE = "trainer_state.json"
@@ -107,44 +108,8 @@ def save_checkpoint(ckpt_dir: Path, step: int, model: torch.nn.Module, optimizer
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync(ckpt_dir)
+    fsync_path(ckpt_dir)
     return final
-
-
-def fsync_tree(root: Path) -> None:
-    """fsync every file and folder under ``root`` (then ``root``): its data is on disk before a rename
-    publishes it, so a power loss cannot leave a renamed folder with empty or short files."""
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            _fsync(Path(dirpath) / name)
-        if Path(dirpath) != root:
-            _fsync(Path(dirpath))
-    _fsync(root)
-
-
-def replace_dir(tmp: Path, dest: Path) -> None:
-    """Publish the finished folder ``tmp`` as ``dest`` (fsynced, then renamed; an old ``dest`` is removed)."""
-    fsync_tree(tmp)
-    if dest.exists():
-        old = dest.with_name(f".old-{dest.name}-{os.getpid()}")
-        os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, dest)
-    _fsync(dest.parent)
-
-
-def _fsync(path: Path) -> None:
-    """fsync a file or a folder (a folder's entry list: a rename inside it is durable); best effort."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, rank: int = 0) -> dict[str, Any]:

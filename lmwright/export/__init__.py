@@ -14,7 +14,6 @@ gets for free:
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from lmwright.registry import Registry
+from lmwright.utils.files import replace_dir
 
 EXPORTERS = Registry("exporter", package="lmwright.export")
 
@@ -110,24 +110,13 @@ def export(model: str | Path, out: str | Path, fmt: str = "hf", overwrite: bool 
         if not report.ok:
             raise ExportError(f"parity check failed for the {fmt} export of {src.path}: {report.failure}. "
                               f"Nothing was written to {out}. {report.hint}".strip())
-        _replace(tmp, out)
+        replace_dir(tmp, out)  # fsynced, then renamed; an old export is swapped out, then deleted
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     say(f"wrote {out} ({len(files)} files)")
     return ExportResult(out_dir=out, format=fmt, parity=report, files=files)
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Move ``tmp`` to ``out``; an existing ``out`` (overwrite) is swapped out first, then deleted."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
 
 
 __all__ = ["EXPORTERS", "ExportError", "ExportResult", "Exporter", "Source", "export"]

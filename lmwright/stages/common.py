@@ -50,7 +50,7 @@ def save_final(model, tokenizer, out: Path, task: str, extra: dict[str, Any] | N
     import os
     import shutil
 
-    from lmwright.engine.checkpoint import replace_dir
+    from lmwright.utils.files import replace_dir
 
     dest = out
     out = dest.with_name(f".tmp-{dest.name}-{os.getpid()}")

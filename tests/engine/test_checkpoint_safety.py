@@ -159,3 +159,21 @@ def test_final_is_written_aside_and_renamed(tmp_path, tokenizer, monkeypatch):
     assert json.loads((out / "lmwright.json").read_text())["mark"] == "new"
     assert (out / "model.safetensors").read_bytes() != old_weights
     assert sorted(p.name for p in out.parent.iterdir()) == ["final"]
+
+
+def test_export_publishes_through_the_fsynced_rename(tmp_path, monkeypatch):
+    """An export's folder is fsynced before it is renamed into place (the same helper as checkpoints)."""
+    import lmwright.export as export_mod
+    import lmwright.utils.files as files
+
+    calls = []
+    real = files.fsync_tree
+    monkeypatch.setattr(files, "fsync_tree", lambda root: (calls.append(root), real(root))[1])
+    tmp, out = tmp_path / ".tmp-export", tmp_path / "out"
+    tmp.mkdir()
+    (tmp / "model.safetensors").write_bytes(b"x")
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    assert export_mod.replace_dir is files.replace_dir
+    export_mod.replace_dir(tmp, out)
+    assert calls == [tmp] and (out / "model.safetensors").exists() and not (out / "old.txt").exists()
