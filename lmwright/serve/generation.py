@@ -109,6 +109,7 @@ def process_logits(logits, params: SamplingParams, prev_ids=None):
         probs = torch.softmax(sorted_logits, dim=-1)
         # drop a token when the mass *before* it already reaches top_p (the first token always stays)
         drop = (torch.cumsum(probs, dim=-1) - probs) >= params.top_p
+        drop[0] = False  # a top_p below float32's smallest number (5e-324) compares as 0 and would drop it too
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
     return logits

@@ -43,6 +43,9 @@ class ServeConfig:
     queue_size: int = opt(32, "requests allowed to wait for a slot; beyond it -> 429")
     timeout_s: float = opt(300.0, "per-request time limit in seconds")
     max_request_bytes: int = opt(1_000_000, "largest request body accepted (413 beyond)")
+    read_timeout_s: float = opt(30.0, "seconds a client may take to send a request's head (headers), and again "
+                                      "its body; 408 beyond: a stalled or dribbled request holds no connection "
+                                      "forever")
     default_max_tokens: int = opt(256, "max_tokens when a chat request gives none (capped by the context)")
     drain_timeout_s: float = opt(30.0, "on shutdown, how long in-flight requests may take to finish")
     guardrails: str | None = opt(None, "YAML file of guardrail rules (see lmwright.serve.guardrails)")
@@ -59,6 +62,8 @@ class ServeConfig:
             raise ConfigError("max_seqs must be >= 1 and queue_size >= 0")
         if not self.timeout_s > 0:
             raise ConfigError(f"timeout_s must be > 0 seconds, got {self.timeout_s}")
+        if not self.read_timeout_s > 0:
+            raise ConfigError(f"read_timeout_s must be > 0 seconds, got {self.read_timeout_s}")
         if self.max_embedding_inputs < 1 or self.embedding_concurrency < 1:
             raise ConfigError("max_embedding_inputs and embedding_concurrency must be >= 1")
         if not 0 < self.port < 65536:
@@ -159,6 +164,10 @@ class _TooLarge(Exception):
     pass
 
 
+class _ClientGone(Exception):
+    """The client closed the connection before its request body was complete: nobody to answer."""
+
+
 MAX_JSON_DEPTH = 32  # a request body nested deeper is refused (deep nesting costs recursion, not bytes)
 MAX_STOP = 4  # as OpenAI
 
@@ -174,6 +183,25 @@ def json_depth(value: Any, limit: int) -> int:
                 return deepest
             todo.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
     return deepest
+
+
+def has_lone_surrogate(value: Any) -> bool:
+    """Whether a parsed JSON value holds a string (key or value) with an unpaired surrogate (``"\\ud800"``):
+    valid JSON, but not Unicode text; the tokenizer and the UTF-8 response encoder both fail on it."""
+    todo = [value]
+    while todo:
+        v = todo.pop()
+        if isinstance(v, dict):
+            todo.extend(v.keys())
+            todo.extend(v.values())
+        elif isinstance(v, list):
+            todo.extend(v)
+        elif isinstance(v, str) and not v.isascii():
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+    return False
 
 
 def _hostname(host: str) -> str:
@@ -349,7 +377,13 @@ def create_app(engine_or_models: Any, cfg: ServeConfig | None = None, guardrails
 
     @app.exception_handler(_TooLarge)
     async def _too_large(request, e):
-        return err(413, f"request body larger than {cfg.max_request_bytes} bytes", code="request_too_large")
+        return err(413, f"request body larger than {cfg.max_request_bytes} bytes", code="request_too_large",
+                   headers={"connection": "close"})
+
+    @app.exception_handler(_ClientGone)
+    async def _client_gone(request, e):  # nginx's 499: counted in /metrics, sent to no one
+        return err(499, "the client closed the connection before sending the whole request body",
+                   code="client_closed_request", headers={"connection": "close"})
 
     @app.exception_handler(Exception)
     async def _unexpected(request, e):
@@ -389,11 +423,13 @@ def create_app(engine_or_models: Any, cfg: ServeConfig | None = None, guardrails
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > cfg.max_request_bytes:
             metrics.request(path if path in KNOWN_PATHS else "other", 413)
-            return err(413, f"request body larger than {cfg.max_request_bytes} bytes", code="request_too_large")
+            return err(413, f"request body larger than {cfg.max_request_bytes} bytes", code="request_too_large",
+                       headers={"connection": "close"})  # the body is never read: no next request on this socket
         try:
             response = await call_next(request)
         except _TooLarge:
-            response = err(413, f"request body larger than {cfg.max_request_bytes} bytes", code="request_too_large")
+            response = err(413, f"request body larger than {cfg.max_request_bytes} bytes", code="request_too_large",
+                           headers={"connection": "close"})
         metrics.request(path if path in KNOWN_PATHS else "other", response.status_code)  # bounded label set
         return response
 
@@ -571,12 +607,28 @@ def create_app(engine_or_models: Any, cfg: ServeConfig | None = None, guardrails
         return {"object": "list", "data": [{"id": n, "object": "model", "created": created, "owned_by": "lmwright"}
                                            for n in models]}
 
-    async def parse(request: Request, schema):
+    async def read_body(request: Request) -> bytes:
+        """The request body, at most max_request_bytes (413), within read_timeout_s (408)."""
+        from starlette.requests import ClientDisconnect
+
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > cfg.max_request_bytes:
-                raise _TooLarge()
+        try:
+            async with asyncio.timeout(cfg.read_timeout_s):
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > cfg.max_request_bytes:
+                        raise _TooLarge()
+        except TimeoutError:
+            # the connection closes after the answer: the rest of a late body must not read as a new request
+            raise HTTPError(408, f"the request body did not arrive within {cfg.read_timeout_s} s "
+                                 f"({len(body)} bytes received)", code="request_timeout",
+                            headers={"connection": "close"}) from None
+        except ClientDisconnect:
+            raise _ClientGone() from None
+        return bytes(body)
+
+    async def parse(request: Request, schema):
+        body = await read_body(request)
         try:
             data = json.loads(body)
         except ValueError as e:
@@ -588,6 +640,9 @@ def create_app(engine_or_models: Any, cfg: ServeConfig | None = None, guardrails
                             code="invalid_json")
         if not isinstance(data, dict):
             raise HTTPError(400, "the request body must be a JSON object", code="invalid_json")
+        if has_lone_surrogate(data):
+            raise HTTPError(400, "the request body has a string with an unpaired UTF-16 surrogate escape "
+                                 "(e.g. \\ud800): not Unicode text", code="invalid_json")
         from pydantic import ValidationError
 
         try:
@@ -760,6 +815,68 @@ def create_app(engine_or_models: Any, cfg: ServeConfig | None = None, guardrails
     return app
 
 
+def h11_with_read_deadline(seconds: float):
+    """uvicorn's h11 protocol, plus a deadline on the request head: uvicorn times out idle keep-alive
+    connections but not a head that stops half way (or a connection that sends nothing), so a client
+    sending headers a byte a minute held its socket forever. A head not complete ``seconds`` after its
+    first byte (or after the connection opened) gets a 408 and the connection closes. The body's deadline
+    is the app's (``read_body``)."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    body = json.dumps(error_body(f"the request head did not arrive within {seconds} s", "invalid_request_error",
+                                 code="request_timeout")).encode()
+    reply = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+             b"content-length: %d\r\n\r\n" % len(body)) + body
+
+    class H11WithReadDeadline(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
+        _head_bytes = 0
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            if self.conn.their_state is h11.IDLE:  # waiting for a request head
+                self._head_bytes += len(data)
+                if self._head_timer is None:
+                    self._arm()
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:  # the head is complete (or refused)
+                self._disarm()
+                self._head_bytes = 0
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._head_timer = self.loop.call_later(seconds, self._expired)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _expired(self) -> None:
+            self._head_timer = None
+            if self.conn.their_state is not h11.IDLE or self.transport.is_closing():
+                return
+            if self._head_bytes:  # part of a head: tell the client; an empty connection just closes
+                log.info("closing %s: its request head did not arrive within %s s", self.client, seconds)
+                self.transport.write(reply)
+            self.transport.close()
+
+    return H11WithReadDeadline
+
+
+def uvicorn_options(cfg: ServeConfig) -> dict[str, Any]:
+    """The uvicorn settings ``serve`` runs with (for ``uvicorn.run`` or ``uvicorn.Config``)."""
+    return dict(host=cfg.host, port=cfg.port, log_level="info", http=h11_with_read_deadline(cfg.read_timeout_s),
+                timeout_graceful_shutdown=int(cfg.drain_timeout_s) + 1)
+
+
 def serve(app, cfg: ServeConfig) -> None:
     """Run the app with uvicorn; SIGINT/SIGTERM stop accepting, finish in-flight streams, then exit."""
     import signal
@@ -774,5 +891,4 @@ def serve(app, cfg: ServeConfig) -> None:
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, _exit_clean)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info",
-                timeout_graceful_shutdown=int(cfg.drain_timeout_s) + 1)
+    uvicorn.run(app, **uvicorn_options(cfg))
