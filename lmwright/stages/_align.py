@@ -33,10 +33,10 @@ def prompt_and_reference(record: dict, fmt: str) -> tuple[Messages, str | None]:
     alpaca: user = instruction (+ newline + input), reference = output; messages: everything before the last
     assistant turn, reference = that turn; preference: prompt, reference = chosen; text: user = text.
     """
-    if fmt == "alpaca":
-        msgs = [{"role": "system", "content": record["system"]}] if record.get("system") else []
-        user = record["instruction"] + (f"\n{record['input']}" if record.get("input") else "")
-        return msgs + [{"role": "user", "content": user}], record["output"]
+    if fmt == "alpaca":  # the conversation SFT trains on (one home: alpaca_to_messages), minus the answer
+        from lmwright.data.chat import alpaca_to_messages
+
+        return alpaca_to_messages({**record, "output": ""}), record["output"]
     if fmt == "messages":
         msgs = record["messages"]
         last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")

@@ -239,3 +239,25 @@ def test_generation_eval_prompts_are_the_sft_training_prompts():
     prompt, ref = qa_pair(rec, "alpaca")
     assert prompt == conversations([rec], "alpaca")[0][:-1]
     assert ref == "Iris"
+
+
+@pytest.mark.parametrize("rec", [
+    {"instruction": "Who likes cake?", "input": "Iris likes cake.", "output": "Iris", "system": "Be brief."},
+    {"instruction": "What is 2 plus 3?", "input": "", "output": "5"},
+    {"instruction": "Repeat the words.", "input": "red fox", "output": "red fox", "system": ""}])
+def test_alpaca_prompts_have_one_home(rec, monkeypatch):
+    """SFT (data.chat.alpaca_to_messages), the align stages' prompts (dpo/ppo/grpo/distill) and eval --task
+    generation build an alpaca record's prompt with the same function."""
+    from lmwright.data import chat
+    from lmwright.eval.generation import qa_pair
+    from lmwright.stages._align import prompt_and_reference
+
+    want = chat.alpaca_to_messages(rec)[:-1]
+    assert qa_pair(rec, "alpaca") == (want, rec["output"])
+    assert prompt_and_reference(rec, "alpaca") == (want, rec["output"])
+    calls = []
+    real = chat.alpaca_to_messages
+    monkeypatch.setattr(chat, "alpaca_to_messages", lambda r, *a: calls.append(r) or real(r, *a))
+    qa_pair(rec, "alpaca")
+    prompt_and_reference(rec, "alpaca")
+    assert len(calls) == 2
