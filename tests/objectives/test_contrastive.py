@@ -48,6 +48,10 @@ def test_pooling():
     m = torch.tensor([[1, 1, 0]])
     assert pool(h, m, "mean").tolist() == [[2.0, 2.0]]
     assert pool(h, m, "cls").tolist() == [[1.0, 1.0]]
+    left = torch.tensor([[[100.0, 100.0], [1.0, 1.0], [3.0, 3.0]]])  # left padding: cls is the first real token
+    assert pool(left, torch.tensor([[0, 1, 1]]), "cls").tolist() == [[1.0, 1.0]]
+    with pytest.raises(ConfigError, match="pooling 'max'"):
+        pool(h, m, "max")
 
 
 def test_collate_stacks_anchor_positive_negative():
