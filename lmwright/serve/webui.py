@@ -182,10 +182,34 @@ def train_command(runs_dir: str | Path, stage: str, config: str, overrides: str)
     run_name = train.get("run_name")
     if run_name is not None:
         run_folder(runs_dir, str(run_name))  # a plain name, inside the runs folder
+    _confine_paths(runs_dir, merge_sources([], items)[0])
     cmd = [sys.executable, "-m", "lmwright.cli", "train", stage]
     if files:
         cmd += ["-c", files[0]]
     return cmd + items + [f"train.output_dir={runs_dir}"]
+
+
+def _confine_paths(runs_dir: Path, values: Any, key: str = "") -> None:
+    """Every override value that names a file or folder (``data.path``, ``model.name``, ``tokenizer``, ...) must
+    lie inside the runs folder: a browser may not make the server read ``/etc`` or a home folder as training
+    data or a model. Preset names (no path separator, not an existing path) pass."""
+    if isinstance(values, dict):
+        for k, v in values.items():
+            _confine_paths(runs_dir, v, f"{key}.{k}" if key else str(k))
+        return
+    if isinstance(values, (list, tuple)):
+        for v in values:
+            _confine_paths(runs_dir, v, key)
+        return
+    if not isinstance(values, str) or not values:
+        return
+    text = values.split(".json:", 1)[0] + ".json" if ".json:" in values else values  # dataset_info.json:<name>
+    looks_like_path = "/" in text or "\\" in text or text.startswith(("~", ".")) or Path(text).exists()
+    if not looks_like_path:
+        return
+    cand = Path(text).expanduser().resolve()  # relative to the working directory, as the train command reads it
+    if cand != runs_dir and runs_dir not in cand.parents:
+        raise ConfigError(f"{key}={values!r}: files given in the web UI must be inside the runs folder {runs_dir}")
 
 
 def _config_file(runs_dir: Path, p: Path) -> Path | None:

@@ -35,6 +35,11 @@ def runs(tmp_path):
     ("", "train.run_name=../..", "not a run name"),
     ("", "train.run_name=/etc", "not a run name"),
     ("escape.yaml", "", "not a run name"),
+    ("", "data.path=[/etc/passwd]", "inside the runs folder"),
+    ("", "data.path=[{tmp}/secret/metrics.jsonl]", "inside the runs folder"),
+    ("", "data.path={tmp}/secret/dataset_info.json:alpaca", "inside the runs folder"),
+    ("", "model.name=~/models/x", "inside the runs folder"),
+    ("", "tokenizer=../secret", "inside the runs folder"),
 ])
 def test_train_command_is_confined_to_the_runs_folder(runs, config, overrides, match):
     from lmwright.serve.webui import train_command
@@ -48,6 +53,8 @@ def test_train_command_accepts_runs_folder_and_shipped_configs(runs):
     from lmwright.serve.webui import SHIPPED_CONFIGS, train_command
 
     cmd = train_command(runs, "sft", "ok.yaml", "train.max_steps=2 train.run_name=my-run")
+    ok = train_command(runs, "sft", "", f"model.name=llama-tiny data.path=[{runs / 'mine' / 'metrics.jsonl'}]")
+    assert f"data.path=[{runs / 'mine' / 'metrics.jsonl'}]" in ok
     assert cmd[cmd.index("-c") + 1] == str((runs / "ok.yaml").resolve())
     assert cmd[-1] == f"train.output_dir={runs.resolve()}"  # last: the run lands in the runs folder
     shipped = sorted((SHIPPED_CONFIGS / "sft").glob("*.yaml"))[0]
