@@ -563,6 +563,10 @@ def load_trained(path: str | Path, task: str | None = None, **kwargs: Any) -> tu
     if (p / "adapter_config.json").exists():
         from peft import PeftModel
 
+        from lmwright.models.load import check_safetensors
+
+        check_safetensors(p)  # peft would fall back to a pickled adapter_model.bin
+
         base = base or json.loads((p / "adapter_config.json").read_text())["base_model_name_or_path"]
         model = _load_base(base, task, meta.get("quantize"), meta.get("quantize_embeddings", False), **kwargs)
         model = PeftModel.from_pretrained(model, str(p), is_trainable=False)

@@ -80,12 +80,14 @@ def check_safetensors(path: Path) -> None:
         return
     pickled = sorted(f.name for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt") for f in path.glob(pattern))
     if pickled:
+        how = ("`from peft import PeftModel; PeftModel.from_pretrained(BASE_MODEL, FOLDER).save_pretrained(FOLDER, "
+               "safe_serialization=True)`" if (path / "adapter_config.json").exists() else
+               "`from transformers import AutoModel; AutoModel.from_pretrained(FOLDER)"
+               ".save_pretrained(FOLDER, safe_serialization=True)` (use the AutoModelFor... class of the task)")
         raise ConfigError(
             f"{path} holds pickled weights only ({', '.join(pickled[:3])}): lmwright loads safetensors only, "
-            "because loading a pickle can run arbitrary code. If you trust the folder, convert it once in Python: "
-            "`from transformers import AutoModel; AutoModel.from_pretrained(FOLDER)"
-            ".save_pretrained(FOLDER, safe_serialization=True)` (use the AutoModelFor... class of the task), "
-            "then load it again")
+            f"because loading a pickle can run arbitrary code. If you trust the folder, convert it once in Python: "
+            f"{how}, then load it again")
 
 
 def load_model(path: str | Path, task: str = "causal-lm", model_cfg=None, **extra):

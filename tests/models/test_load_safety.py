@@ -60,3 +60,26 @@ def test_safetensors_folder_still_loads(tmp_path):
     model = load_model(folder, model_cfg=ModelConfig(name=str(folder), dtype="float32",
                                                      overrides={"num_hidden_layers": 1}))
     assert model.config.num_hidden_layers == 1
+
+
+def test_pickled_adapter_is_refused_with_a_peft_hint(tmp_path):
+    """peft falls back to a pickled adapter_model.bin when adapter_model.safetensors is missing."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+
+    from lmwright.methods import load_trained
+    from lmwright.models import ModelConfig
+    from lmwright.models.load import load_model
+
+    base = _tiny_folder(tmp_path / "base", safetensors=True)
+    model = get_peft_model(load_model(base, model_cfg=ModelConfig(name=str(base), dtype="float32")),
+                           LoraConfig(r=2, target_modules=["q_proj"]))
+    ad = tmp_path / "adapter"
+    model.save_pretrained(str(ad))
+    import torch
+
+    torch.save(load_file(str(ad / "adapter_model.safetensors")), ad / "adapter_model.bin")
+    (ad / "adapter_model.safetensors").unlink()
+    with pytest.raises(ConfigError, match="PeftModel.from_pretrained") as e:
+        load_trained(ad, task="causal-lm")
+    assert "adapter_model.bin" in str(e.value)
