@@ -10,6 +10,7 @@ Errors name the file (or the override) and the dotted key, and suggest the close
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Iterator
@@ -45,21 +46,77 @@ def opt(default: Any = MISSING, help: str = "", *, factory: Any = MISSING, choic
 
 
 # ----------------------------------------------------------------------------------------- loading
+MAX_DEPTH = 32  # how deep a config may nest: far more than any real one, few enough for every walk
+
+
 def load_yaml(path: str | Path) -> dict:
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read the config file: {e.strerror or e}") from None
+    text = _decode(raw, p)
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{p}:{mark.line + 1}" if mark else str(p)
-        raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+        raise ConfigError(_yaml_error(e, text, p)) from None
+    except RecursionError:
+        raise ConfigError(f"{p}: invalid YAML: nested too deeply") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the top level must be a mapping of keys, got {type(data).__name__}")
+    problem = nesting_problem(data)
+    if problem:
+        raise ConfigError(f"{p}: the config {problem}")
     return data
+
+
+def _decode(raw: bytes, p: Path) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        col = e.start - raw.rfind(b"\n", 0, e.start)
+        raise ConfigError(f"{p}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {col}); save the "
+                          "config as UTF-8") from None
+
+
+def _yaml_error(e: yaml.YAMLError, text: str, p: Path) -> str:
+    """One line: ``file:line: invalid YAML: problem``."""
+    mark = getattr(e, "problem_mark", None)
+    if mark is not None:
+        line = mark.line + 1
+    elif isinstance(getattr(e, "position", None), int):  # a ReaderError: a character YAML does not allow
+        line = text.count("\n", 0, e.position) + 1  # type: ignore[attr-defined]
+    else:
+        line = None
+    problem = getattr(e, "problem", None) or getattr(e, "reason", None) or str(e)
+    return f"{p}{f':{line}' if line else ''}: invalid YAML: {' '.join(str(problem).split())}"
+
+
+def nesting_problem(value: Any, limit: int = MAX_DEPTH) -> str | None:
+    """Why ``value`` (parsed YAML) cannot be a config value: it nests deeper than ``limit``, or a list or
+    mapping contains itself (a YAML alias inside its own anchor); None when it is fine. No recursion."""
+    state: dict[int, int] = {}  # id -> 1 while its children are walked, 2 when done
+    stack: list[tuple[Any, int, bool]] = [(value, 1, False)]
+    while stack:
+        node, depth, leaving = stack.pop()
+        if leaving:
+            state[id(node)] = 2
+            continue
+        if not isinstance(node, (dict, list)) or state.get(id(node)) == 2:
+            continue
+        if state.get(id(node)) == 1:
+            return "contains itself (a YAML alias inside its own anchor)"
+        if depth > limit:
+            return f"nests more than {limit} levels deep"
+        state[id(node)] = 1
+        stack.append((node, depth, True))
+        stack.extend((c, depth + 1, False) for c in (node.values() if isinstance(node, dict) else node))
+    return None
 
 
 def _merge(dst: dict, src: dict, sources: dict, origin: str, prefix: str = "") -> None:
@@ -91,8 +148,11 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override '{text}' has an empty key")
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         value = raw
+    problem = nesting_problem(value)
+    if problem:
+        raise ConfigError(f"override '{key}=...': the value {problem}")
     return key, value
 
 
@@ -159,8 +219,8 @@ def _coerce(tp: Any, value: Any, key: str, sources: dict | None) -> Any:
                 return _coerce(a, value, key, sources)
             except ConfigError as e:
                 errors.append(str(e))
-        raise errors[0] if len(errors) == 1 else ConfigError(
-            f"{_where(key, sources)}'{key}' = {value!r} does not fit {tp}")
+        raise ConfigError(errors[0]) if len(errors) == 1 else ConfigError(
+            f"{_where(key, sources)}'{key}' = {_short(value)} does not fit {tp}")
     if origin is Literal:
         choices = get_args(tp)
         if isinstance(value, bool) and value not in choices:  # YAML reads no/yes/off/on as booleans
@@ -168,15 +228,19 @@ def _coerce(tp: Any, value: Any, key: str, sources: dict | None) -> Any:
                 if word in choices:
                     return word
         if value not in choices:
-            raise ConfigError(f"{_where(key, sources)}'{key}' = {value!r} is not one of "
+            raise ConfigError(f"{_where(key, sources)}'{key}' = {_short(value)} is not one of "
                               f"{', '.join(map(repr, choices))}.{suggest(str(value), [str(c) for c in choices])}")
         return value
     if is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{_where(key, sources)}'{key}' must be a mapping, got {value!r}")
+            raise ConfigError(f"{_where(key, sources)}'{key}' must be a mapping, got {_short(value)}")
         return from_dict(tp, value, prefix=key + ".", sources=sources)
+    if tp in (list, tuple):  # a bare list: any items
+        if not isinstance(value, (list, tuple, str)):
+            raise ConfigError(f"{_where(key, sources)}'{key}' must be a list, got {_short(value)}")
+        return list(value) if isinstance(value, (list, tuple)) else [value]
     if origin in (list, tuple):
         if isinstance(value, str) and "," in value:
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -185,38 +249,56 @@ def _coerce(tp: Any, value: Any, key: str, sources: dict | None) -> Any:
         (inner, *_) = get_args(tp) or (Any,)
         out = [_coerce(inner, v, f"{key}[{i}]", sources) for i, v in enumerate(value)]
         return out if origin is list else tuple(out)
-    if origin is dict:
+    if origin is dict or tp is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{_where(key, sources)}'{key}' must be a mapping, got {value!r}")
+            raise ConfigError(f"{_where(key, sources)}'{key}' must be a mapping, got {_short(value)}")
         return dict(value)
     if tp is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{_where(key, sources)}'{key}' must be true or false, got {value!r}")
+        raise ConfigError(f"{_where(key, sources)}'{key}' must be true or false, got {_short(value)}")
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"{_where(key, sources)}'{key}' must be an integer, got {value!r}")
-        try:
-            f = float(value)
-        except ValueError:
-            raise ConfigError(f"{_where(key, sources)}'{key}' must be an integer, got {value!r}") from None
-        if f != int(f):
-            raise ConfigError(f"{_where(key, sources)}'{key}' must be an integer, got {value!r}")
-        return int(f)
+        return _to_int(value, key, sources)
     if tp is float:
         if isinstance(value, bool):
-            raise ConfigError(f"{_where(key, sources)}'{key}' must be a number, got {value!r}")
+            raise ConfigError(f"{_where(key, sources)}'{key}' must be a number, got {_short(value)}")
         try:
             return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{_where(key, sources)}'{key}' must be a number, got {value!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(f"{_where(key, sources)}'{key}' must be a number, got {_short(value)}") from None
     if tp is str:
         if isinstance(value, (dict, list)):
-            raise ConfigError(f"{_where(key, sources)}'{key}' must be a string, got {value!r}")
+            raise ConfigError(f"{_where(key, sources)}'{key}' must be a string, got {_short(value)}")
         return str(value)
     return value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
+
+
+def _to_int(value: Any, key: str, sources: dict | None) -> int:
+    """An integer from an int, an integral float (1e3) or a string of either; anything else fails."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    bad = ConfigError(f"{_where(key, sources)}'{key}' must be an integer, got {_short(value)}")
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    if not isinstance(value, (float, str)):
+        raise bad
+    try:
+        f = float(value)
+    except (ValueError, OverflowError):
+        raise bad from None
+    if not math.isfinite(f) or f != int(f):
+        raise bad
+    return int(f)
 
 
 def from_dict(cls: type[T], data: dict, prefix: str = "", sources: dict | None = None) -> T:

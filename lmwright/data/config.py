@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from lmwright.config import opt
+from lmwright.config import ConfigError, opt
 
 
 @dataclass
@@ -17,6 +17,11 @@ class CleanConfig:
     dedup: bool = opt(True, "drop exact duplicates (after normalisation)")
     near_dedup: bool = opt(False, "drop near-duplicates (MinHash over character shingles)")
     near_dedup_threshold: float = opt(0.85, "estimated Jaccard similarity at or above which a record is a near-duplicate")
+
+    def check(self) -> None:
+        if self.min_chars < 0 or self.max_chars < max(1, self.min_chars):
+            raise ConfigError(f"data.clean.min_chars = {self.min_chars} and data.clean.max_chars = {self.max_chars}: "
+                              "need 0 <= min_chars <= max_chars and max_chars >= 1, or every record is dropped")
 
 
 @dataclass
@@ -36,3 +41,17 @@ class DataConfig:
     max_records: int | None = opt(None, "read at most this many records (after cleaning)")
     on_error: Literal["raise", "skip"] = opt("raise", "malformed record: stop with an error, or skip and count it")
     clean: CleanConfig = opt(CleanConfig(), "cleaning rules")
+
+    def check(self) -> None:
+        for src, dst in self.columns.items():
+            if not (_name(src) and _name(dst)):
+                raise ConfigError(f"data.columns: {src!r}: {dst!r} must map a source column to a field name, e.g. "
+                                  "{review: text}")
+        self.columns = {str(k): str(v) for k, v in self.columns.items()}  # csv headers are strings
+        # `data.val_path=` on the command line clears the list (an empty path would read the current folder)
+        self.path = [p for p in self.path if p.strip()]
+        self.val_path = [p for p in self.val_path if p.strip()]
+
+
+def _name(x: object) -> bool:
+    return isinstance(x, (str, int)) and not isinstance(x, bool) and str(x).strip() != ""

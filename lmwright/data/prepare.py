@@ -35,6 +35,7 @@ from lmwright.data.config import DataConfig
 from lmwright.data.errors import DataError
 from lmwright.data.formats import FORMATS, detect_format, rename_columns
 from lmwright.data.sources import MANIFEST, is_prepared_dir, read_records, resolve_paths, source_kind
+from lmwright.data.textio import has_u_escape, parse_json, read_text, surrogate_error
 
 SPLITS = ("train", "validation")
 
@@ -97,6 +98,14 @@ def _check(cfg: DataConfig) -> None:
     FORMATS.get(cfg.format)  # unknown format: fails with the closest name
 
 
+def _resolve(paths: list[str], key: str) -> list[str]:
+    """``resolve_paths``, its errors also naming the config key the paths came from."""
+    try:
+        return resolve_paths(paths)
+    except DataError as e:
+        raise DataError(f"{e} ({key})", file=e.file, line=e.line, reason=e.reason) from None
+
+
 def _run(cfg: DataConfig) -> _Outcome:
     _check(cfg)
     fmt = FORMATS.get(cfg.format)
@@ -139,8 +148,8 @@ def _run(cfg: DataConfig) -> _Outcome:
                 break
         return kept
 
-    sources = resolve_paths(cfg.path)
-    val_sources = resolve_paths(cfg.val_path) if cfg.val_path else []
+    sources = _resolve(cfg.path, "data.path")
+    val_sources = _resolve(cfg.val_path, "data.val_path") if cfg.val_path else []
     if cfg.val_path:
         # Validation first: a training record that repeats a validation one is the one dropped.
         validation = collect(cfg.val_path, "validation", None)
@@ -150,7 +159,7 @@ def _run(cfg: DataConfig) -> _Outcome:
                                           cfg.val_fraction, cfg.split_seed)
     if not train:
         raise DataError(f"no training record left out of {read} read from {', '.join(cfg.path)}"
-                        + (f" (rejected: {_reasons_text(reasons)})" if reasons else ""))
+                        + (f" (rejected: {_reasons_text(reasons)}{_rule_keys(reasons)})" if reasons else ""))
     return _Outcome(train, validation, rejects, reasons, read, sources, val_sources)
 
 
@@ -163,14 +172,24 @@ def _suggest_format(err: DataError, raw: dict, fmt: str) -> DataError:
                      line=err.line, reason=err.reason)
 
 
+_RULES = {"too_short": "data.clean.min_chars", "too_long": "data.clean.max_chars", "duplicate": "data.clean.dedup",
+          "near_duplicate": "data.clean.near_dedup_threshold"}
+
+
+def _rule_keys(reasons: Counter) -> str:
+    keys = [key for reason, key in _RULES.items() if reasons.get(reason)]
+    return f"; the cleaning options that dropped them: {', '.join(keys)}" if keys else ""
+
+
 def _reasons_text(reasons: Counter) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 # ------------------------------------------------------------------------------------- manifest
 def _jsonl_lines(records: Iterable[dict]) -> Iterator[bytes]:
+    # backslashreplace: a file name that is not UTF-8 (a reject's "file") is written as its JSON \u escape
     for r in records:
-        yield (json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8")
+        yield (json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8", "backslashreplace")
 
 
 def _digest(records: Iterable[dict], path: Path | None = None) -> dict:
@@ -230,17 +249,29 @@ def prepare(cfg: DataConfig, out_dir: str | Path, overwrite: bool = False) -> di
     ``out_dir`` is refused unless ``overwrite``.
     """
     out = Path(out_dir)
-    if out.exists() and not overwrite and (out.is_file() or any(out.iterdir())):
+    try:
+        busy = out.exists() and (out.is_file() or any(out.iterdir()))
+    except OSError as e:
+        raise DataError(f"{out}: cannot use it as the output folder: {e.strerror or e}") from None
+    if busy and not overwrite:
         raise DataError(f"{out}: already exists and is not empty; pass overwrite=true (--overwrite) or "
                         "choose another output folder")
     res = _run(cfg)
+    try:
+        return _write(cfg, res, out)
+    except OSError as e:
+        raise DataError(f"{out}: cannot write the prepared folder: {e.strerror or e}") from None
+
+
+def _write(cfg: DataConfig, res: _Outcome, out: Path) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         files = {f"{s}.jsonl": _digest(getattr(res, s), tmp / f"{s}.jsonl") for s in SPLITS}
         files["rejects.jsonl"] = _digest(res.rejects, tmp / "rejects.jsonl")
         manifest = _manifest(cfg, res, files)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, ensure_ascii=False, indent=2) + "\n", encoding="utf-8",
+                                    errors="backslashreplace")  # as in _jsonl_lines
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -277,10 +308,7 @@ def load_records(cfg: DataConfig) -> tuple[list[dict], list[dict], dict]:
 
 def _load_prepared(cfg: DataConfig) -> tuple[list[dict], list[dict], dict]:
     root = Path(cfg.path[0])
-    try:
-        manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{root / MANIFEST}:{e.lineno}: invalid JSON: {e.msg}") from None
+    manifest = _read_manifest(root / MANIFEST)
     if manifest.get("format") != cfg.format:
         raise DataError(f"{root}: prepared as format '{manifest.get('format')}' but data.format is "
                         f"'{cfg.format}'; set data.format={manifest.get('format')} or prepare the data again")
@@ -297,14 +325,26 @@ def _load_prepared(cfg: DataConfig) -> tuple[list[dict], list[dict], dict]:
     return train, splits["validation"], manifest
 
 
+def _read_manifest(path: Path) -> dict:
+    """A prepared folder's manifest; a damaged one is a ``DataError`` that says to prepare again."""
+    manifest = parse_json(read_text(path), path)
+    files = manifest.get("files", {}) if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+        raise DataError(f"{path}: not a manifest written by `lmwright data prepare` (expected an object with "
+                        "format, counts and files); prepare the data again", file=str(path))
+    return manifest
+
+
 def _parse_jsonl(raw: bytes, where: str) -> list[dict[str, Any]]:
     out = []
-    for i, line in enumerate(raw.decode("utf-8").split("\n"), 1):  # not splitlines: U+2028 may sit in a string
+    text = raw.decode("utf-8", errors="surrogateescape")
+    for i, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 may sit in a string
         if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}:{i}: invalid JSON at column {e.colno}: {e.msg}") from None
+            rec = parse_json(line, where, i)
+            if not isinstance(rec, dict) or (has_u_escape(line) and surrogate_error(rec, where, i)):
+                raise DataError(f"{where}:{i}: not a record written by `lmwright data prepare`; prepare the data "
+                                "again", file=where, line=i)
+            out.append(rec)
     return out
 
 

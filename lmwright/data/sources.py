@@ -11,7 +11,9 @@ Every record keeps where it came from (``file``, ``line``) so that every later e
 ``data/train.jsonl:17: ...``. For line-oriented files ``line`` is the line number; for row-oriented
 ones (csv, parquet, datasets folders, ``{"data": [...]}`` json) it is the 1-based row number.
 
-Text files are read as UTF-8; a leading byte-order mark (Windows editors write one) is dropped.
+Text files are read as UTF-8; a leading byte-order mark (Windows editors write one) is dropped. A
+byte that is not UTF-8, JSON nested too deeply and a csv field over the csv module's limit are errors
+of the record (line) they are in, so ``on_error="skip"`` skips just that record (see ``textio``).
 ``pyarrow`` and ``datasets`` are imported inside the readers that need them, so that importing
 this module stays cheap.
 """
@@ -26,10 +28,24 @@ import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Literal
 
 from lmwright.data.errors import DataError
+from lmwright.data.textio import (
+    MAX_DEPTH,
+    bad_byte_at,
+    deep_error,
+    depth,
+    has_u_escape,
+    json_error,
+    open_text,
+    parse_json,
+    read_text,
+    surrogate_error,
+    utf8_error,
+)
 
 EXTENSIONS = (".txt", ".jsonl", ".json", ".csv", ".parquet")
 MANIFEST = "manifest.json"
@@ -90,42 +106,51 @@ def resolve_paths(paths: Iterable[str | Path]) -> list[str]:
     out: list[str] = []
     for raw in paths:
         s = str(raw)
-        if (spec := llamafactory_spec(s)) is not None:
-            lf_dataset(*spec)  # the registry, the entry and its files must be there
-            out.append(s)
-            continue
-        if _has_magic(s) and not os.path.exists(s):
-            matches = sorted(glob.glob(s, recursive=True))
-            if not matches:
-                raise DataError(f"{s}: the pattern matches no file")
-            found = []
-            for m in matches:
-                if os.path.isdir(m) and (is_prepared_dir(m) or is_datasets_dir(m)) or os.path.isfile(m) and m.lower().endswith(EXTENSIONS):
-                    found.append(m)
-            if not found:
-                raise DataError(f"{s}: the pattern matches no supported file ({', '.join(EXTENSIONS)})")
-            out += found
-            continue
-        p = Path(s)
-        if not p.exists():
-            raise DataError(f"{s}: no such file or folder")
-        if p.is_dir():
-            if is_prepared_dir(p) or is_datasets_dir(p):
-                out.append(s)
-                continue
-            found = _walk(p)
-            if not found:
-                raise DataError(f"{s}: the folder holds no supported file ({', '.join(EXTENSIONS)})")
-            out += found
-            continue
-        if p.suffix.lower() not in EXTENSIONS:
-            raise DataError(f"{s}: unsupported file type '{p.suffix}'; use one of {', '.join(EXTENSIONS)}")
-        if p.name == LF_REGISTRY:
-            names = ", ".join(sorted(n for n, e in _lf_registry(p).items() if isinstance(e, dict) and "file_name" in e))
-            raise DataError(f"{s}: a LLaMA-Factory registry, not data: name one of its data sets, e.g. "
-                            f"data.path={s}:<name> (local ones: {names or 'none'})")
-        out.append(s)
+        try:
+            out += _resolve_one(s)
+        except (OSError, ValueError) as e:  # a name too long, a NUL byte, no permission; DataError is a ValueError
+            if isinstance(e, DataError):
+                raise
+            raise DataError(f"{s[:200]}: cannot read: {getattr(e, 'strerror', None) or e}", file=s) from None
     return out
+
+
+def _resolve_one(s: str) -> list[str]:
+    if not s.strip():
+        raise DataError(f"{s!r}: an empty path; give a file, a folder or a glob")
+    if (spec := llamafactory_spec(s)) is not None:
+        lf_dataset(*spec)  # the registry, the entry and its files must be there
+        return [s]
+    if _has_magic(s) and not os.path.exists(s):
+        return _resolve_glob(s)
+    p = Path(s)
+    if not p.exists():
+        raise DataError(f"{s}: no such file or folder")
+    if p.is_dir():
+        if is_prepared_dir(p) or is_datasets_dir(p):
+            return [s]
+        found = _walk(p)
+        if not found:
+            raise DataError(f"{s}: the folder holds no supported file ({', '.join(EXTENSIONS)})")
+        return found
+    if p.suffix.lower() not in EXTENSIONS:
+        raise DataError(f"{s}: unsupported file type '{p.suffix}'; use one of {', '.join(EXTENSIONS)}")
+    if p.name == LF_REGISTRY:
+        names = ", ".join(sorted(n for n, e in _lf_registry(p).items() if isinstance(e, dict) and "file_name" in e))
+        raise DataError(f"{s}: a LLaMA-Factory registry, not data: name one of its data sets, e.g. "
+                        f"data.path={s}:<name> (local ones: {names or 'none'})")
+    return [s]
+
+
+def _resolve_glob(s: str) -> list[str]:
+    matches = sorted(glob.glob(s, recursive=True))
+    if not matches:
+        raise DataError(f"{s}: the pattern matches no file")
+    found = [m for m in matches if os.path.isdir(m) and (is_prepared_dir(m) or is_datasets_dir(m))
+             or os.path.isfile(m) and m.lower().endswith(EXTENSIONS)]
+    if not found:
+        raise DataError(f"{s}: the pattern matches no supported file ({', '.join(EXTENSIONS)})")
+    return found
 
 
 def _walk(root: Path) -> list[str]:
@@ -167,69 +192,72 @@ def read_records(paths: Iterable[str | Path] | str | Path, *, txt_mode: TxtMode 
 
 
 def _read_txt(path: str, txt_mode: TxtMode = "line", **_) -> Iterator[Record | DataError]:
-    with open(path, encoding="utf-8-sig", errors="strict", newline=None) as f:
-        try:
-            if txt_mode == "file":
-                text = f.read()
-                if text.strip():
-                    yield Record({"text": text}, path, 1)
-                return
-            if txt_mode == "paragraph":
-                buf: list[str] = []
-                start = 0
-                for i, line in enumerate(f, 1):
-                    if line.strip():
-                        if not buf:
-                            start = i
-                        buf.append(line)
-                    elif buf:
-                        yield Record({"text": "".join(buf).rstrip("\n")}, path, start)
-                        buf = []
-                if buf:
-                    yield Record({"text": "".join(buf).rstrip("\n")}, path, start)
-                return
-            for i, line in enumerate(f, 1):
-                text = line.rstrip("\n")
-                if text.strip():
-                    yield Record({"text": text}, path, i)
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start}); re-encode the file as "
-                            "UTF-8", file=path) from None
+    with open_text(path) as f:
+        if txt_mode == "file":
+            text = f.read()
+            err = utf8_error(path, text)
+            if err is not None:
+                yield err
+            elif text.strip():
+                yield Record({"text": text}, path, 1)
+            return
+        yield from (_txt_paragraphs if txt_mode == "paragraph" else _txt_lines)(f, path)
+
+
+def _txt_lines(f, path: str) -> Iterator[Record | DataError]:
+    for i, line in enumerate(f, 1):
+        text = line.rstrip("\n")
+        err = utf8_error(path, text, i)
+        if err is not None:
+            yield err
+        elif text.strip():
+            yield Record({"text": text}, path, i)
+
+
+def _txt_paragraphs(f, path: str) -> Iterator[Record | DataError]:
+    """Blank-line separated paragraphs; one with an undecodable byte is one error (at that byte's line)."""
+    buf: list[str] = []
+    start, err = 0, None
+    for i, line in enumerate(chain(f, ["\n"]), 1):  # a final blank line flushes the last paragraph
+        if line.strip():
+            if not buf:
+                start = i
+            buf.append(line)
+            err = err or utf8_error(path, line, i)
+        elif buf:
+            yield err or Record({"text": "".join(buf).rstrip("\n")}, path, start)
+            buf, err = [], None
 
 
 def _read_jsonl(path: str, **_) -> Iterator[Record | DataError]:
-    with open(path, encoding="utf-8-sig") as f:
+    with open_text(path) as f:
         for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield DataError(f"{path}:{i}: invalid JSON at column {e.colno}: {e.msg}", file=path, line=i)
-                continue
-            if not isinstance(obj, dict):
-                yield DataError(f"{path}:{i}: expected a JSON object per line, got {type(obj).__name__}",
-                                file=path, line=i)
-                continue
-            yield Record(obj, path, i)
+            if line.strip():
+                yield _jsonl_record(line, path, i)
+
+
+def _jsonl_record(line: str, path: str, i: int) -> Record | DataError:
+    try:
+        obj = parse_json(line, path, i)
+    except DataError as e:
+        return e
+    if not isinstance(obj, dict):
+        return DataError(f"{path}:{i}: expected a JSON object per line, got {type(obj).__name__}", file=path, line=i)
+    return (has_u_escape(line) and surrogate_error(obj, path, i)) or Record(obj, path, i)
 
 
 def _read_json(path: str, **_) -> Iterator[Record | DataError]:
-    text = Path(path).read_text(encoding="utf-8-sig")
-    stripped = text.lstrip()
-    if stripped.startswith("["):
+    text = read_text(path)
+    if text.lstrip().startswith("["):
         # Decode element by element so that each record keeps its real line number.
         yield from _scan_json_array(text, path)
         return
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: invalid JSON at column {e.colno}: {e.msg}", file=path,
-                        line=e.lineno) from None
+    obj = parse_json(text, path)
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):
+        escapes = has_u_escape(text)
         for i, item in enumerate(obj["data"], 1):
             if isinstance(item, dict):
-                yield Record(item, path, i)
+                yield (escapes and surrogate_error(item, path, i)) or Record(item, path, i)
             else:
                 yield DataError(f"{path}:{i}: data[{i - 1}] must be a JSON object, got {type(item).__name__}",
                                 file=path, line=i)
@@ -262,15 +290,9 @@ def _scan_json_array(text: str, path: str) -> Iterator[Record | DataError]:
     while True:
         pos = skip_ws(pos)
         at = line_at(pos)
-        try:
-            obj, pos = dec.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: invalid JSON at column {e.colno}: {e.msg}", file=path,
-                            line=e.lineno) from None
-        if isinstance(obj, dict):
-            yield Record(obj, path, at)
-        else:
-            yield DataError(f"{path}:{at}: expected a JSON object, got {type(obj).__name__}", file=path, line=at)
+        start = pos
+        obj, pos = _decode_element(dec, text, pos, path)
+        yield _json_element(obj, text[start:pos], path, at)
         pos = skip_ws(pos)
         if pos < n and text[pos] == ",":
             pos += 1
@@ -278,25 +300,74 @@ def _scan_json_array(text: str, path: str) -> Iterator[Record | DataError]:
         if pos < n and text[pos] == "]":
             return
         at = line_at(min(pos, n))
-        raise DataError(f"{path}:{at}: invalid JSON: expected ',' or ']' after an element", file=path, line=at)
+        raise bad_byte_at(path, text, pos) or DataError(
+            f"{path}:{at}: invalid JSON: expected ',' or ']' after an element", file=path, line=at)
+
+
+def _decode_element(dec: json.JSONDecoder, text: str, pos: int, path: str) -> tuple[object, int]:
+    """The JSON value at ``pos`` and where it ends; an error that leaves its end unknown is raised."""
+    try:
+        return dec.raw_decode(text, pos)
+    except json.JSONDecodeError as e:
+        raise bad_byte_at(path, text, e.pos) or json_error(path, e) from None
+    except RecursionError:
+        raise deep_error(path, text[pos:], text.count("\n", 0, pos) + 1) from None
+
+
+def _json_element(obj: object, raw: str, path: str, at: int) -> Record | DataError:
+    err = utf8_error(path, raw, at)
+    if err is None and depth(raw) > MAX_DEPTH:
+        err = deep_error(path, raw, at)
+    if err is not None:
+        return err
+    if not isinstance(obj, dict):
+        return DataError(f"{path}:{at}: expected a JSON object, got {type(obj).__name__}", file=path, line=at)
+    return (has_u_escape(raw) and surrogate_error(obj, path, at)) or Record(obj, path, at)
 
 
 def _read_csv(path: str, **_) -> Iterator[Record | DataError]:
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    with open_text(path, newline="") as f:
         reader = csv.DictReader(f)
-        if not reader.fieldnames:
+        try:
+            names = reader.fieldnames
+        except csv.Error as e:
+            raise _csv_error(path, 1, e) from None
+        if not names:
             return
+        err = utf8_error(path, ",".join(names))
+        if err is not None:
+            raise err
         start = reader.line_num + 1
-        for row in reader:
-            if None in row:  # more cells than header columns
-                yield DataError(f"{path}:{start}: the row has more cells than the header has columns",
-                                file=path, line=start)
-            elif any(v is None for v in row.values()):
-                yield DataError(f"{path}:{start}: the row has fewer cells than the header has columns",
-                                file=path, line=start)
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:  # the reader goes on with the next line
+                yield _csv_error(path, start, e)
             else:
-                yield Record(dict(row), path, start)
+                yield _csv_row(row, path, start)
             start = reader.line_num + 1
+
+
+def _csv_error(path: str, line: int, e: csv.Error) -> DataError:
+    msg = str(e)
+    if "field limit" in msg:
+        msg = (f"a field is longer than {csv.field_size_limit()} characters (the csv reader's limit); store long "
+               "texts in .jsonl, .json or .parquet files")
+    return DataError(f"{path}:{line}: cannot parse the csv row: {msg}", file=path, line=line)
+
+
+def _csv_row(row: dict, path: str, line: int) -> Record | DataError:
+    if None in row:  # more cells than header columns
+        return DataError(f"{path}:{line}: the row has more cells than the header has columns", file=path, line=line)
+    if any(v is None for v in row.values()):
+        return DataError(f"{path}:{line}: the row has fewer cells than the header has columns", file=path, line=line)
+    for v in row.values():
+        err = utf8_error(path, v, line)
+        if err is not None:
+            return err
+    return Record(dict(row), path, line)
 
 
 def _read_parquet(path: str, **_) -> Iterator[Record | DataError]:
@@ -305,18 +376,37 @@ def _read_parquet(path: str, **_) -> Iterator[Record | DataError]:
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
-        raise DataError(f"{path}: cannot read parquet: {e}", file=path) from None
+        raise DataError(f"{path}: cannot read parquet: {_one_line(e)}", file=path) from None
     row = 0
-    for batch in pf.iter_batches(batch_size=4096):
-        for obj in batch.to_pylist():
+    batches = pf.iter_batches(batch_size=4096)
+    while True:
+        try:
+            batch = next(batches, None)
+            objs = batch.to_pylist() if batch is not None else []
+        except Exception as e:  # noqa: BLE001 - a corrupt page, a value Python cannot hold
+            raise DataError(f"{path}: cannot read parquet at row {row + 1}: {_one_line(e)}; the file is damaged, "
+                            "truncated or holds values Python cannot represent: write it again", file=path,
+                            line=row + 1) from None
+        if batch is None:
+            return
+        for obj in objs:
             row += 1
             yield Record(obj, path, row)
+
+
+def _one_line(e: Exception) -> str:
+    """A library's error message on one line (pyarrow's span several), without its final full stop."""
+    return " ".join(str(e).split()).rstrip(".")
 
 
 def _read_datasets(path: str, split: str = "train", **_) -> Iterator[Record | DataError]:
     import datasets
 
-    ds = datasets.load_from_disk(path)
+    try:
+        ds = datasets.load_from_disk(path)
+    except Exception as e:  # noqa: BLE001 - datasets and pyarrow raise many types for a damaged folder
+        raise DataError(f"{path}: cannot read the datasets folder: {type(e).__name__}: {_one_line(e)}; save it "
+                        "again with save_to_disk", file=path) from None
     if isinstance(ds, datasets.DatasetDict):
         names = list(ds)
         wanted = {"train": ["train"], "validation": ["validation", "valid", "val", "dev", "test"]}[split]
@@ -370,12 +460,7 @@ def llamafactory_spec(path: str | Path) -> tuple[Path, str] | None:
 def _lf_registry(path: Path) -> dict:
     if not path.is_file():
         raise DataError(f"{path}: no such file (a LLaMA-Factory dataset_info.json)")
-    text = path.read_text(encoding="utf-8-sig")
-    try:
-        reg = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: invalid JSON at column {e.colno}: {e.msg}", file=str(path),
-                        line=e.lineno) from None
+    reg = parse_json(read_text(path), path)
     if not isinstance(reg, dict):
         raise DataError(f"{path}: expected an object that maps data set names to their descriptions, got "
                         f"{type(reg).__name__}", file=str(path))
@@ -384,7 +469,7 @@ def _lf_registry(path: Path) -> dict:
 
 def _lf_line(path: Path, name: str) -> int:
     """The line of ``"name":`` in the registry (for errors), 1 when not found."""
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_text(path)
     m = re.search(r'^\s*"' + re.escape(name) + r'"\s*:', text, flags=re.M)
     return text.count("\n", 0, m.start()) + 1 if m else 1
 

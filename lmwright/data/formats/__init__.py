@@ -20,6 +20,7 @@ import json
 from typing import Any, Protocol
 
 from lmwright.data.errors import DataError
+from lmwright.data.textio import has_u_escape, parse_json, surrogate_error
 from lmwright.registry import Registry
 
 FORMATS = Registry("format", package="lmwright.data.formats")
@@ -136,7 +137,8 @@ def parse_turn(m: Any, where: str, field: str, hint: str) -> dict:
         out["tool_calls"] = tool_calls(calls, where, f"{field}.tool_calls", from_json=False)
         return out
     if role == "tool" and isinstance(content, (dict, list)) and not _is_parts(content):
-        content = json.dumps(content, ensure_ascii=False)  # a structured tool result, as the model will read it
+        # a structured tool result, as the model will read it
+        content = json.dumps(_writable(content, where, f"{field}.{content_key}", hint), ensure_ascii=False)
     out["content"] = _content(content, where, f"{field}.{content_key}", hint)
     if role == "tool":
         for k in ("tool_call_id", "name"):
@@ -169,10 +171,23 @@ TOOL_HINT = ("a tool call is {name, arguments} (sharegpt function_call: that obj
 
 
 def _json(value: str, where: str, field: str, hint: str) -> Any:
+    """A field that holds JSON text, parsed; errors name the record and the field."""
     try:
-        return json.loads(value)
-    except json.JSONDecodeError as e:
-        raise field_error(where, field, f"invalid JSON at column {e.colno}: {e.msg}", hint) from None
+        out = parse_json(value, "")
+    except DataError as e:  # "<empty path>:<line>: <problem>" - keep the problem
+        raise field_error(where, field, str(e).split(": ", 1)[-1], hint) from None
+    if has_u_escape(value) and surrogate_error(out, "", 1) is not None:
+        raise field_error(where, field, "holds a lone surrogate escape (\\ud800-\\udfff without its pair)", hint)
+    return out
+
+
+def _writable(value: Any, where: str, field: str, hint: str) -> Any:
+    """``value`` when JSON can write it: a parquet or datasets struct may hold dates, decimals or bytes."""
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as e:
+        raise field_error(where, field, f"holds a value JSON cannot write ({e})", hint) from None
+    return value
 
 
 def tool_calls(value: Any, where: str, field: str, *, from_json: bool) -> list[dict]:
@@ -203,6 +218,7 @@ def tool_calls(value: Any, where: str, field: str, *, from_json: bool) -> list[d
             args = {}
         if not isinstance(args, dict):
             raise field_error(where, f"{f}.arguments", f"must be an object, got {type(args).__name__}", TOOL_HINT)
+        _writable(args, where, f"{f}.arguments", TOOL_HINT)
         canon: dict[str, Any] = {"type": "function", "function": {"name": name, "arguments": args}}
         if isinstance(call, dict) and isinstance(call.get("id"), str) and call["id"]:
             canon = {"id": call["id"], **canon}
@@ -239,7 +255,7 @@ def tools_list(value: Any, where: str, field: str = "tools") -> list[dict]:
         if "parameters" in fn and not isinstance(fn["parameters"], dict):
             raise field_error(where, f"{f}.parameters", f"must be an object (a JSON schema), got "
                               f"{type(fn['parameters']).__name__}", TOOLS_HINT)
-        out.append({"type": "function", "function": dict(fn)})
+        out.append({"type": "function", "function": _writable(dict(fn), where, f, TOOLS_HINT)})
     return out
 
 
