@@ -204,6 +204,8 @@ def run(cfg: ClassifyConfig) -> Path:
     index = {n: i for i, n in enumerate(names)}
 
     def rows(recs: list[dict]) -> list[dict]:
+        if not recs:  # no validation split (val_fraction=0): the tokenizer refuses an empty batch
+            return []
         enc = tokenizer([r["text"] for r in recs], truncation=True, max_length=cfg.max_length)["input_ids"]
         return [{"input_ids": list(e), "label": index[_name(r["label"], cfg.labels)]} for e, r in zip(enc, recs)]
 

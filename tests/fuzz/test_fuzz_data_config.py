@@ -86,22 +86,9 @@ _WHOLE_FILE = ("cannot read parquet:", "cannot read parquet at row", "expected a
                "is not a known class")  # classify: a label of the split-off validation records
 
 
-# Tracebacks the fuzz finds outside the data and config code (not this harness's to fix): each is
-# counted as a known bug in the report; remove its entry when it is fixed.
-KNOWN_BUGS = {
-    # classify.run tokenizes the validation texts even when there are none (a one-record file, or
-    # val_fraction=0): tokenizer([]) raises IndexError. Fix: `if not recs: return []` in its rows().
-    "classify_empty_validation": ("stages/classify.py", "rows(val_recs)", "IndexError"),
-}
-
-
 def problem(case: Case, rc: int | str, err: str) -> str | None:
     """What is wrong with an outcome (None when it is fine)."""
     if rc == "traceback" or "Traceback" in err:
-        known = [k for k, marks in KNOWN_BUGS.items() if all(m in err for m in marks)]
-        if known:
-            STATS[f"known_bugs.{known[0]}"] += 1
-            return None
         return "traceback"
     if rc in (0, "model"):
         return None
@@ -441,7 +428,6 @@ def _write_report() -> None:
               "by_kind": {k[6:]: v for k, v in STATS.items() if k.startswith("cases.")},
               "runs": {k[5:]: v for k, v in STATS.items() if k.startswith("runs.")},
               "outcomes": {k[8:]: v for k, v in STATS.items() if k.startswith("outcome.")},
-              "known_bugs": {k[11:]: v for k, v in STATS.items() if k.startswith("known_bugs.")},
               "seconds_in_cli": round(STATS["seconds"], 1)}
     if os.environ.get("LMWRIGHT_FUZZ_REPORT"):
         Path(os.environ["LMWRIGHT_FUZZ_REPORT"]).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

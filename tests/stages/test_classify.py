@@ -116,6 +116,17 @@ def test_classify_best_checkpoint_and_report(tmp_path, tokenizer_dir):
     assert predict(model, rows, tok.pad_token_id)[0] in (0, 1)
 
 
+def test_classify_without_validation_split(tmp_path, tokenizer_dir):
+    """data.val_fraction=0 (found by tests/fuzz): the empty validation split crashed in the tokenizer."""
+    from lmwright.stages.classify import run
+
+    cfg = _cfg([f"tokenizer={tokenizer_dir}", f"data.path=[{_sentiment(tmp_path, 40)}]", "data.val_fraction=0",
+                "train.max_steps=2", "train.micro_batch_size=8", "train.save_every=0", "train.warmup_steps=0",
+                f"train.output_dir={tmp_path}/runs", "train.run_name=noval", "train.progress=false"])
+    info = json.loads((run(cfg) / "run.json").read_text())
+    assert info["final_step"] == 2 and info["val_rows"] == 0
+
+
 def test_classify_early_stopping(tmp_path, tokenizer_dir):
     """A learning rate too small to change predictions: accuracy never improves, patience 2 stops it."""
     from lmwright.stages.classify import run
