@@ -33,7 +33,9 @@ def write_hf_folder(src: Source, out_dir: Path) -> None:
     tok.save_pretrained(str(out_dir))
     if src.task == "causal-lm":
         write_generation_config(src, out_dir)
-    meta: dict[str, Any] = {"task": src.task, "method": "full", "base": None, "exported_from": str(src.path),
+    from lmwright.methods import plain_method
+
+    meta: dict[str, Any] = {"task": src.task, "method": plain_method(), "base": None, "exported_from": str(src.path),
                             "merged_from": src.merged_from}
     if src.task in ("classification", "reward") and getattr(cfg, "id2label", None):
         meta["num_labels"] = cfg.num_labels

@@ -15,9 +15,6 @@ from typing import Any
 
 from lmwright.export import ExportError, Source
 
-# peft adapter types that add inputs instead of changing weights: nothing to merge
-_PROMPT_LEARNING = {"PREFIX_TUNING": "prefix", "P_TUNING": "ptuning", "PROMPT_TUNING": "prompt"}
-
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
@@ -38,10 +35,11 @@ def _task_of(meta: dict[str, Any], config: dict[str, Any]) -> str:
 def inspect_source(model: str | Path) -> tuple[Path, dict[str, Any], dict[str, Any]]:
     """(resolved folder, lmwright.json metadata + derived keys, the base model's config.json).
 
-    ``meta`` gains ``task``, ``adapter`` ('peft', 'bottleneck' or None) and ``base_dir``.
+    ``meta`` gains ``task``, ``adapter`` (the method whose adapter folder it is, or None) and ``base_dir``.
     """
     from lmwright.config import ConfigError
-    from lmwright.methods.base import COMPAT, META_FILE
+    from lmwright.methods import METHODS, folder_method, get_method
+    from lmwright.methods.base import META_FILE
     from lmwright.models.load import resolve_model_path
 
     try:
@@ -49,23 +47,19 @@ def inspect_source(model: str | Path) -> tuple[Path, dict[str, Any], dict[str, A
     except ConfigError as e:
         raise ExportError(str(e)) from None
     meta = _read_json(p / META_FILE) if (p / META_FILE).exists() else {}
-    adapter = None
     base = meta.get("base")
-    if (p / "adapter_config.json").exists():
-        adapter = "peft"
-        acfg = _read_json(p / "adapter_config.json")
-        base = base or acfg.get("base_model_name_or_path")
-        kind = _PROMPT_LEARNING.get(str(acfg.get("peft_type", "")))
-        if kind:
-            raise ExportError(_no_merge(p, kind))
-    elif (p / "bottleneck_adapter.json").exists():
-        adapter = "bottleneck"
-        base = base or _read_json(p / "bottleneck_adapter.json").get("base")
+    try:
+        folder = folder_method(p)  # the method whose files the folder holds (JSON only), None for a plain model
+    except ConfigError as e:
+        raise ExportError(str(e)) from None
+    adapter = folder.name if folder is not None else None
+    if folder is not None:
+        base = base or folder.base_of(p)
+        if not folder.merges:
+            raise ExportError(_no_merge(p, folder.name))
     method = meta.get("method")
-    if adapter and method in COMPAT and not COMPAT[method]["merges"]:
+    if adapter and method in METHODS and not get_method(method).merges:
         raise ExportError(_no_merge(p, method))
-    if adapter == "bottleneck":
-        raise ExportError(_no_merge(p, "adapter"))
     if adapter:
         if base and Path(base).is_file():  # a .gguf base: the folder converted from it (cached)
             try:
@@ -93,11 +87,12 @@ def inspect_source(model: str | Path) -> tuple[Path, dict[str, Any], dict[str, A
 
 
 def _no_merge(p: Path, method: str) -> str:
-    from lmwright.methods.base import _NO_MERGE
+    from lmwright.methods import get_method
+    from lmwright.methods.base import mergeable_names
 
-    why = _NO_MERGE.get(method, "it is not a weight change")
-    return (f"{p}: method '{method}' cannot be merged into the base weights ({why}), so it cannot be exported "
-            "as a plain model; serve the adapter folder as it is, or train with lora, dora, ia3 or full")
+    return (f"{p}: method '{method}' cannot be merged into the base weights ({get_method(method).no_merge_reason}), "
+            f"so it cannot be exported as a plain model; serve the adapter folder as it is, or train with "
+            f"{mergeable_names()}")
 
 
 def load_source(model: str | Path, meta: dict[str, Any]) -> Source:
@@ -112,7 +107,7 @@ def load_source(model: str | Path, meta: dict[str, Any]) -> Source:
         m, tok = load_trained(model, task=meta["task"])
     except ConfigError as e:
         raise ExportError(str(e)) from None
-    merged_from = (meta.get("method") or "peft") if meta.get("adapter") else None
+    merged_from = (meta.get("method") or meta.get("adapter")) if meta.get("adapter") else None
     return Source(path=resolve_model_path(model), task=meta["task"], model=m, tokenizer=tok, meta=meta,
                   merged_from=merged_from)
 

@@ -15,12 +15,21 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
-from lmwright.config import ConfigError
-from lmwright.methods.base import METHODS, MethodConfig, find_blocks, head_module_names, model_family
+from lmwright.config import ConfigError, opt
+from lmwright.methods.base import (
+    ALL_TASKS,
+    FLOAT,
+    METHODS,
+    Compat,
+    find_blocks,
+    head_module_names,
+    model_family,
+)
 
 WEIGHTS = "bottleneck_adapter.safetensors"
 CONFIG = "bottleneck_adapter.json"
@@ -121,12 +130,61 @@ def _saved_names(model: Any) -> list[str]:
     return [n for n, _ in model.named_parameters() if ".bottleneck." in n or n.startswith(prefixes)]
 
 
+_NO_SITES = "its blocks add cross-attention, where lmwright's bottleneck adapter has no placement"
+
+
+@dataclass
+class AdapterOptions:
+    adapter_size: int = opt(64, "bottleneck width of each adapter")
+    adapter_placement: Literal["houlsby", "pfeiffer"] = opt(
+        "houlsby", "houlsby = after attention and after MLP; pfeiffer = after MLP only")
+    adapter_activation: Literal["relu", "gelu", "silu"] = opt("relu", "non-linearity in the bottleneck")
+    dropout: float = opt(0.0, "dropout inside the bottleneck")
+    modules_to_save: list[str] = opt([], "")  # noqa: RUF009 (a common key: help in CommonOptions)
+
+    def check(self) -> None:
+        if self.adapter_size < 1:
+            raise ConfigError(f"method.adapter_size must be >= 1, got {self.adapter_size}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"method.dropout must be in [0, 1), got {self.dropout}")
+
+
 @METHODS.register("adapter")
 class Adapter:
     name = "adapter"
+    Options = AdapterOptions
+    compat = Compat(ALL_TASKS - {"seq2seq"}, FLOAT, "lmwright's bottleneck adapter (Houlsby/Pfeiffer)",
+                    refused={"t5": _NO_SITES, "bart": _NO_SITES})
     merges = False
+    no_merge_reason = "a bottleneck with a non-linearity is not a linear map, so it has no equivalent weight"
+    trains_all = False
+    virtual_tokens = False
+    param_markers = (".bottleneck.",)
+    presets: ClassVar[dict[str, dict[str, str]]] = {}
+    recommended = False
 
-    def apply(self, model: Any, cfg: MethodConfig, task: str) -> Any:
+    def check_config(self, opts: AdapterOptions, model_cfg: Any, task: str, gradient_checkpointing: bool) -> None:
+        pass
+
+    def check_model(self, opts: AdapterOptions, meta_model: Any, task: str, where: str) -> None:
+        pass
+
+    def reads(self, folder: Path) -> int:
+        return 2 if (folder / CONFIG).exists() else 0
+
+    def base_of(self, folder: Path) -> str | None:
+        return json.loads((folder / CONFIG).read_text()).get("base")
+
+    def load(self, folder: Path, load_base: Callable[[], Any]) -> Any:
+        return load_adapter(load_base(), folder)
+
+    def owns(self, model: Any) -> bool:
+        return getattr(model, "lmwright_adapter", None) is not None
+
+    def disable(self, model: Any) -> contextlib.AbstractContextManager[Any]:
+        return disabled(model)
+
+    def apply(self, model: Any, cfg: AdapterOptions, task: str) -> Any:
         model.requires_grad_(False)
         train_modules = sorted(set(head_module_names(model, task) + list(cfg.modules_to_save)))
         # the head's starting weights, so that disabled() reproduces the base model exactly
@@ -151,8 +209,8 @@ class Adapter:
         (out_dir / CONFIG).write_text(json.dumps(meta, indent=2), encoding="utf-8")
 
     def merge(self, model: Any) -> Any:
-        raise ConfigError("method.name=adapter cannot be merged: the bottleneck has a non-linearity, so no "
-                          "weight matrix is equivalent; export the adapter folder or use lora")
+        raise ConfigError(f"method.name={self.name} cannot be merged: {self.no_merge_reason}; export the adapter "
+                          "folder instead")
 
 
 def load_adapter(model: Any, folder: str | Path) -> Any:

@@ -1,19 +1,28 @@
 """Method plugin contract, the registry, the compatibility table and loading of trained folders.
 
-A method turns a freshly built/loaded model into the model the engine trains (``apply``), writes
-only what it trained (``save``), and, where the maths allows, folds itself back into a plain model
-(``merge``). Every folder a method writes also gets ``lmwright.json`` ({method, task, base, ...}) so
-that ``load_trained`` can rebuild the model for inference without the run's config.
+A method is one file in this package that registers a class in ``METHODS`` (see :class:`Method`): its
+own options dataclass, what it works with (:class:`Compat`), and the hooks every other part of
+lmwright asks instead of naming methods: ``apply`` turns a freshly built/loaded model into the model
+the engine trains, ``save`` writes only what it trained, ``merge`` (where the maths allows) folds it
+back into a plain model, ``reads``/``load`` rebuild a saved folder, ``owns``/``disable`` switch the
+trained part off. Every folder a method writes also gets ``lmwright.json`` ({method, task, base, ...})
+so that ``load_trained`` can rebuild the model for inference without the run's config.
+
+The user-facing ``method:`` config section stays one flat dataclass (``method.r``, ``method.alpha``,
+...): :func:`build_method_config` makes it from the union of the plugins' options (``lmwright.methods``
+does, once every plugin is registered), and each plugin receives only its own keys.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+import typing
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, ClassVar, Protocol
 
 from lmwright.config import ConfigError, opt
 from lmwright.models.meta import META_FILE, read_meta
@@ -26,59 +35,165 @@ TASKS = ("causal-lm", "classification", "masked-lm", "seq2seq", "embedding", "re
 HEAD_NAMES = ("score", "classifier", "classification_head", "qa_outputs")
 
 
+# ------------------------------------------------------------------------------------ the plugin contract
+@dataclass(frozen=True)
+class Compat:
+    """What a method works with: ``check_compat`` enforces it, docs/methods.md shows it."""
+
+    tasks: frozenset[str]
+    precision: frozenset[str]  # float dtypes and model.quantize values its base may have
+    note: str  # one line for the docs table
+    refused: dict[str, str] = field(default_factory=dict)  # family -> why not
+
+    @property
+    def families(self) -> frozenset[str]:
+        return frozenset(FAMILIES) - set(self.refused)
+
+
+FLOAT = frozenset({"float32", "bfloat16", "float16"})
+KBIT = frozenset({"nf4", "fp4", "int8"})
+ALL_TASKS = frozenset(TASKS)
+PROMPT_TASKS = frozenset({"causal-lm", "classification", "seq2seq", "reward"})
+
+
 @dataclass
-class MethodConfig:
-    name: str = opt("full", "fine-tuning method: full, freeze, lora, dora, prefix, ptuning, prompt, adapter, "
-                            "ia3, qat (QLoRA = lora + model.quantize=nf4)")
-    r: int = opt(8, "lora/dora: rank of the low-rank update")
-    alpha: float = opt(16.0, "lora/dora: scaling numerator; update scaled by alpha/r (alpha/sqrt(r) with rslora)")
-    dropout: float = opt(0.0, "lora/dora: dropout on the adapter input (default 0, as in peft; dropout keeps a "
-                              "copy of every adapted layer's input: ~+30% training memory); adapter: dropout "
-                              "inside the bottleneck")
-    targets: str | list[str] = opt(  # noqa: RUF009 (opt gives lists a default_factory)
-        "auto", "lora/dora/ia3: module names to adapt (e.g. [q_proj, v_proj]) or 'all-linear'; "
-                "auto = all-linear for lora/dora, peft's per-family defaults for ia3")
-    rslora: bool = opt(False, "lora/dora: rank-stabilised scaling alpha/sqrt(r) (better for large r)")
-    modules_to_save: list[str] = opt(  # noqa: RUF009
+class CommonOptions:
+    """The keys every method section has; a plugin's ``Options`` may list ``modules_to_save`` to receive it."""
+
+    name: str = opt("full", "fine-tuning method (QLoRA = lora + model.quantize=nf4)")  # the default method
+    modules_to_save: list[str] = opt(  # noqa: RUF009 (opt gives lists a default_factory)
         [], "modules trained in full beside the adapter (a new task head is added automatically), e.g. [lm_head]")
-    freeze_last_n: int = opt(2, "freeze: train only the last N transformer blocks (0 = none)")
-    trainable_modules: list[str] = opt(  # noqa: RUF009
-        [], "freeze: extra parameters to train, matched by name substring, e.g. [norm, embed_tokens]")
-    num_virtual_tokens: int = opt(20, "prefix/ptuning/prompt: number of virtual tokens")
-    prefix_projection: bool = opt(False, "prefix: reparametrise the prefix through an MLP; with it prefix "
-                                         "tuning is the P-tuning v2 'deep prompt' setting")
-    encoder_hidden_size: int = opt(128, "ptuning: hidden size of the prompt encoder; prefix: of the projection MLP")
-    adapter_size: int = opt(64, "adapter: bottleneck width of each adapter")
-    adapter_placement: Literal["houlsby", "pfeiffer"] = opt(
-        "houlsby", "adapter: houlsby = after attention and after MLP; pfeiffer = after MLP only")
-    adapter_activation: Literal["relu", "gelu", "silu"] = opt("relu", "adapter: non-linearity in the bottleneck")
-    qat_bits: Literal[8, 4] = opt(8, "qat: integer bits of the fake-quantized Linear weights")
-    qat_group_size: int = opt(32, "qat: weights per quantization group (0 = one scale per output channel)")
-
-    def check(self) -> None:
-        if self.r < 1:
-            raise ConfigError(f"method.r must be >= 1, got {self.r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"method.dropout must be in [0, 1), got {self.dropout}")
-        if self.num_virtual_tokens < 1:
-            raise ConfigError(f"method.num_virtual_tokens must be >= 1, got {self.num_virtual_tokens}")
-        if self.adapter_size < 1:
-            raise ConfigError(f"method.adapter_size must be >= 1, got {self.adapter_size}")
-        if self.freeze_last_n < 0:
-            raise ConfigError(f"method.freeze_last_n must be >= 0, got {self.freeze_last_n}")
-        if self.qat_group_size < 0:
-            raise ConfigError(f"method.qat_group_size must be >= 0 (0 = per channel), got {self.qat_group_size}")
 
 
+@typing.runtime_checkable
 class Method(Protocol):
-    name: str
-    merges: bool  # can be folded into a plain model
+    """A fine-tuning method. A plugin is a class with these attributes, registered with
+    ``@METHODS.register(name)`` in its own module of ``lmwright.methods``; nothing else names it."""
 
-    def apply(self, model: Any, cfg: MethodConfig, task: str) -> Any: ...
+    name: str
+    Options: ClassVar[type]  # dataclass of its own keys of the flat ``method:`` section (with help); ``check()`` validates
+    compat: Compat
+    merges: bool  # can be folded into a plain model (else ``no_merge_reason`` says why not)
+    no_merge_reason: str
+    trains_all: bool  # every weight trains and final/ is a plain model (no base folder, no frozen inputs)
+    virtual_tokens: bool  # feeds extra input positions (such rows cannot be packed)
+    param_markers: tuple[str, ...]  # substrings of the names of the parameters it adds (not base memory)
+    presets: dict[str, dict[str, str]]  # other names users know it by, e.g. qlora -> {model.quantize: nf4}
+    recommended: bool  # the method "pick another method.name" hints suggest first
+
+    def check_config(self, opts: Any, model_cfg: Any, task: str, gradient_checkpointing: bool) -> None: ...
+
+    def check_model(self, opts: Any, meta_model: Any, task: str, where: str) -> None: ...
+
+    def apply(self, model: Any, opts: Any, task: str) -> Any: ...
 
     def save(self, model: Any, out_dir: Path, base_path: str | None = None) -> None: ...
 
     def merge(self, model: Any) -> Any: ...
+
+    def reads(self, folder: Path) -> int: ...  # 2: a folder this method wrote, 1: one it can load, 0: neither
+
+    def base_of(self, folder: Path) -> str | None: ...  # the base folder its own files name
+
+    def load(self, folder: Path, load_base: Callable[[], Any]) -> Any: ...
+
+    def owns(self, model: Any) -> bool: ...  # the model carries this method's (switchable) trained part
+
+    def disable(self, model: Any) -> contextlib.AbstractContextManager[Any]: ...
+
+
+class PlainModelMethod:
+    """Defaults of the hooks for a method whose result is a plain model folder (``full``, ``freeze``, ``qat``):
+    it merges trivially, adds no parameters and no virtual tokens, and has no adapter to switch off."""
+
+    merges = True
+    no_merge_reason = ""
+    trains_all = False
+    virtual_tokens = False
+    param_markers: tuple[str, ...] = ()
+    presets: ClassVar[dict[str, dict[str, str]]] = {}
+    recommended = False
+
+    def check_config(self, opts: Any, model_cfg: Any, task: str, gradient_checkpointing: bool) -> None:
+        pass
+
+    def check_model(self, opts: Any, meta_model: Any, task: str, where: str) -> None:
+        pass
+
+    def save(self, model: Any, out_dir: Path, base_path: str | None = None) -> None:
+        model.save_pretrained(str(out_dir), safe_serialization=True)
+
+    def merge(self, model: Any) -> Any:
+        return model
+
+    def reads(self, folder: Path) -> int:
+        return 0  # a plain model folder: load_trained loads it as one
+
+    def base_of(self, folder: Path) -> str | None:
+        return None
+
+    def load(self, folder: Path, load_base: Callable[[], Any]) -> Any:
+        raise ConfigError(f"{folder} is a plain model folder: load it with lmwright.methods.load_trained")
+
+    def owns(self, model: Any) -> bool:
+        return False
+
+    def disable(self, model: Any) -> contextlib.AbstractContextManager[Any]:
+        raise ConfigError(f"method.name={getattr(self, 'name', '?')} trains the model's own weights: "
+                          "there is no adapter to disable")
+
+
+def build_method_config() -> type:
+    """The flat ``MethodConfig`` dataclass: :class:`CommonOptions` + the union of every plugin's ``Options``.
+
+    A key several plugins declare (``dropout``, ``targets``, ...) must have one type and default; its help
+    names each owner. ``check()`` runs every plugin's own ``check`` on its keys.
+    """
+    merged: dict[str, tuple[Any, dataclasses.Field, list[str]]] = {}
+    for f in fields(CommonOptions):
+        merged[f.name] = (typing.get_type_hints(CommonOptions)[f.name], f, [])
+    for name, cls in METHODS.items():
+        hints = typing.get_type_hints(cls.Options)
+        for f in fields(cls.Options):
+            if f.name not in merged:
+                merged[f.name] = (hints[f.name], f, [])
+            tp, first, owners = merged[f.name]
+            if first in fields(CommonOptions):
+                continue
+            if tp != hints[f.name] or _default(first) != _default(f):
+                raise TypeError(f"method {name}: option {f.name} ({hints[f.name]}, default {_default(f)!r}) differs from "
+                                f"the one another method declares ({tp}, default {_default(first)!r})")
+            owners.append((name, f.metadata.get("help", "")))
+    specs = []
+    for key, (tp, f, owners) in merged.items():
+        helps: dict[str, list[str]] = {}
+        for owner, text in owners:
+            helps.setdefault(text, []).append(owner)
+        text = "; ".join(f"{'/'.join(o)}: {h}" for h, o in helps.items()) if owners else f.metadata.get("help", "")
+        if key == "name":
+            text = f"fine-tuning method: {', '.join(METHODS.names())} " + text[text.index("("):]
+        specs.append((key, tp, opt(factory=f.default_factory, help=text) if f.default is dataclasses.MISSING
+                      else opt(f.default, text)))
+    cls = dataclasses.make_dataclass("MethodConfig", specs, namespace={"check": _check_all})
+    cls.__module__ = "lmwright.methods"
+    cls.__doc__ = "The ``method:`` section: the method's name and the options of every method (flat keys)."
+    return cls
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+
+
+def _check_all(self: Any) -> None:
+    for _, cls in METHODS.items():
+        check = getattr(cls.Options, "check", None)
+        if check is not None:
+            check(options_of(cls, self))
+
+
+def options_of(method: Any, cfg: Any) -> Any:
+    """``method``'s own options dataclass filled from the flat ``method:`` section ``cfg``."""
+    return method.Options(**{f.name: getattr(cfg, f.name) for f in fields(method.Options)})
 
 
 # ------------------------------------------------------------------------------------ entry points
@@ -86,12 +201,29 @@ def get_method(name: str) -> Method:
     return METHODS.get(name)()
 
 
-def apply_method(model: Any, cfg: MethodConfig, task: str = "causal-lm") -> Any:
+def apply_method(model: Any, cfg: Any, task: str = "causal-lm") -> Any:
     """The trainable model for ``cfg.name``; new task heads always train."""
-    return get_method(cfg.name).apply(model, cfg, task)
+    m = get_method(cfg.name)
+    return m.apply(model, options_of(m, cfg), task)
 
 
-def save_trained(model: Any, cfg: MethodConfig, out_dir: str | Path, tokenizer: Any = None,
+def trains_all(cfg: Any) -> bool:
+    """Whether ``cfg.name`` trains every weight and writes a plain model (nothing to freeze, no base folder)."""
+    return get_method(cfg.name).trains_all
+
+
+def plain_method() -> str:
+    """The method a plain model folder counts as (lmwright.json "method" of a pretrained or exported model):
+    the one that trains every weight."""
+    return next(name for name, cls in METHODS.items() if cls.trains_all)
+
+
+def uses_virtual_tokens(cfg: Any) -> bool:
+    """Whether ``cfg.name`` feeds virtual tokens before the input (its rows cannot be packed)."""
+    return get_method(cfg.name).virtual_tokens
+
+
+def save_trained(model: Any, cfg: Any, out_dir: str | Path, tokenizer: Any = None,
                  base_path: str | Path | None = None, task: str | None = None) -> Path:
     """Write what ``cfg.name`` trained, the tokenizer and ``lmwright.json`` into ``out_dir``.
 
@@ -116,21 +248,23 @@ def save_trained(model: Any, cfg: MethodConfig, out_dir: str | Path, tokenizer: 
     return out
 
 
-def merge_trained(model: Any, cfg: MethodConfig) -> Any:
+def mergeable_names() -> str:
+    """'a, b or c': the methods that merge into a plain model (for error messages)."""
+    names = [n for n, cls in METHODS.items() if cls.merges]
+    return ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def no_merge_message(name: str) -> str:
+    return (f"method.name={name} cannot be merged into the base weights ({get_method(name).no_merge_reason}); "
+            f"export it as an adapter folder, or train with {mergeable_names()}")
+
+
+def merge_trained(model: Any, cfg: Any) -> Any:
     """A plain transformers model with the method folded in, or ConfigError if the maths forbids it."""
     m = get_method(cfg.name)
     if not m.merges:
-        raise ConfigError(f"method.name={cfg.name} cannot be merged into the base weights ({_NO_MERGE[cfg.name]}); "
-                          "export it as an adapter folder, or train with lora, dora or ia3")
+        raise ConfigError(no_merge_message(cfg.name))
     return m.merge(model)
-
-
-_NO_MERGE = {
-    "prefix": "its virtual key/values are extra attention inputs, not a weight change",
-    "ptuning": "its virtual tokens are extra inputs produced by a prompt encoder, not a weight change",
-    "prompt": "its soft prompt is extra input embeddings, not a weight change",
-    "adapter": "a bottleneck with a non-linearity is not a linear map, so it has no equivalent weight",
-}
 
 
 def trainable_report(model: Any) -> dict[str, float]:
@@ -140,35 +274,20 @@ def trainable_report(model: Any) -> dict[str, float]:
     return {"trainable": trainable, "total": total, "trainable_pct": 100.0 * trainable / max(total, 1)}
 
 
+def method_of_model(model: Any) -> Method | None:
+    """The registered method whose switchable trained part ``model`` carries (an adapter), or None."""
+    return next((m for _, cls in METHODS.items() if (m := cls()).owns(model)), None)
+
+
 @contextlib.contextmanager
 def disabled(model: Any) -> Iterator[Any]:
-    """Run the base model under an adapter (peft or our bottleneck): for A/B checks and reference logits."""
-    if getattr(model, "lmwright_adapter", None) is not None:
-        from lmwright.methods.adapter import disabled as adapter_disabled
-
-        with adapter_disabled(model):
-            yield model
-        return
-    if not hasattr(model, "peft_config"):
-        raise ConfigError("disabled() needs an adapter model (a peft method or method.name=adapter)")
-    if not model.peft_config[model.active_adapter].is_prompt_learning:
-        with model.disable_adapter():
-            yield model
-        return
-    # Workaround (peft 0.21): disable_adapter() for prompt learning reads prepare_inputs_for_generation,
-    # which classifiers lack, and leaves modules_to_save heads active. Remove when peft handles both.
-    from peft.utils.other import ModulesToSaveWrapper
-
-    wrappers = [m for m in model.modules() if isinstance(m, ModulesToSaveWrapper)]
-    model.forward = model.base_model.forward  # instance attribute shadows PeftModel.forward
-    try:
-        for w in wrappers:
-            w.enable_adapters(False)
+    """Run the base model under an adapter (any method that ``owns`` it): for A/B checks and reference logits."""
+    m = method_of_model(model)
+    if m is None:
+        raise ConfigError("disabled() needs a model with an adapter method applied (one whose trained part can "
+                          "be switched off)")
+    with m.disable(model):
         yield model
-    finally:
-        del model.forward
-        for w in wrappers:
-            w.enable_adapters(True)
 
 
 # ------------------------------------------------------------------------------------ model helpers
@@ -300,85 +419,58 @@ def quantized_base_memory(model: Any) -> int:
 
 
 def _is_adapter_param(name: str) -> bool:
-    return any(k in name for k in ("lora_", "ia3_", "modules_to_save", "prompt_encoder", "adapter_attn",
-                                   "adapter_mlp"))
+    return any(k in name for _, cls in METHODS.items() for k in cls.param_markers)
 
 
 # ------------------------------------------------------------------------------------ compatibility
-_FLOAT = frozenset({"float32", "bfloat16", "float16"})
-_KBIT = frozenset({"nf4", "fp4", "int8"})
-_ALL_TASKS = frozenset(TASKS)
-_ALL_FAMILIES = frozenset(FAMILIES)
-_PROMPT_TASKS = frozenset({"causal-lm", "classification", "seq2seq", "reward"})
-_NO_ADAPTER_SITES = "its blocks add cross-attention, where lmwright's bottleneck adapter has no placement"
-
-# method -> what it works with. "refused": family -> why not (check_compat says it; docs/methods.md shows it).
-# Every supported (family, method) cell of the decoder families and BERT is run through the contract
-# matrix of tests/methods/test_contract.py; T5 through the smoke test of tests/methods/test_families.py.
-COMPAT: dict[str, dict[str, Any]] = {
-    "full": {"tasks": _ALL_TASKS, "precision": _FLOAT, "merges": True,
-             "note": "every weight trains; quantized weights cannot take gradient steps"},
-    "freeze": {"tasks": _ALL_TASKS, "precision": _FLOAT, "merges": True,
-               "note": "last method.freeze_last_n blocks + method.trainable_modules + task head"},
-    "lora": {"tasks": _ALL_TASKS, "precision": _FLOAT | _KBIT, "merges": True,
-             "note": "model.quantize=nf4 makes it QLoRA; merge dequantizes the base first"},
-    "dora": {"tasks": _ALL_TASKS, "precision": _FLOAT | _KBIT, "merges": True,
-             "note": "LoRA with a learned magnitude per output (peft use_dora)"},
-    "ia3": {"tasks": _ALL_TASKS, "precision": _FLOAT, "merges": True,
-            "note": "learned rescaling vectors; peft default targets per family (Phi-3: qkv_proj, down_proj)"},
-    "prefix": {"tasks": _PROMPT_TASKS, "precision": _FLOAT, "merges": False,
-               "note": "not with gradient checkpointing; prefix_projection=true is P-tuning v2"},
-    "ptuning": {"tasks": _PROMPT_TASKS, "precision": _FLOAT, "merges": False,
-                "note": "virtual tokens from an MLP prompt encoder (P-tuning v1)"},
-    "prompt": {"tasks": _PROMPT_TASKS, "precision": _FLOAT, "merges": False,
-               "note": "soft prompt embeddings only"},
-    "adapter": {"tasks": _ALL_TASKS - {"seq2seq"}, "precision": _FLOAT, "merges": False,
-                "refused": {"t5": _NO_ADAPTER_SITES, "bart": _NO_ADAPTER_SITES},
-                "note": "lmwright's bottleneck adapter (Houlsby/Pfeiffer)"},
-    "qat": {"tasks": _ALL_TASKS, "precision": _FLOAT, "merges": True,
-            "refused": {"gpt2": "its Conv1D layers are not nn.Linear, the only layers torchao fake-quantizes"},
-            "note": "fake-quantized nn.Linear weights (int8/int4, torchao)"},
-}
-for _c in COMPAT.values():
-    _c.setdefault("refused", {})
-    _c["families"] = _ALL_FAMILIES - set(_c["refused"])
+def compat_table() -> dict[str, dict[str, Any]]:
+    """method -> {tasks, precision, merges, note, refused, families}, from the plugins' ``compat``."""
+    return {name: {"tasks": cls.compat.tasks, "precision": cls.compat.precision, "merges": cls.merges,
+                   "note": cls.compat.note, "refused": dict(cls.compat.refused), "families": cls.compat.families}
+            for name, cls in METHODS.items()}
 
 
 def compat_markdown() -> str:
     """The methods x tasks/families/precision table for the docs, generated from the registry."""
     rows = ["| method | tasks | families | precision | merges | note |", "|---|---|---|---|---|---|"]
-    for name in METHODS.names():
-        c = COMPAT.get(name)
-        if c is None:
-            rows.append(f"| `{name}` | ? | ? | ? | ? | not in COMPAT |")
-            continue
+    for name, c in compat_table().items():
         tasks = ", ".join(t for t in TASKS if t in c["tasks"])
-        fams = "all" if c["families"] == _ALL_FAMILIES else "all but " + ", ".join(sorted(c["refused"]))
+        fams = "all" if c["families"] == frozenset(FAMILIES) else "all but " + ", ".join(sorted(c["refused"]))
         prec = ", ".join(p for p in ("float32", "bfloat16", "float16", "nf4", "fp4", "int8") if p in c["precision"])
         rows.append(f"| `{name}` | {tasks} | {fams} | {prec} | {'yes' if c['merges'] else 'no'} | {c['note']} |")
     return "\n".join(rows)
 
 
+def preset_names() -> dict[str, tuple[str, dict[str, str]]]:
+    """preset name (e.g. qlora) -> (its method, the other config keys it sets), from the plugins' ``presets``."""
+    return {p: (name, keys) for name, cls in METHODS.items() for p, keys in cls.presets.items()}
+
+
 def family_matrix_markdown(checked: dict[tuple[str, str], str] | None = None) -> str:
-    """The family x method table (``qlora`` = lora on a model.quantize=nf4 base), with the reasons of refusals.
+    """The family x method table (plus the methods' presets, e.g. qlora), with the reasons of refusals.
 
     ``checked`` maps (family, method) to the test that exercises the cell; supported cells without a
     test are marked as such (the table claims no more than the tests show).
     """
     checked = checked or {}
-    methods = [*METHODS.names(), "qlora"]
+    table, presets = compat_table(), preset_names()
+    methods = [*METHODS.names(), *presets]
+
+    def refused(m: str, fam: str) -> str | None:
+        return table[presets[m][0] if m in presets else m]["refused"].get(fam)
+
     rows = ["| family | " + " | ".join(f"`{m}`" for m in methods) + " |", "|---" * (len(methods) + 1) + "|"]
     reasons: dict[tuple[str, str], list[str]] = {}  # (method, why) -> families, in table order
     for fam in FAMILIES:
         for m in methods:
-            why = COMPAT["lora" if m == "qlora" else m]["refused"].get(fam)
+            why = refused(m, fam)
             if why is not None:
                 reasons.setdefault((m, why), []).append(fam)
     keys = list(reasons)
     for fam in FAMILIES:
         cells = []
         for m in methods:
-            why = COMPAT["lora" if m == "qlora" else m]["refused"].get(fam)
+            why = refused(m, fam)
             cells.append(f"no [{keys.index((m, why)) + 1}]" if why is not None
                          else checked.get((fam, m), "yes (untested)"))
         rows.append(f"| {fam} | " + " | ".join(cells) + " |")
@@ -386,119 +478,60 @@ def family_matrix_markdown(checked: dict[tuple[str, str], str] | None = None) ->
     return "\n".join(rows + [""] + notes)
 
 
-def check_compat(method_cfg: MethodConfig, model_cfg: Any, task: str,
-                 gradient_checkpointing: bool = False) -> None:
+def _quantize_methods() -> str:
+    return " or ".join(n for n, cls in METHODS.items() if KBIT & cls.compat.precision)
+
+
+def check_compat(method_cfg: Any, model_cfg: Any, task: str, gradient_checkpointing: bool = False) -> None:
     """Fail at ``lmwright validate`` time, naming the option to change, when the combination cannot work."""
-    if method_cfg.name not in METHODS:
-        METHODS.get(method_cfg.name)  # raises with the closest valid name
-    c = COMPAT[method_cfg.name]
     name = method_cfg.name
-    if task not in c["tasks"]:
-        ok = ", ".join(t for t in TASKS if t in c["tasks"])
+    m = get_method(name)  # raises with the closest valid name
+    c = m.compat
+    if task not in c.tasks:
+        ok = ", ".join(t for t in TASKS if t in c.tasks)
         raise ConfigError(f"method.name={name} does not support the {task} task (it supports {ok}); "
-                          f"pick another method.name, e.g. lora")
+                          f"pick another method.name, e.g. {_an_alternative(task=task)}")
+    opts = options_of(m, method_cfg)
     quantize = getattr(model_cfg, "quantize", "none")
     if quantize != "none":
-        if quantize not in c["precision"]:
+        if quantize not in c.precision:
             raise ConfigError(f"model.quantize={quantize} needs a method that trains beside frozen quantized "
-                              f"weights (lora or dora; QLoRA = lora + nf4); method.name={name} cannot. "
-                              f"Set model.quantize=none or method.name=lora")
+                              f"weights ({_quantize_methods()}); method.name={name} cannot. "
+                              f"Set model.quantize=none or method.name={_an_alternative(precision=quantize)}")
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
-            raise ConfigError(f"model.quantize={quantize} (QLoRA) needs bitsandbytes: pip install "
+            raise ConfigError(f"model.quantize={quantize} needs bitsandbytes: pip install "
                               "'lmwright[quant]', or set model.quantize=none") from None
-    if name == "qat":
-        try:
-            import torchao  # noqa: F401
-        except ImportError:
-            raise ConfigError("method.name=qat needs torchao: pip install 'lmwright[quant]'") from None
-    if gradient_checkpointing and name == "prefix":
-        raise ConfigError("method.name=prefix does not work with gradient checkpointing (the prefix is passed "
-                          "as a key/value cache, which checkpointed blocks drop); set "
-                          "model.gradient_checkpointing=false or use method.name=ptuning or lora")
+    m.check_config(opts, model_cfg, task, gradient_checkpointing)
     meta = _meta_model(model_cfg, task)
     if meta is None:
         return
     family = model_family(meta)
-    if family in c["refused"]:
-        raise ConfigError(f"method.name={name} does not work on the {family} model family: {c['refused'][family]}; "
-                          f"pick another method.name (e.g. lora)")
-    if family not in c["families"]:
+    if family in c.refused:
+        raise ConfigError(f"method.name={name} does not work on the {family} model family: {c.refused[family]}; "
+                          f"pick another method.name (e.g. {_an_alternative(family=family)})")
+    if family not in c.families:
         raise ConfigError(f"method.name={name} is not tested on the {family} model family ({type(meta).__name__}); "
-                          f"lmwright supports {', '.join(sorted(c['families']))}: pick another model.name")
+                          f"lmwright supports {', '.join(sorted(c.families))}: pick another model.name")
     attn = getattr(model_cfg, "attn_implementation", None)
     if attn == "sdpa" and not getattr(type(meta), "_supports_sdpa", True):
         raise ConfigError(f"model.attn_implementation=sdpa: {type(meta).__name__} ({family}) has no SDPA attention in "
                           f"this transformers version; set model.attn_implementation=eager")
-    targets = normalize_targets(method_cfg.targets)
-    if name in ("lora", "dora", "ia3") and isinstance(targets, list):
-        check_targets(meta, targets, name, task, where=getattr(model_cfg, "name", "the model"))
-    if name == "freeze":
-        n_blocks = len(find_blocks(meta))
-        if method_cfg.freeze_last_n > n_blocks:
-            raise ConfigError(f"method.freeze_last_n={method_cfg.freeze_last_n} but the model has {n_blocks} "
-                              f"blocks; set method.freeze_last_n <= {n_blocks}")
+    m.check_model(opts, meta, task, getattr(model_cfg, "name", "the model"))
 
 
-def check_targets(model: Any, targets: list[str], method: str, task: str, where: str = "the model") -> None:
-    """The one decision on a ``method.targets`` list, made by ``check_compat`` (on the meta-device model, at
-    ``lmwright validate``) and by the peft methods' ``apply`` (on the real model, before ``get_peft_model``).
+def _an_alternative(task: str | None = None, precision: str | None = None, family: str | None = None) -> str:
+    """A method that supports what the chosen one does not, for "pick another method" hints: a
+    ``recommended`` one first, then the one with the most tasks, families and precisions."""
+    def score(cls: Any) -> tuple[bool, int]:
+        c = cls.compat
+        return cls.recommended, len(c.families) + len(c.tasks) + len(c.precision)
 
-    peft matches a target by a module's name or a dotted suffix of its path (``mlp.down_proj``) and then
-    fails on any matched module it cannot adapt (a block such as ``mlp``, a norm, the rotary embedding), or
-    finds nothing when the target names only the task head (it trains in full: ``modules_to_save``). So a
-    target must match at least one module outside the head, and every such module must be a layer type
-    ``method`` adapts (:func:`_adaptable`).
-    """
-    inner = _unwrap(model)
-    heads = set(head_module_names(model, task))
-    missing, head_only, wrong = [], [], {}
-    for t in targets:
-        found = [(n, m) for n, m in inner.named_modules() if n and (n == t or n.endswith("." + t))]
-        body = [m for n, m in found if n.split(".", 1)[0] not in heads]
-        if not found:
-            missing.append(t)
-        elif not body:
-            head_only.append(t)
-        elif any(not _adaptable(m, method) for m in body):
-            wrong[t] = type(next(m for m in body if not _adaptable(m, method))).__name__
-    have = f"its linear modules are: {', '.join(linear_module_names(model))} (or use method.targets=all-linear)"
-    if missing:
-        raise ConfigError(f"method.targets {missing} not found in {where}; {have}")
-    if head_only:
-        raise ConfigError(f"method.targets {head_only} name only the task head of {where} ({', '.join(sorted(heads))}), "
-                          f"which trains in full beside the adapter; target the body's layers: {have}")
-    if wrong:
-        kinds = ", ".join(f"{t} is a {k}" for t, k in wrong.items())
-        raise ConfigError(f"method.targets {list(wrong)} name modules of {where} that {method} cannot adapt ({kinds}; "
-                          f"it adapts {_ADAPTABLE_DOC[method]}); {have}")
-
-
-_ADAPTABLE_DOC = {"lora": "Linear, Conv1D, Conv and Embedding layers", "dora": "Linear, Conv1D, Conv and Embedding layers",
-                  "ia3": "Linear, Conv1D and Conv2d layers"}
-
-
-def _adaptable(module: Any, method: str) -> bool:
-    """Whether peft (0.21) has a ``method`` layer for ``module``'s type: what its dispatchers accept."""
-    import torch
-
-    if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or type(module).__name__ == "Conv1D":
-        return True
-    if method in ("lora", "dora"):
-        return isinstance(module, (torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv3d, torch.nn.MultiheadAttention))
-    return False
-
-
-def normalize_targets(targets: str | list[str]) -> str | list[str]:
-    """'auto' | 'all-linear' | list of module names (a comma string or a one-element list unwraps)."""
-    if isinstance(targets, list) and len(targets) == 1:
-        targets = targets[0]
-    if isinstance(targets, str):
-        if targets in ("auto", "all-linear"):
-            return targets
-        return [t.strip() for t in targets.split(",") if t.strip()]
-    return list(targets)
+    ok = [(n, cls) for n, cls in METHODS.items() if (task is None or task in cls.compat.tasks)
+          and (precision is None or precision in cls.compat.precision)
+          and (family is None or family not in cls.compat.refused)]
+    return max(ok, key=lambda nc: score(nc[1]))[0] if ok else "another"
 
 
 def _meta_model(model_cfg: Any, task: str) -> Any:
@@ -560,30 +593,11 @@ def load_trained(path: str | Path, task: str | None = None, **kwargs: Any) -> tu
             kwargs["label2id"] = {v: int(k) for k, v in meta["id2label"].items()}
     if meta.get("attn_implementation") and "attn_implementation" not in kwargs:
         kwargs["attn_implementation"] = meta["attn_implementation"]
-    if (p / "adapter_config.json").exists():
-        from peft import PeftModel
-
-        from lmwright.models.load import check_safetensors
-
-        check_safetensors(p)  # peft would fall back to a pickled adapter_model.bin
-
-        base = base or json.loads((p / "adapter_config.json").read_text())["base_model_name_or_path"]
-        model = _load_base(base, task, meta.get("quantize"), meta.get("quantize_embeddings", False), **kwargs)
-        model = PeftModel.from_pretrained(model, str(p), is_trainable=False)
-        peft_type = getattr(model.peft_config.get("default"), "peft_type", None)
-        if peft_type == "PREFIX_TUNING":
-            from lmwright.methods.peft_methods import accept_past_key_values
-
-            model = accept_past_key_values(model)
-        if peft_type == "LORA":
-            from lmwright.methods.peft_methods import lean_lora_layers
-
-            model = lean_lora_layers(model)  # the forward training ran: same numbers when evaluated or served
-    elif (p / "bottleneck_adapter.json").exists():
-        from lmwright.methods.adapter import load_adapter
-
-        base = base or json.loads((p / "bottleneck_adapter.json").read_text()).get("base")
-        model = load_adapter(_load_base(base, task, None, **kwargs), p)
+    m = folder_method(p)
+    if m is not None:
+        base = base or m.base_of(p)
+        model = m.load(p, lambda: _load_base(base, task, meta.get("quantize"), meta.get("quantize_embeddings", False),
+                                             **kwargs))
     else:
         model = load_model(p, task=task, **kwargs)
     tok_dir = next((d for d in (p, p.parent / "tokenizer", Path(base) if base else None)
@@ -591,6 +605,14 @@ def load_trained(path: str | Path, task: str | None = None, **kwargs: Any) -> tu
     tokenizer = load_tokenizer(tok_dir)
     model.eval()
     return model, tokenizer
+
+
+def folder_method(folder: str | Path) -> Method | None:
+    """The registered method that reads ``folder`` (its own files, JSON only: nothing is loaded), or None for
+    a plain model folder. A folder the method wrote beats one it can merely load."""
+    p = Path(folder)
+    best = max(((cls().reads(p), name) for name, cls in METHODS.items()), default=(0, ""))
+    return get_method(best[1]) if best[0] > 0 else None
 
 
 def _load_base(base: str | None, task: str, quantize: str | None, quantize_embeddings: bool = False,
@@ -601,13 +623,12 @@ def _load_base(base: str | None, task: str, quantize: str | None, quantize_embed
         raise ConfigError(f"the adapter's base model folder '{base}' does not exist; pass the folder the "
                           f"adapter was trained on (lmwright.json 'base')")
     if quantize:
-        from lmwright.methods.peft_methods import disable_bnb_cpu_repack
         from lmwright.models.presets import ModelConfig
 
         attn = kwargs.pop("attn_implementation", None) or ModelConfig.attn_implementation
         model = load_model(base, task=task, model_cfg=ModelConfig(name=base, quantize=quantize, attn_implementation=attn,
                                                                   quantize_embeddings=quantize_embeddings), **kwargs)
-        return disable_bnb_cpu_repack(model)
+        return model
     return load_model(base, task=task, **kwargs)
 
 

@@ -2,24 +2,25 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-from lmwright.methods.base import METHODS, MethodConfig
+from lmwright.methods.base import ALL_TASKS, FLOAT, METHODS, Compat, PlainModelMethod
+
+
+@dataclass
+class FullOptions:
+    """``full`` has no options."""
 
 
 @METHODS.register("full")
-class Full:
+class Full(PlainModelMethod):
     name = "full"
-    merges = True
+    Options = FullOptions
+    compat = Compat(ALL_TASKS, FLOAT, "every weight trains; quantized weights cannot take gradient steps")
+    trains_all = True
 
-    def apply(self, model: Any, cfg: MethodConfig, task: str) -> Any:
+    def apply(self, model: Any, opts: FullOptions, task: str) -> Any:
         for p in model.parameters():
             p.requires_grad_(True)
-        return model
-
-    def save(self, model: Any, out_dir: Path, base_path: str | None = None) -> None:
-        model.save_pretrained(str(out_dir), safe_serialization=True)
-
-    def merge(self, model: Any) -> Any:
         return model

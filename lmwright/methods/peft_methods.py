@@ -1,7 +1,7 @@
 """The peft-backed methods: ``lora``, ``dora``, ``ia3``, ``prefix``, ``ptuning``, ``prompt``.
 
-peft does the maths (adapter layers, merge, save/load); this file maps ``MethodConfig`` to peft
-configs, makes new task heads trainable (``modules_to_save``), points the saved adapter at a real
+peft does the maths (adapter layers, merge, save/load); this file maps each method's options to a peft
+config, makes new task heads trainable (``modules_to_save``), points the saved adapter at a real
 local base folder, and handles quantized (bitsandbytes) bases: QLoRA = ``model.quantize=nf4`` +
 ``method.name=lora``. Merging onto a quantized base first dequantizes it into a float model, since
 folding a LoRA update into 4-bit weights would re-quantize (and lose) most of it.
@@ -13,21 +13,30 @@ setting (trainable key/values in every layer, reparametrised by an MLP).
 
 from __future__ import annotations
 
+import contextlib
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from lmwright.config import ConfigError
+from lmwright.config import ConfigError, opt
 from lmwright.methods.base import (
+    ALL_TASKS,
+    FLOAT,
+    KBIT,
     METHODS,
-    MethodConfig,
-    check_targets,
+    PROMPT_TASKS,
+    Compat,
+    _unwrap,
     head_module_names,
+    linear_module_names,
     model_family,
-    normalize_targets,
 )
 
 _TASK_TYPES = {"causal-lm": "CAUSAL_LM", "classification": "SEQ_CLS", "reward": "SEQ_CLS",
                "seq2seq": "SEQ_2_SEQ_LM", "masked-lm": None, "embedding": "FEATURE_EXTRACTION"}
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 def _task_type(task: str) -> Any:
@@ -37,8 +46,8 @@ def _task_type(task: str) -> Any:
     return TaskType[tt] if tt else None
 
 
-def _modules_to_save(model: Any, cfg: MethodConfig, task: str) -> list[str] | None:
-    mods = head_module_names(model, task) + [m for m in cfg.modules_to_save]
+def _modules_to_save(model: Any, opts: Any, task: str) -> list[str] | None:
+    mods = head_module_names(model, task) + [m for m in opts.modules_to_save]
     return sorted(set(mods)) or None
 
 
@@ -47,16 +56,40 @@ def is_quantized(model: Any) -> bool:
                 or getattr(getattr(model, "config", None), "quantization_config", None) is not None)
 
 
+def _read_adapter_config(folder: Path) -> dict[str, Any] | None:
+    path = folder / ADAPTER_CONFIG
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
 class _PeftMethod:
-    """Shared apply/save/merge; subclasses build the peft config."""
+    """Shared hooks (apply/save/merge/load/disable); subclasses build the peft config."""
 
     name = ""
+    peft_type = ""  # peft's name for it, as in adapter_config.json
+    use_dora = False
     merges = True
+    no_merge_reason = ""
+    trains_all = False
+    virtual_tokens = False
+    param_markers: tuple[str, ...] = ("modules_to_save",)
+    presets: ClassVar[dict[str, dict[str, str]]] = {}
+    recommended = False
 
-    def peft_config(self, model: Any, cfg: MethodConfig, task: str) -> Any:
+    def peft_config(self, model: Any, opts: Any, task: str) -> Any:
         raise NotImplementedError
 
-    def apply(self, model: Any, cfg: MethodConfig, task: str) -> Any:
+    def check_config(self, opts: Any, model_cfg: Any, task: str, gradient_checkpointing: bool) -> None:
+        pass
+
+    def check_model(self, opts: Any, meta_model: Any, task: str, where: str) -> None:
+        pass
+
+    def apply(self, model: Any, opts: Any, task: str) -> Any:
         from peft import get_peft_model
 
         if is_quantized(model):
@@ -66,7 +99,7 @@ class _PeftMethod:
 
             # casts norms/head to fp32 and freezes the base; gradient checkpointing is the engine's call
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        return get_peft_model(model, self.peft_config(model, cfg, task))
+        return get_peft_model(model, self.peft_config(model, opts, task))
 
     def save(self, model: Any, out_dir: Path, base_path: str | None = None) -> None:
         if base_path is not None:
@@ -82,30 +115,162 @@ class _PeftMethod:
             model = _requantize_free(model)
         return model.merge_and_unload()
 
+    def reads(self, folder: Path) -> int:
+        """2 for an adapter folder of this peft type, 1 for any other peft adapter folder (the loader is shared)."""
+        acfg = _read_adapter_config(folder)
+        if acfg is None:
+            return 0
+        mine = acfg.get("peft_type") == self.peft_type and bool(acfg.get("use_dora")) == self.use_dora
+        return 2 if mine else 1
 
-def _lora_targets(model: Any, cfg: MethodConfig, task: str) -> str | list[str]:
-    t = normalize_targets(cfg.targets)
-    if t == "auto":
-        return "all-linear"
-    if isinstance(t, list):
-        check_targets(model, t, cfg.name, task)  # the decision check_compat made at validate time
-    return t
+    def base_of(self, folder: Path) -> str | None:
+        return (_read_adapter_config(folder) or {}).get("base_model_name_or_path")
+
+    def load(self, folder: Path, load_base: Callable[[], Any]) -> Any:
+        from peft import PeftModel
+
+        from lmwright.models.load import check_safetensors
+
+        check_safetensors(folder)  # peft would fall back to a pickled adapter_model.bin
+        base = load_base()
+        if is_quantized(base):
+            disable_bnb_cpu_repack(base)
+        model = PeftModel.from_pretrained(base, str(folder), is_trainable=False)
+        peft_type = getattr(model.peft_config.get("default"), "peft_type", None)
+        if peft_type == "PREFIX_TUNING":
+            model = accept_past_key_values(model)
+        if peft_type == "LORA":
+            model = lean_lora_layers(model)  # the forward training ran: same numbers when evaluated or served
+        return model
+
+    def owns(self, model: Any) -> bool:
+        configs = getattr(model, "peft_config", None)
+        if not isinstance(configs, dict) or getattr(model, "active_adapter", None) not in configs:
+            return False
+        c = configs[model.active_adapter]
+        return c.peft_type == self.peft_type and bool(getattr(c, "use_dora", False)) == self.use_dora
+
+    def disable(self, model: Any) -> contextlib.AbstractContextManager[Any]:
+        return model.disable_adapter()
+
+
+def normalize_targets(targets: str | list[str]) -> str | list[str]:
+    """'auto' | 'all-linear' | list of module names (a comma string or a one-element list unwraps)."""
+    if isinstance(targets, list) and len(targets) == 1:
+        targets = targets[0]
+    if isinstance(targets, str):
+        if targets in ("auto", "all-linear"):
+            return targets
+        return [t.strip() for t in targets.split(",") if t.strip()]
+    return list(targets)
+
+
+def check_targets(model: Any, targets: list[str], method: Any, task: str, where: str = "the model") -> None:
+    """The one decision on a ``method.targets`` list, made by ``check_model`` (on the meta-device model, at
+    ``lmwright validate``) and by the methods' ``apply`` (on the real model, before ``get_peft_model``).
+
+    peft matches a target by a module's name or a dotted suffix of its path (``mlp.down_proj``) and then
+    fails on any matched module it cannot adapt (a block such as ``mlp``, a norm, the rotary embedding), or
+    finds nothing when the target names only the task head (it trains in full: ``modules_to_save``). So a
+    target must match at least one module outside the head, and every such module must be a layer type
+    ``method`` adapts (its ``adapts``).
+    """
+    inner = _unwrap(model)
+    heads = set(head_module_names(model, task))
+    missing, head_only, wrong = [], [], {}
+    for t in targets:
+        found = [(n, m) for n, m in inner.named_modules() if n and (n == t or n.endswith("." + t))]
+        body = [m for n, m in found if n.split(".", 1)[0] not in heads]
+        if not found:
+            missing.append(t)
+        elif not body:
+            head_only.append(t)
+        elif any(not method.adapts(m) for m in body):
+            wrong[t] = type(next(m for m in body if not method.adapts(m))).__name__
+    have = f"its linear modules are: {', '.join(linear_module_names(model))} (or use method.targets=all-linear)"
+    if missing:
+        raise ConfigError(f"method.targets {missing} not found in {where}; {have}")
+    if head_only:
+        raise ConfigError(f"method.targets {head_only} name only the task head of {where} ({', '.join(sorted(heads))}), "
+                          f"which trains in full beside the adapter; target the body's layers: {have}")
+    if wrong:
+        kinds = ", ".join(f"{t} is a {k}" for t, k in wrong.items())
+        raise ConfigError(f"method.targets {list(wrong)} name modules of {where} that {method.name} cannot adapt "
+                          f"({kinds}; it adapts {method.adapts_doc}); {have}")
+
+
+def _check_dropout(dropout: float) -> None:
+    if not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"method.dropout must be in [0, 1), got {dropout}")
+
+
+_TARGETS_HELP = "module names to adapt (e.g. [q_proj, v_proj]) or 'all-linear'; auto = "
+
+
+@dataclass
+class LoraOptions:
+    r: int = opt(8, "rank of the low-rank update")
+    alpha: float = opt(16.0, "scaling numerator; update scaled by alpha/r (alpha/sqrt(r) with rslora)")
+    dropout: float = opt(0.0, "dropout on the adapter input (default 0, as in peft; dropout keeps a copy of every "
+                              "adapted layer's input: ~+30% training memory)")
+    targets: str | list[str] = opt("auto", _TARGETS_HELP + "all-linear")  # noqa: RUF009
+    rslora: bool = opt(False, "rank-stabilised scaling alpha/sqrt(r) (better for large r)")
+    modules_to_save: list[str] = opt([], "")  # noqa: RUF009 (a common key: help in CommonOptions)
+
+    def check(self) -> None:
+        if self.r < 1:
+            raise ConfigError(f"method.r must be >= 1, got {self.r}")
+        _check_dropout(self.dropout)
+
+
+class _TargetedMethod(_PeftMethod):
+    """A peft method that adapts named layers (``method.targets``)."""
+
+    adapts_doc = "Linear, Conv1D and Conv2d layers"
+
+    def adapts(self, module: Any) -> bool:
+        """Whether peft (0.21) has a layer of this method for ``module``'s type: what its dispatchers accept."""
+        import torch
+
+        return isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or type(module).__name__ == "Conv1D"
+
+    def check_model(self, opts: Any, meta_model: Any, task: str, where: str) -> None:
+        targets = normalize_targets(opts.targets)
+        if isinstance(targets, list):
+            check_targets(meta_model, targets, self, task, where=where)
 
 
 @METHODS.register("lora")
-class LoRA(_PeftMethod):
+class LoRA(_TargetedMethod):
     name = "lora"
-    use_dora = False
+    peft_type = "LORA"
+    Options = LoraOptions
+    compat = Compat(ALL_TASKS, FLOAT | KBIT, "model.quantize=nf4 makes it QLoRA; merge dequantizes the base first")
+    param_markers = ("lora_", "modules_to_save")
+    presets: ClassVar[dict[str, dict[str, str]]] = {"qlora": {"model.quantize": "nf4"}}
+    recommended = True
+    adapts_doc = "Linear, Conv1D, Conv and Embedding layers"
 
-    def peft_config(self, model: Any, cfg: MethodConfig, task: str) -> Any:
+    def adapts(self, module: Any) -> bool:
+        import torch
+
+        return super().adapts(module) or isinstance(
+            module, (torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv3d, torch.nn.MultiheadAttention))
+
+    def peft_config(self, model: Any, opts: LoraOptions, task: str) -> Any:
         from peft import LoraConfig
 
-        return LoraConfig(task_type=_task_type(task), r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                          target_modules=_lora_targets(model, cfg, task), use_rslora=cfg.rslora,
-                          use_dora=self.use_dora, modules_to_save=_modules_to_save(model, cfg, task))
+        targets = normalize_targets(opts.targets)
+        if targets == "auto":
+            targets = "all-linear"
+        if isinstance(targets, list):
+            check_targets(model, targets, self, task)  # the decision check_model made at validate time
+        return LoraConfig(task_type=_task_type(task), r=opts.r, lora_alpha=opts.alpha, lora_dropout=opts.dropout,
+                          target_modules=targets, use_rslora=opts.rslora,
+                          use_dora=self.use_dora, modules_to_save=_modules_to_save(model, opts, task))
 
-    def apply(self, model: Any, cfg: MethodConfig, task: str) -> Any:
-        return lean_lora_layers(super().apply(model, cfg, task))
+    def apply(self, model: Any, opts: LoraOptions, task: str) -> Any:
+        return lean_lora_layers(super().apply(model, opts, task))
 
 
 # ------------------------------------------------------------------------------------ lean LoRA forward
@@ -159,19 +324,33 @@ class _LeanLoraForward:
 class DoRA(LoRA):
     name = "dora"
     use_dora = True
+    compat = Compat(ALL_TASKS, FLOAT | KBIT, "LoRA with a learned magnitude per output (peft use_dora)")
+    presets: ClassVar[dict[str, dict[str, str]]] = {}
+    recommended = False
+
+
+@dataclass
+class IA3Options:
+    targets: str | list[str] = opt("auto", _TARGETS_HELP + "peft's per-family defaults")  # noqa: RUF009
+    modules_to_save: list[str] = opt([], "")  # noqa: RUF009 (a common key: help in CommonOptions)
 
 
 @METHODS.register("ia3")
-class IA3(_PeftMethod):
+class IA3(_TargetedMethod):
     name = "ia3"
+    peft_type = "IA3"
+    Options = IA3Options
+    compat = Compat(ALL_TASKS, FLOAT,
+                    "learned rescaling vectors; peft default targets per family (Phi-3: qkv_proj, down_proj)")
+    param_markers = ("ia3_", "modules_to_save")
 
-    def peft_config(self, model: Any, cfg: MethodConfig, task: str) -> Any:
+    def peft_config(self, model: Any, opts: IA3Options, task: str) -> Any:
         from peft import IA3Config
 
-        t = normalize_targets(cfg.targets)
+        t = normalize_targets(opts.targets)
         kwargs: dict[str, Any] = {}
         if isinstance(t, list):
-            check_targets(model, t, cfg.name, task)  # the decision check_compat made at validate time
+            check_targets(model, t, self, task)  # the decision check_model made at validate time
             # IA3 scales the *input* of feed-forward output projections; these names are those projections
             ff = {"down_proj", "fc2", "wo", "c_proj", "dense"}
             kwargs = {"target_modules": t, "feedforward_modules": [m for m in t if m.rsplit(".", 1)[-1] in ff]}
@@ -179,27 +358,78 @@ class IA3(_PeftMethod):
             kwargs = {"target_modules": "all-linear", "feedforward_modules": []}
         elif model_family(model) == "phi3":  # peft 0.21 has no IA3 default for Phi-3's fused projections
             kwargs = {"target_modules": ["qkv_proj", "down_proj"], "feedforward_modules": ["down_proj"]}
-        return IA3Config(task_type=_task_type(task), modules_to_save=_modules_to_save(model, cfg, task), **kwargs)
+        return IA3Config(task_type=_task_type(task), modules_to_save=_modules_to_save(model, opts, task), **kwargs)
+
+
+_VIRTUAL_HELP = "number of virtual tokens"
+
+
+def _check_virtual(n: int) -> None:
+    if n < 1:
+        raise ConfigError(f"method.num_virtual_tokens must be >= 1, got {n}")
 
 
 class _PromptMethod(_PeftMethod):
+    """Prompt learning: extra inputs (virtual tokens), no weight change."""
+
     merges = False
+    virtual_tokens = True
+    param_markers = ("prompt_encoder", "modules_to_save")
+
+    @contextlib.contextmanager
+    def disable(self, model: Any) -> Iterator[Any]:
+        # Workaround (peft 0.21): disable_adapter() for prompt learning reads prepare_inputs_for_generation,
+        # which classifiers lack, and leaves modules_to_save heads active. Remove when peft handles both.
+        from peft.utils.other import ModulesToSaveWrapper
+
+        wrappers = [m for m in model.modules() if isinstance(m, ModulesToSaveWrapper)]
+        model.forward = model.base_model.forward  # instance attribute shadows PeftModel.forward
+        try:
+            for w in wrappers:
+                w.enable_adapters(False)
+            yield model
+        finally:
+            del model.forward
+            for w in wrappers:
+                w.enable_adapters(True)
+
+
+@dataclass
+class PrefixOptions:
+    num_virtual_tokens: int = opt(20, _VIRTUAL_HELP)
+    prefix_projection: bool = opt(False, "reparametrise the prefix through an MLP; with it prefix tuning is the "
+                                         "P-tuning v2 'deep prompt' setting")
+    encoder_hidden_size: int = opt(128, "hidden size of the projection MLP")
+    modules_to_save: list[str] = opt([], "")  # noqa: RUF009 (a common key: help in CommonOptions)
+
+    def check(self) -> None:
+        _check_virtual(self.num_virtual_tokens)
 
 
 @METHODS.register("prefix")
 class Prefix(_PromptMethod):
     name = "prefix"
+    peft_type = "PREFIX_TUNING"
+    Options = PrefixOptions
+    compat = Compat(PROMPT_TASKS, FLOAT, "not with gradient checkpointing; prefix_projection=true is P-tuning v2")
+    no_merge_reason = "its virtual key/values are extra attention inputs, not a weight change"
 
-    def peft_config(self, model: Any, cfg: MethodConfig, task: str) -> Any:
+    def check_config(self, opts: PrefixOptions, model_cfg: Any, task: str, gradient_checkpointing: bool) -> None:
+        if gradient_checkpointing:
+            raise ConfigError(f"method.name={self.name} does not work with gradient checkpointing (the prefix is "
+                              "passed as a key/value cache, which checkpointed blocks drop); set "
+                              "model.gradient_checkpointing=false or use another method.name (e.g. ptuning or lora)")
+
+    def peft_config(self, model: Any, opts: PrefixOptions, task: str) -> Any:
         from peft import PrefixTuningConfig
 
-        return PrefixTuningConfig(task_type=_task_type(task), num_virtual_tokens=cfg.num_virtual_tokens,
-                                  prefix_projection=cfg.prefix_projection,
-                                  encoder_hidden_size=cfg.encoder_hidden_size,
-                                  modules_to_save=_modules_to_save(model, cfg, task))
+        return PrefixTuningConfig(task_type=_task_type(task), num_virtual_tokens=opts.num_virtual_tokens,
+                                  prefix_projection=opts.prefix_projection,
+                                  encoder_hidden_size=opts.encoder_hidden_size,
+                                  modules_to_save=_modules_to_save(model, opts, task))
 
-    def apply(self, model: Any, cfg: MethodConfig, task: str) -> Any:
-        return accept_past_key_values(super().apply(model, cfg, task))
+    def apply(self, model: Any, opts: PrefixOptions, task: str) -> Any:
+        return accept_past_key_values(super().apply(model, opts, task))
 
 
 def accept_past_key_values(peft_model: Any) -> Any:
@@ -241,27 +471,54 @@ def accept_past_key_values(peft_model: Any) -> Any:
     return peft_model
 
 
+@dataclass
+class PTuningOptions:
+    num_virtual_tokens: int = opt(20, _VIRTUAL_HELP)
+    encoder_hidden_size: int = opt(128, "hidden size of the prompt encoder")
+    modules_to_save: list[str] = opt([], "")  # noqa: RUF009 (a common key: help in CommonOptions)
+
+    def check(self) -> None:
+        _check_virtual(self.num_virtual_tokens)
+
+
 @METHODS.register("ptuning")
 class PTuning(_PromptMethod):
     name = "ptuning"
+    peft_type = "P_TUNING"
+    Options = PTuningOptions
+    compat = Compat(PROMPT_TASKS, FLOAT, "virtual tokens from an MLP prompt encoder (P-tuning v1)")
+    no_merge_reason = "its virtual tokens are extra inputs produced by a prompt encoder, not a weight change"
 
-    def peft_config(self, model: Any, cfg: MethodConfig, task: str) -> Any:
+    def peft_config(self, model: Any, opts: PTuningOptions, task: str) -> Any:
         from peft import PromptEncoderConfig
 
-        return PromptEncoderConfig(task_type=_task_type(task), num_virtual_tokens=cfg.num_virtual_tokens,
-                                   encoder_hidden_size=cfg.encoder_hidden_size,
-                                   modules_to_save=_modules_to_save(model, cfg, task))
+        return PromptEncoderConfig(task_type=_task_type(task), num_virtual_tokens=opts.num_virtual_tokens,
+                                   encoder_hidden_size=opts.encoder_hidden_size,
+                                   modules_to_save=_modules_to_save(model, opts, task))
+
+
+@dataclass
+class PromptOptions:
+    num_virtual_tokens: int = opt(20, _VIRTUAL_HELP)
+    modules_to_save: list[str] = opt([], "")  # noqa: RUF009 (a common key: help in CommonOptions)
+
+    def check(self) -> None:
+        _check_virtual(self.num_virtual_tokens)
 
 
 @METHODS.register("prompt")
 class Prompt(_PromptMethod):
     name = "prompt"
+    peft_type = "PROMPT_TUNING"
+    Options = PromptOptions
+    compat = Compat(PROMPT_TASKS, FLOAT, "soft prompt embeddings only")
+    no_merge_reason = "its soft prompt is extra input embeddings, not a weight change"
 
-    def peft_config(self, model: Any, cfg: MethodConfig, task: str) -> Any:
+    def peft_config(self, model: Any, opts: PromptOptions, task: str) -> Any:
         from peft import PromptTuningConfig
 
-        return PromptTuningConfig(task_type=_task_type(task), num_virtual_tokens=cfg.num_virtual_tokens,
-                                  modules_to_save=_modules_to_save(model, cfg, task))
+        return PromptTuningConfig(task_type=_task_type(task), num_virtual_tokens=opts.num_virtual_tokens,
+                                  modules_to_save=_modules_to_save(model, opts, task))
 
 
 # ------------------------------------------------------------------------------------ quantized bases

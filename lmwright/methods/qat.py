@@ -12,11 +12,20 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from lmwright.config import ConfigError
-from lmwright.methods.base import HEAD_NAMES, METHODS, MethodConfig, head_module_names
+from lmwright.config import ConfigError, opt
+from lmwright.methods.base import (
+    ALL_TASKS,
+    FLOAT,
+    HEAD_NAMES,
+    METHODS,
+    Compat,
+    PlainModelMethod,
+    head_module_names,
+)
 
 REPORT = "qat.json"
 
@@ -56,12 +65,31 @@ def fake_quantized_layers(model: Any) -> int:
     return sum(isinstance(m, FakeQuantizedLinear) for m in model.modules())
 
 
-@METHODS.register("qat")
-class QAT:
-    name = "qat"
-    merges = True
+@dataclass
+class QATOptions:
+    qat_bits: Literal[8, 4] = opt(8, "integer bits of the fake-quantized Linear weights")
+    qat_group_size: int = opt(32, "weights per quantization group (0 = one scale per output channel)")
+    modules_to_save: list[str] = opt([], "")  # noqa: RUF009 (a common key: help in CommonOptions)
 
-    def apply(self, model: Any, cfg: MethodConfig, task: str) -> Any:
+    def check(self) -> None:
+        if self.qat_group_size < 0:
+            raise ConfigError(f"method.qat_group_size must be >= 0 (0 = per channel), got {self.qat_group_size}")
+
+
+@METHODS.register("qat")
+class QAT(PlainModelMethod):
+    name = "qat"
+    Options = QATOptions
+    compat = Compat(ALL_TASKS, FLOAT, "fake-quantized nn.Linear weights (int8/int4, torchao)",
+                    refused={"gpt2": "its Conv1D layers are not nn.Linear, the only layers torchao fake-quantizes"})
+
+    def check_config(self, opts: QATOptions, model_cfg: Any, task: str, gradient_checkpointing: bool) -> None:
+        try:
+            import torchao  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"method.name={self.name} needs torchao: pip install 'lmwright[quant]'") from None
+
+    def apply(self, model: Any, cfg: QATOptions, task: str) -> Any:
         from torchao.quantization import quantize_
         from torchao.quantization.qat import QATConfig
 

@@ -133,7 +133,7 @@ def load_policy(model_cfg, method_cfg, tokenizer, seed: int, merged_base: Path |
     new adapter-like method is then applied, its base (that merged model) exists in no folder: it is saved
     to ``merged_base`` (pass it, e.g. ``<run>/base``; :func:`base_path_of` then points at it) so that the
     new adapter can be loaded later."""
-    from lmwright.methods import apply_method
+    from lmwright.methods import apply_method, trains_all
     from lmwright.models import build_model
 
     if not model_cfg.is_preset() and is_adapter_folder(model_cfg.name):
@@ -142,7 +142,7 @@ def load_policy(model_cfg, method_cfg, tokenizer, seed: int, merged_base: Path |
         model, _ = load_trained(model_cfg.name, task="causal-lm")
         model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
         model.train()
-        if method_cfg.name != "full":
+        if not trains_all(method_cfg):
             if merged_base is not None:
                 model.save_pretrained(str(merged_base), safe_serialization=True)
                 tokenizer.save_pretrained(str(merged_base))

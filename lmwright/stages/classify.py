@@ -16,7 +16,7 @@ from typing import Any
 from lmwright.config import ConfigError, opt
 from lmwright.data.config import DataConfig
 from lmwright.engine.config import TrainConfig
-from lmwright.methods.base import MethodConfig
+from lmwright.methods import MethodConfig
 from lmwright.models.presets import ModelConfig
 from lmwright.objectives.classification import classification_loss  # noqa: F401 (re-exported)
 from lmwright.stages.common import STAGES, model_family, resolve_tokenizer, save_final
@@ -191,7 +191,7 @@ def run(cfg: ClassifyConfig) -> Path:
     from lmwright.data import load_records
     from lmwright.engine import Run, train
     from lmwright.engine.report import table, write_report
-    from lmwright.methods import apply_method, trainable_report
+    from lmwright.methods import apply_method, trainable_report, trains_all
     from lmwright.models import build_model
     from lmwright.models.load import resolve_model_path
 
@@ -223,7 +223,7 @@ def run(cfg: ClassifyConfig) -> Path:
         model.gradient_checkpointing_enable()
     run_ = Run.start(cfg, "classify", manifest)
     base_path = None if cfg.model.is_preset() else str(resolve_model_path(cfg.model.name).resolve())
-    if base_path is None and cfg.method.name != "full":  # a preset has no folder for final/ to point at
+    if base_path is None and not trains_all(cfg.method):  # a preset has no folder for final/ to point at
         model.save_pretrained(str(run_.dir / "base"))
         base_path = str((run_.dir / "base").resolve())
     model = apply_method(model, cfg.method, "classification")

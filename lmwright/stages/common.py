@@ -68,12 +68,11 @@ def save_final(model, tokenizer, out: Path, task: str, extra: dict[str, Any] | N
 
 def _write_final(model, tokenizer, out: Path, task: str, extra: dict[str, Any] | None, method_cfg,
                  base_path: str | None) -> None:
+    from lmwright.methods import plain_method, save_trained, trains_all
     from lmwright.utils.logging import quiet_transformers
 
     quiet_transformers()
-    if method_cfg is not None and method_cfg.name != "full":
-        from lmwright.methods import save_trained
-
+    if method_cfg is not None and not trains_all(method_cfg):
         save_trained(model, method_cfg, out, base_path=base_path, task=task)
     else:
         model.save_pretrained(str(out), safe_serialization=True)
@@ -82,7 +81,7 @@ def _write_final(model, tokenizer, out: Path, task: str, extra: dict[str, Any] |
         write_generation_config(model, tokenizer, out)
     # keep what save_trained wrote (num_labels, id2label, quantize): load_trained needs it
     meta = json.loads((out / "lmwright.json").read_text()) if (out / "lmwright.json").exists() else {}
-    meta.update({"task": task, "method": method_cfg.name if method_cfg is not None else "full"})
+    meta.update({"task": task, "method": method_cfg.name if method_cfg is not None else plain_method()})
     if base_path is not None or "base" not in meta:
         meta["base"] = str(Path(base_path).resolve()) if base_path is not None else None
     meta.update(extra or {})

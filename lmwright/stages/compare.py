@@ -2,8 +2,8 @@
 model and budget, then a decision table and plots.
 
 Not a stage (nothing is registered): a tool that runs the stages in-process, one run folder per
-method under one compare folder, and reads back what each run wrote. ``qlora`` is lora with
-``model.quantize=nf4`` (a preset, not a method).
+method under one compare folder, and reads back what each run wrote. A method's presets (e.g. ``qlora``
+= lora with ``model.quantize=nf4``, declared by the lora plugin) are accepted as method names.
 
 Measured per method: trainable share of parameters, peak memory (CUDA: peak allocated; CPU: peak
 resident memory above the level before the run, sampled every 20 ms), training tokens/s, wall time
@@ -19,18 +19,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lmwright.config import ConfigError, from_dict, merge_sources
+from lmwright.config import ConfigError, from_dict, merge_sources, set_dotted
 from lmwright.utils.logging import get_logger
 
 log = get_logger("lmwright.compare")
 
-ALIASES: dict[str, dict[str, str]] = {"qlora": {"name": "lora", "quantize": "nf4"}}
 METRICS = {"sft": ["val_loss", "val_exact_match"], "classify": ["val_accuracy", "val_macro_f1", "val_loss"]}
 COLUMNS = ["method", "trainable %", "peak mem MiB", "tokens/s", "wall s", "final/ MiB"]
 
 
 def load(files: list[str], overrides: list[str]) -> tuple[str, list[str], dict[str, Any]]:
     """(stage name, methods, {method: stage config}); every config is built and checked before training."""
+    from lmwright.methods import preset_names
     from lmwright.stages import STAGES
 
     raw, sources = merge_sources(files, overrides)
@@ -47,9 +47,10 @@ def load(files: list[str], overrides: list[str]) -> tuple[str, list[str], dict[s
     configs = {}
     for m in methods:
         r = copy.deepcopy(raw)
-        alias = ALIASES.get(m, {"name": m, "quantize": (r.get("model") or {}).get("quantize", "none")})
-        r.setdefault("method", {})["name"] = alias["name"]
-        r.setdefault("model", {})["quantize"] = alias["quantize"]
+        name, preset = preset_names().get(m, (m, {}))  # e.g. qlora = lora + model.quantize=nf4
+        r.setdefault("method", {})["name"] = name
+        for key, value in preset.items():
+            set_dotted(r, key, value)
         train = r.setdefault("train", {})
         train["output_dir"] = str(Path(train.get("output_dir", "runs")) / base_name)
         train["run_name"] = m

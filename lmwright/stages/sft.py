@@ -20,7 +20,7 @@ from typing import Any, Literal
 from lmwright.config import ConfigError, opt
 from lmwright.data.config import DataConfig
 from lmwright.engine.config import TrainConfig
-from lmwright.methods.base import MethodConfig
+from lmwright.methods import MethodConfig
 from lmwright.models.presets import CAUSAL_MODEL_TYPES, ModelConfig
 from lmwright.objectives.base import IGNORE_INDEX, LossOutput, token_cross_entropy
 from lmwright.stages.common import STAGES, flops_per_token, model_family, resolve_tokenizer, save_final
@@ -29,8 +29,6 @@ from lmwright.utils.logging import get_logger
 
 log = get_logger("lmwright.sft")
 
-# methods that feed virtual tokens: a packed row would need them before every sample, so they pad
-VIRTUAL_TOKEN_METHODS = ("prefix", "ptuning", "prompt")
 CAUSAL_FAMILIES = CAUSAL_MODEL_TYPES
 
 
@@ -62,12 +60,15 @@ class SFTConfig:
 
 # ------------------------------------------------------------------------------------ validation
 def use_packing(cfg: Any) -> bool:
-    return cfg.packing if cfg.packing is not None else cfg.method.name not in VIRTUAL_TOKEN_METHODS
+    from lmwright.methods import uses_virtual_tokens
+
+    # a method that feeds virtual tokens would need them before every packed sample, so it pads
+    return cfg.packing if cfg.packing is not None else not uses_virtual_tokens(cfg.method)
 
 
 def check_causal(cfg: Any, stage: str) -> dict[str, Any]:
     """Checks shared by sft and upft: tokenizer with a chat template, a causal LM, method compat."""
-    from lmwright.methods import check_compat
+    from lmwright.methods import check_compat, uses_virtual_tokens
 
     tokenizer = resolve_tokenizer(cfg.model, cfg.tokenizer or cfg.model.tokenizer)
     if not getattr(tokenizer, "chat_template", None):
@@ -86,7 +87,7 @@ def check_causal(cfg: Any, stage: str) -> dict[str, Any]:
                           f"{cfg.model.name} is a preset built from scratch: set model.name to a model folder "
                           f"or model.quantize=none")
     check_compat(cfg.method, cfg.model, "causal-lm", cfg.model.gradient_checkpointing)
-    if cfg.packing and cfg.method.name in VIRTUAL_TOKEN_METHODS:
+    if cfg.packing and uses_virtual_tokens(cfg.method):
         raise ConfigError(f"packing=true does not work with method.name={cfg.method.name}: its virtual tokens "
                           f"would have to precede every packed sample; set packing=false")
     if cfg.seq_len > tokenizer.model_max_length:
@@ -307,7 +308,7 @@ def build_causal_model(cfg: Any, tokenizer, run_dir: Path):
 
     A preset built from scratch has no folder: for methods that save only what they train, its initial
     weights are written to ``<run>/base`` so that ``final/`` can be loaded."""
-    from lmwright.methods import apply_method
+    from lmwright.methods import apply_method, trains_all
     from lmwright.models import build_model
     from lmwright.models.load import resolve_model_path
 
@@ -318,10 +319,10 @@ def build_causal_model(cfg: Any, tokenizer, run_dir: Path):
                           f"use the model's own tokenizer (unset tokenizer=)")
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-        if cfg.method.name != "full":
+        if not trains_all(cfg.method):
             model.enable_input_require_grads()
     base_path = None if cfg.model.is_preset() else str(resolve_model_path(cfg.model.name).resolve())
-    if base_path is None and cfg.method.name != "full":
+    if base_path is None and not trains_all(cfg.method):
         model.save_pretrained(str(run_dir / "base"))
         base_path = str((run_dir / "base").resolve())
     return apply_method(model, cfg.method, "causal-lm"), base_path

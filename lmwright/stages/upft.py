@@ -23,7 +23,7 @@ from typing import Any
 from lmwright.config import ConfigError, opt
 from lmwright.data.config import DataConfig
 from lmwright.engine.config import TrainConfig
-from lmwright.methods.base import MethodConfig
+from lmwright.methods import MethodConfig
 from lmwright.models.presets import ModelConfig
 from lmwright.stages import sft
 from lmwright.stages.common import STAGES, flops_per_token, save_final
