@@ -60,7 +60,7 @@ PROMPT_TASKS = frozenset({"causal-lm", "classification", "seq2seq", "reward"})
 class CommonOptions:
     """The keys every method section has; a plugin's ``Options`` may list ``modules_to_save`` to receive it."""
 
-    name: str = opt("full", "fine-tuning method (QLoRA = lora + model.quantize=nf4)")  # the default method
+    name: str = opt("full", "fine-tuning method")  # the default method; the help lists the registered ones
     modules_to_save: list[str] = opt(  # noqa: RUF009 (opt gives lists a default_factory)
         [], "modules trained in full beside the adapter (a new task head is added automatically), e.g. [lm_head]")
 
@@ -171,7 +171,9 @@ def build_method_config() -> type:
             helps.setdefault(text, []).append(owner)
         text = "; ".join(f"{'/'.join(o)}: {h}" for h, o in helps.items()) if owners else f.metadata.get("help", "")
         if key == "name":
-            text = f"fine-tuning method: {', '.join(METHODS.names())} " + text[text.index("("):]
+            presets = "; ".join(f"{p} = {m} + " + " + ".join(f"{k}={v}" for k, v in keys.items())
+                                for p, (m, keys) in preset_names().items())
+            text = f"{text}: {', '.join(METHODS.names())}" + (f" ({presets})" if presets else "")
         specs.append((key, tp, opt(factory=f.default_factory, help=text) if f.default is dataclasses.MISSING
                       else opt(f.default, text)))
     cls = dataclasses.make_dataclass("MethodConfig", specs, namespace={"check": _check_all})
