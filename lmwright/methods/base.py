@@ -143,7 +143,7 @@ class PlainModelMethod:
                           "there is no adapter to disable")
 
 
-def build_method_config() -> type:
+def build_method_config(registry: Registry = METHODS) -> type:
     """The flat ``MethodConfig`` dataclass: :class:`CommonOptions` + the union of every plugin's ``Options``.
 
     A key several plugins declare (``dropout``, ``targets``, ...) must have one type and default; its help
@@ -152,7 +152,7 @@ def build_method_config() -> type:
     merged: dict[str, tuple[Any, dataclasses.Field, list[str]]] = {}
     for f in fields(CommonOptions):
         merged[f.name] = (typing.get_type_hints(CommonOptions)[f.name], f, [])
-    for name, cls in METHODS.items():
+    for name, cls in registry.items():
         hints = typing.get_type_hints(cls.Options)
         for f in fields(cls.Options):
             if f.name not in merged:
@@ -171,12 +171,18 @@ def build_method_config() -> type:
             helps.setdefault(text, []).append(owner)
         text = "; ".join(f"{'/'.join(o)}: {h}" for h, o in helps.items()) if owners else f.metadata.get("help", "")
         if key == "name":
-            presets = "; ".join(f"{p} = {m} + " + " + ".join(f"{k}={v}" for k, v in keys.items())
-                                for p, (m, keys) in preset_names().items())
-            text = f"{text}: {', '.join(METHODS.names())}" + (f" ({presets})" if presets else "")
+            presets = "; ".join(f"{p} = {name} + " + " + ".join(f"{k}={v}" for k, v in keys.items())
+                                for name, cls in registry.items() for p, keys in cls.presets.items())
+            text = f"{text}: {', '.join(registry.names())}" + (f" ({presets})" if presets else "")
         specs.append((key, tp, opt(factory=f.default_factory, help=text) if f.default is dataclasses.MISSING
                       else opt(f.default, text)))
-    cls = dataclasses.make_dataclass("MethodConfig", specs, namespace={"check": _check_all})
+    def check(self: Any) -> None:
+        for _, plugin in registry.items():
+            options_check = getattr(plugin.Options, "check", None)
+            if options_check is not None:
+                options_check(options_of(plugin, self))
+
+    cls = dataclasses.make_dataclass("MethodConfig", specs, namespace={"check": check})
     cls.__module__ = "lmwright.methods"
     cls.__doc__ = "The ``method:`` section: the method's name and the options of every method (flat keys)."
     return cls
@@ -184,13 +190,6 @@ def build_method_config() -> type:
 
 def _default(f: dataclasses.Field) -> Any:
     return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-
-
-def _check_all(self: Any) -> None:
-    for _, cls in METHODS.items():
-        check = getattr(cls.Options, "check", None)
-        if check is not None:
-            check(options_of(cls, self))
 
 
 def options_of(method: Any, cfg: Any) -> Any:

@@ -32,8 +32,17 @@ def _names() -> set[str]:
     return set(METHODS.names()) | set(preset_names())
 
 
+def _registers(path: Path) -> bool:
+    """Whether the module registers a method: a class decorated with ``@METHODS.register(...)``."""
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ClassDef):
+            if any(isinstance(d, ast.Call) and ast.unparse(d.func) == "METHODS.register" for d in node.decorator_list):
+                return True
+    return False
+
+
 def _plugin_files() -> set[Path]:
-    return {p for p in (PKG / "methods").glob("*.py") if "METHODS.register(" in p.read_text(encoding="utf-8")}
+    return {p for p in (PKG / "methods").glob("*.py") if _registers(p)}
 
 
 def _docstrings(tree: ast.AST) -> set[int]:
@@ -137,3 +146,58 @@ def test_allowlist_entries_are_still_needed():
         tree = ast.parse(path.read_text(encoding="utf-8"))
         used |= {(rel, c.value) for c in _uses(tree, names, path.parent == PKG / "methods")}
     assert set(ALLOWED) <= used, f"stale ALLOWED entries: {set(ALLOWED) - used}"
+
+
+def test_the_shared_modules_import_no_plugin():
+    """base.py is below the plugins (they import it): importing one back is the old methods/base <-> plugin circle."""
+    plugins = {f"lmwright.methods.{p.stem}" for p in _plugin_files()}
+    for path in (PKG / "methods").glob("*.py"):
+        if path in _plugin_files():
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                assert node.module not in plugins, f"{path.name} imports the plugin {node.module}"
+
+
+def test_method_config_is_the_union_of_the_plugins_options():
+    from dataclasses import dataclass, fields
+
+    import pytest
+
+    from lmwright.config import ConfigError, opt
+    from lmwright.methods.base import PlainModelMethod, build_method_config
+    from lmwright.registry import Registry
+
+    reg = Registry("method")
+
+    @dataclass
+    class AOptions:
+        r: int = opt(8, "rank")
+        size: int = opt(4, "width")
+
+        def check(self) -> None:
+            if self.size < 1:
+                raise ConfigError(f"method.size must be >= 1, got {self.size}")
+
+    @dataclass
+    class BOptions:
+        r: int = opt(8, "rank of B")
+
+    reg.register("a", type("A", (PlainModelMethod,), {"name": "a", "Options": AOptions}))
+    reg.register("b", type("B", (PlainModelMethod,), {"name": "b", "Options": BOptions,
+                                                      "presets": {"b4": {"model.quantize": "nf4"}}}))
+    cfg_cls = build_method_config(reg)
+    assert [f.name for f in fields(cfg_cls)] == ["name", "modules_to_save", "r", "size"]
+    helps = {f.name: f.metadata["help"] for f in fields(cfg_cls)}
+    assert helps["r"] == "a: rank; b: rank of B"
+    assert "a, b" in helps["name"] and "b4 = b + model.quantize=nf4" in helps["name"]
+    with pytest.raises(ConfigError, match="method.size must be >= 1"):
+        cfg_cls(name="b", size=0).check()  # every key is validated by its owner, whatever the method
+
+    @dataclass
+    class COptions:
+        r: int = opt(16, "another default")
+
+    reg.register("c", type("C", (PlainModelMethod,), {"name": "c", "Options": COptions}))
+    with pytest.raises(TypeError, match="method c: option r"):
+        build_method_config(reg)
