@@ -56,9 +56,19 @@ def chat_chunk(rid: str, model: str, index: int, delta: dict, finish_reason: str
             "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
 
-def chat_choice(index: int, content: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
-    return {"index": index, "message": {"role": "assistant", "content": content, "refusal": None},
-            "logprobs": logprobs, "finish_reason": finish_reason}
+def chat_choice(index: int, content: str, finish_reason: str | None, logprobs: dict | None = None,
+                tools: list[dict] | None = None) -> dict:
+    """One non-streamed chat choice. With the request's ``tools``, calls in the answer become ``tool_calls``
+    (finish_reason ``tool_calls``), see :mod:`lmwright.serve.toolcalls`."""
+    message: dict = {"role": "assistant", "content": content, "refusal": None}
+    if tools:
+        from lmwright.serve.toolcalls import parse_tool_calls
+
+        rest, calls = parse_tool_calls(content, tools)
+        if calls:
+            message.update(content=rest, tool_calls=calls)
+            finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 def chat_completion(rid: str, model: str, choices: list[dict], usage_: dict, fingerprint: bool = True) -> dict:

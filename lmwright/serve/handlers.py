@@ -236,8 +236,9 @@ async def chat_completions(state: AppState, request: Request):
         return chat_refusal(state, req, rid)
     from lmwright.data.chat import render_prompt_ids
 
+    tools = schemas.request_tools(req)
     try:
-        ids = await loop.run_in_executor(None, render_prompt_ids, engine.tokenizer, messages)
+        ids = await loop.run_in_executor(None, render_prompt_ids, engine.tokenizer, messages, tools)
     except Exception as e:  # noqa: BLE001 - a template error is the request's fault
         raise HTTPError(400, f"cannot render the conversation with the chat template: {e}",
                         param="messages") from None
@@ -259,7 +260,7 @@ async def chat_completions(state: AppState, request: Request):
     record(state.metrics, "chat", t0, stream, len(ids), sum(ntok))
     choices = [formats.chat_choice(i, texts[i], finish[i],
                                    {"content": [formats.chat_logprob(tok, x) for x in lps[i]]}
-                                   if params.logprobs else None) for i in range(params.n)]
+                                   if params.logprobs else None, tools=tools) for i in range(params.n)]
     return formats.chat_completion(rid, req.model, choices, usage(len(ids), sum(ntok)))
 
 

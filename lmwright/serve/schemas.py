@@ -16,8 +16,8 @@ from lmwright.config import ConfigError
 from lmwright.serve.errors import HTTPError
 from lmwright.serve.generation import MAX_STOP_CHARS, REPETITION_PENALTY_RANGE, SEED_RANGE, SamplingParams
 
-IGNORED_FIELDS = ("frequency_penalty", "presence_penalty", "logit_bias", "user", "response_format", "tools",
-                  "tool_choice", "parallel_tool_calls", "functions", "function_call", "service_tier", "store",
+IGNORED_FIELDS = ("frequency_penalty", "presence_penalty", "logit_bias", "user", "response_format",
+                  "parallel_tool_calls", "functions", "function_call", "service_tier", "store",
                   "metadata", "modalities", "reasoning_effort", "prediction", "audio", "web_search_options",
                   "best_of", "suffix", "prompt_cache_key", "safety_identifier", "verbosity")
 MAX_JSON_DEPTH = 32  # a request body nested deeper is refused (deep nesting costs recursion, not bytes)
@@ -35,9 +35,11 @@ class ContentPart(_Base):
 
 
 class Message(_Base):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict] | None = None  # an assistant turn that called tools (arguments as a JSON string)
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
 
 class StreamOptions(_Base):
@@ -65,7 +67,8 @@ _SAMPLING_FIELDS = dict(
 ChatRequest = create_model(
     "ChatRequest", __base__=_Base, messages=(list[Message], Field(..., min_length=1)),
     max_tokens=(int | None, Field(None, ge=1)), max_completion_tokens=(int | None, Field(None, ge=1)),
-    logprobs=(bool, False), top_logprobs=(int | None, Field(None, ge=0, le=20)), **_SAMPLING_FIELDS)
+    logprobs=(bool, False), top_logprobs=(int | None, Field(None, ge=0, le=20)),
+    tools=(list[dict] | None, None), tool_choice=(str | dict | None, None), **_SAMPLING_FIELDS)
 CompletionRequest = create_model(
     "CompletionRequest", __base__=_Base, prompt=(str | list[str], ...),
     max_tokens=(int | None, Field(16, ge=1)), logprobs=(int | None, Field(None, ge=0, le=5)),
@@ -149,12 +152,45 @@ def parse_body(body: bytes, schema: type[BaseModel]) -> BaseModel:
 
 # ---------------------------------------------------------------------------------------- fields
 def chat_messages(req) -> list[dict]:
-    """The conversation as chat-template messages: text parts joined, ``developer`` read as ``system``."""
+    """The conversation as chat-template messages: text parts joined, ``developer`` read as ``system``;
+    assistant ``tool_calls`` and ``tool`` results in the same form training renders them
+    (:func:`lmwright.data.formats.tool_calls`), so a served conversation has the trained tokens."""
+    from lmwright.data.errors import DataError
+    from lmwright.data.formats import tool_calls
+
     messages = []
-    for m in req.messages:
+    for i, m in enumerate(req.messages):
         content = m.content if isinstance(m.content, str) or m.content is None else "".join(p.text for p in m.content)
-        messages.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
+        msg = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
+        if m.tool_calls:
+            if m.role != "assistant":
+                raise HTTPError(400, f"messages[{i}].tool_calls: only assistant messages call tools",
+                                param=f"messages[{i}].tool_calls")
+            try:
+                msg["tool_calls"] = tool_calls(m.tool_calls, "request", f"messages[{i}].tool_calls", from_json=False)
+            except DataError as e:
+                raise HTTPError(400, str(e), param=f"messages[{i}].tool_calls") from None
+        if m.role == "tool":
+            msg.update({k: v for k, v in (("tool_call_id", m.tool_call_id), ("name", m.name)) if v})
+        messages.append(msg)
     return messages
+
+
+def request_tools(req) -> list[dict] | None:
+    """The tools the chat template is given (normalised as in training), None without tools or with
+    ``tool_choice: "none"``. Forcing a call (``required`` or a named function) is not supported: 400."""
+    from lmwright.data.errors import DataError
+    from lmwright.data.formats import tools_list
+
+    if not req.tools or req.tool_choice == "none":
+        return None
+    if req.tool_choice not in (None, "auto"):
+        raise HTTPError(400, f"tool_choice={json.dumps(req.tool_choice)} is not supported: use \"auto\" (the model "
+                             "decides) or \"none\"", param="tool_choice", code="unsupported_tool_choice")
+    try:
+        return tools_list(req.tools, "request", "tools")
+    except DataError as e:
+        raise HTTPError(400, str(e), param="tools") from None
 
 
 def completion_prompt(req) -> str:
