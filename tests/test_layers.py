@@ -64,3 +64,16 @@ def test_import_lmwright_is_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "", f"`import lmwright` / `lmwright --help` imported: {out.stdout.strip()}"
+
+
+def test_tools_do_not_import_each_other_for_shared_code():
+    """export, eval and serve are siblings: what two of them share (sampling, pooling, metrics) lives below
+    them (export used to import serve's sampling)."""
+    bad = []
+    for tool in ("export", "eval"):
+        for path in (PKG / tool).rglob("*.py"):
+            for target, line in imports(path):
+                if target.startswith(("lmwright.serve", "lmwright.export", "lmwright.eval")) \
+                        and not target.startswith(f"lmwright.{tool}"):
+                    bad.append(f"{path.relative_to(PKG.parent)}:{line} imports {target}")
+    assert not bad, "tool -> tool imports:\n" + "\n".join(bad)

@@ -146,6 +146,19 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, rank: int = 0
     except Exception as e:  # noqa: BLE001 - safetensors, pickle, zip and json each raise their own type
         raise CorruptCheckpoint(f"checkpoint {path} is corrupt ({reading}: {type(e).__name__}: {e}); "
                                 f"delete it or pass train.resume=never to start over") from None
+    load_trainable(path, model, weights)
+    optimizer.load_state_dict(opt_state)
+    set_rng_state(rng_tensors, rng_py)
+    return state
+
+
+def load_trainable(path: Path, model: torch.nn.Module, weights: dict[str, torch.Tensor] | None = None) -> None:
+    """Copy a checkpoint's trainable parameters (``trainable.safetensors``, or ``weights`` already read from
+    it) into ``model``; they must be exactly the model's trainable parameters."""
+    if weights is None:
+        from safetensors.torch import load_file
+
+        weights = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
     if set(weights) != expected:
@@ -155,9 +168,6 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, rank: int = 0
     with torch.no_grad():
         for n, t in weights.items():
             params[n].copy_(t.to(params[n].device, params[n].dtype))
-    optimizer.load_state_dict(opt_state)
-    set_rng_state(rng_tensors, rng_py)
-    return state
 
 
 def load_latest_checkpoint(ckpts: list[Path], model: torch.nn.Module, optimizer,

@@ -1,6 +1,6 @@
-"""The one training loop. Every offline stage calls :func:`train` with its model, data, collate
-function and objective; online stages (ppo, grpo) reuse :class:`Optimizer` stepping through
-:func:`optimizer_step` and the same checkpointing and metrics.
+"""The one training loop. Every stage calls :func:`train` with its model, data, collate function and
+objective; online stages (ppo, grpo) pass a batch source whose ``get(position)`` makes rollouts, and get
+the same optimizer stepping, checkpointing, resume and metrics.
 
 Loss normalisation: an objective returns a *sum* over target units plus their count. Gradients of
 the sums are accumulated over all micro-batches of an optimizer step and then divided by the total
@@ -26,6 +26,7 @@ from lmwright.engine.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     load_latest_checkpoint,
+    load_trainable,
     prune_checkpoints,
     rng_state,
     save_checkpoint,
@@ -442,13 +443,7 @@ def train(model: torch.nn.Module, train_data: Sequence, collate: Callable, objec
     if cfg.load_best_at_end and best_step is not None and best_step != step and not result.interrupted:
         best_dir = run.checkpoints / f"step-{best_step}"
         if best_dir.exists():
-            from safetensors.torch import load_file
-
-            weights = load_file(str(best_dir / "trainable.safetensors"))
-            named = dict(model.named_parameters())
-            with torch.no_grad():
-                for n, t in weights.items():
-                    named[n].copy_(t.to(named[n].device, named[n].dtype))
+            load_trainable(best_dir, model)
             log.info("loaded the best checkpoint (step %d, %s=%.4g)", best_step, cfg.metric_for_best, best)
     run.write_info(final_step=step, best_step=best_step, best_metric=best, interrupted=result.interrupted,
                    stopped_early=result.stopped_early, train_seconds=result.train_seconds)

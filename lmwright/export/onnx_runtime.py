@@ -4,7 +4,7 @@
 calls. The loop feeds the whole prompt once, then one token per step with the ``present.*`` outputs
 of the previous step as ``past_key_values.*`` inputs, so each step costs one token, not the whole
 sequence. Tokens are picked by the same sampling code as the built-in serving engine
-(``lmwright.serve.generation.sample_next``), on the session's numpy logits viewed as a tensor.
+(``lmwright.engine.sampling.sample_next``), on the session's numpy logits viewed as a tensor.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ class OnnxGenerator:
                      top_p: float = 1.0, seed: int | None = None, stop_token_ids: list[int] | None = None,
                      return_logits: bool = False) -> tuple[list[int], list[Any]]:
         """New token ids (stop token excluded) and, with ``return_logits``, each step's logits."""
-        from lmwright.serve.generation import SamplingParams, make_generator
+        from lmwright.engine.sampling import SamplingParams, make_generator
 
         sampling = SamplingParams(max_tokens=max(max_tokens, 1), temperature=temperature, top_k=top_k, top_p=top_p,
                                   seed=seed)
@@ -167,7 +167,7 @@ def pick_token(logits: Any, params: Any, generator: Any) -> int:
     """One token from a numpy row of logits with the serving engine's sampler (one home for sampling)."""
     import torch
 
-    from lmwright.serve.generation import sample_next
+    from lmwright.engine.sampling import sample_next
 
     return sample_next(torch.from_numpy(logits), params, generator).token_id
 

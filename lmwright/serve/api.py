@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lmwright.config import ConfigError
-from lmwright.serve.generation import GenerationResult, SamplingParams, generate
+from lmwright.engine.sampling import GenerationResult, SamplingParams, generate
 from lmwright.serve.guardrails import Guardrails, load_guardrails
 
 GENERATIVE = ("causal-lm",)

@@ -34,8 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from lmwright.config import ConfigError
-from lmwright.registry import Registry
-from lmwright.serve.generation import (
+from lmwright.engine.sampling import (
     SamplingParams,
     SequenceState,
     TokenChoice,
@@ -43,6 +42,7 @@ from lmwright.serve.generation import (
     make_generator,
     sample_next,
 )
+from lmwright.registry import Registry
 
 log = logging.getLogger("lmwright.serve")
 

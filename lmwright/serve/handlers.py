@@ -18,11 +18,11 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from starlette.requests import ClientDisconnect
 
 from lmwright.config import ConfigError
+from lmwright.engine.sampling import SamplingParams
 from lmwright.serve import formats, schemas
 from lmwright.serve.engine import ContextOverflow, EngineClosed, GenerationRequest, QueueFull
 from lmwright.serve.errors import BodyTooLarge, ClientGone, HTTPError, error_body
 from lmwright.serve.formats import SSE_DONE, sse, usage
-from lmwright.serve.generation import SamplingParams
 
 
 @dataclass

@@ -13,8 +13,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from lmwright.config import ConfigError
+from lmwright.engine.sampling import MAX_STOP_CHARS, REPETITION_PENALTY_RANGE, SEED_RANGE, SamplingParams
 from lmwright.serve.errors import HTTPError
-from lmwright.serve.generation import MAX_STOP_CHARS, REPETITION_PENALTY_RANGE, SEED_RANGE, SamplingParams
 
 IGNORED_FIELDS = ("frequency_penalty", "presence_penalty", "logit_bias", "user", "response_format",
                   "parallel_tool_calls", "functions", "function_call", "service_tier", "store",

@@ -46,7 +46,6 @@ from lmwright.utils.logging import get_logger
 log = get_logger("lmwright.dpo")
 
 REFERENCE_FREE = ("simpo", "orpo")
-LOSSES = ("sigmoid", "ipo", "hinge", "robust", "label_smoothed", "simpo", "orpo", "kto")
 
 
 @dataclass

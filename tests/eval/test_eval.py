@@ -1,4 +1,4 @@
-"""Eval tasks: hand-checked metric maths, each task end to end on tiny models, the CLI, compare_runs."""
+"""Eval tasks: hand-checked metric maths, each task end to end on tiny models, the CLI."""
 
 from __future__ import annotations
 
@@ -210,23 +210,6 @@ def test_cli_eval_writes_json(lm_dir, tmp_path, capsys):
     assert json.loads(out.read_text())["perplexity"] > 1
     assert main(["eval", "--model", str(lm_dir), "--task", "perplexty", "--data", str(data)]) == 2
     assert "Did you mean 'perplexity'" in capsys.readouterr().err
-
-
-def test_compare_runs(tmp_path):
-    from lmwright.eval.compare_report import compare_runs
-
-    runs = []
-    for name, scale in (("lora", 1.0), ("full", 0.8)):
-        d = tmp_path / name
-        d.mkdir()
-        rows = [{"step": s, "loss": scale * 3 / s, "lr": 1e-3} for s in range(1, 6)] + [{"step": 5, "val_loss": scale}]
-        _jsonl(d / "metrics.jsonl", rows)
-        (d / "eval_classification.json").write_text(json.dumps({"accuracy": scale}))
-        runs.append(d)
-    out = compare_runs(runs, tmp_path / "cmp" / "report.html", ["loss", "val_loss", "accuracy"])
-    page = out.read_text()
-    assert "<td>lora</td>" in page and "<td>full</td>" in page and "0.6" in page  # last loss of full
-    assert "data:image/png;base64," in page
 
 
 def test_generation_eval_prompts_are_the_sft_training_prompts():

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
+from lmwright.engine.sampling import SamplingParams, generate
 from lmwright.serve.engine import GenerationRequest, LocalEngine, QueueFull
-from lmwright.serve.generation import SamplingParams, generate
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
+from lmwright.engine.sampling import SamplingParams
 from lmwright.serve.engine import GenerationRequest, LocalEngine
-from lmwright.serve.generation import SamplingParams
 
 
 class Unchecked(SamplingParams):

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
+from lmwright.engine.sampling import SamplingParams
 from lmwright.serve.engine import GenerationRequest, LocalEngine
-from lmwright.serve.generation import SamplingParams
 from tests.families import FAMILY_NAMES, save_family_folder
 
 from .test_engine import PROMPTS, _hf_greedy

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmwright.serve.generation import (
+from lmwright.engine.sampling import (
     IncrementalDetokenizer,
     SamplingParams,
     StopStringFilter,

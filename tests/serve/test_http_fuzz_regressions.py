@@ -123,7 +123,7 @@ def test_unpaired_surrogate_is_400(server, path, body):
 def test_subnormal_top_p_keeps_the_top_token(server):
     import torch
 
-    from lmwright.serve.generation import SamplingParams, process_logits
+    from lmwright.engine.sampling import SamplingParams, process_logits
 
     out = process_logits(torch.tensor([1.0, 3.0, 2.0]), SamplingParams(temperature=1.0, top_p=5e-324))
     assert torch.isfinite(out).tolist() == [False, True, False]

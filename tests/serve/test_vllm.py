@@ -10,8 +10,8 @@ import pytest
 @pytest.mark.gpu
 def test_vllm_engine_streams_like_builtin(lm_dir, lm):
     pytest.importorskip("vllm")
+    from lmwright.engine.sampling import SamplingParams
     from lmwright.serve.engine import GenerationRequest, VllmEngine
-    from lmwright.serve.generation import SamplingParams
 
     async def run():
         eng = VllmEngine(str(lm_dir), lm.tokenizer, max_seqs=4, gpu_memory_utilization=0.3, enforce_eager=True)
@@ -65,8 +65,8 @@ def _fake_vllm(monkeypatch, tokens_per_choice: int = 3):
 def test_vllm_engine_counts_tokens(monkeypatch, tokenizer):
     """stats() counts prompt tokens once per request and every completion token of every choice, as the
     built-in engine does (/metrics reads them); it used to report 0 for both."""
+    from lmwright.engine.sampling import SamplingParams
     from lmwright.serve.engine import GenerationRequest, VllmEngine
-    from lmwright.serve.generation import SamplingParams
 
     _fake_vllm(monkeypatch, tokens_per_choice=3)
 
