@@ -52,10 +52,11 @@ def inspect_source(model: str | Path) -> tuple[Path, dict[str, Any], dict[str, A
         folder = folder_method(p)  # the method whose files the folder holds (JSON only), None for a plain model
     except ConfigError as e:
         raise ExportError(str(e)) from None
-    adapter = folder.name if folder is not None else None
+    exact = folder is not None and folder.reads(p) == 2  # else a folder its loader reads, written by another tool
+    adapter = None if folder is None else folder.name if exact else "unrecognised adapter"
     if folder is not None:
         base = base or folder.base_of(p)
-        if not folder.merges:
+        if exact and not folder.merges:
             raise ExportError(_no_merge(p, folder.name))
     method = meta.get("method")
     if adapter and method in METHODS and not get_method(method).merges:
