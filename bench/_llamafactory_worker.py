@@ -68,8 +68,9 @@ def main() -> None:
         "overwrite_cache": True, "plot_loss": False,
     }
     if spec["method"] == "lora":
-        args.update(lora_target="all", lora_rank=8, lora_alpha=16, lora_dropout=0.05)
-    clock.t0 = time.perf_counter()
+        r = spec.get("lora_r") or 8  # the same adapter as the other contenders: rank r, alpha 2r, dropout 0
+        args.update(lora_target="all", lora_rank=r, lora_alpha=2 * r, lora_dropout=0.0)
+    clock.start()
     run_exp(args, callbacks=[common.trainer_clock_callback(clock)])
     r = clock.rate(spec["warmup"])
     last = clock.losses[-5:]

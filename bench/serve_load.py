@@ -22,6 +22,16 @@ side by side.
 
     python bench/serve_load.py            # llama-20m, 64 new tokens per request (~1 min on 2 cores)
     python bench/serve_load.py --smoke    # llama-tiny, a few tokens (used by the test suite)
+    python bench/serve_load.py --model smollm2   # a real model (or a .gguf file / HF folder): 1 and 16 streams of
+                                                 # the eager engine (what `lmwright serve` runs), one request per
+                                                 # client, and llama.cpp (xllamacpp, when installed) on lmwright's
+                                                 # own GGUF export of the same weights (f32, f16, q8_0); ~4-5 min on
+                                                 # 2 loaded cores (--variants eager,compiled adds ~3 min of compile)
+
+llama.cpp runs in this process through ``xllamacpp`` (prebuilt llama.cpp, PyPI wheel) with the same torch thread
+count as ``--threads``, one stream, the same prompt ids, temperature 1 with no top-k/top-p/min-p, ``ignore_eos``
+and the same number of new tokens; its figures are the request's wall time (prompt included, as for the other
+rows) and llama.cpp's own decode-only rate (``timings.predicted_per_second``).
 """
 
 from __future__ import annotations
@@ -45,6 +55,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 PROMPT = "Tell me a story about a cat who finds a small red ball in the garden."
 TARGETS = {"one_stream_vs_generate": 1.5, "c16_vs_c1": 6.0, "ttft_p95_s_c16": 0.5}
+# lmwright's one-stream decode (fp32 weights) against llama.cpp on lmwright's own export of the same weights
+LLAMA_CPP_TARGET = 0.5
+GGUF_TYPES = ("f32", "f16", "q8_0")
 
 
 def _percentile(xs: list[float], q: float) -> float:
@@ -306,19 +319,67 @@ def op_profile(engine, batch: int, steps: int, threads: int) -> dict:
     return _in_worker(run, threads)
 
 
+def llama_cpp_one_stream(model_dir: Path, workdir: Path, ids: list[int], tokens: int, repeats: int, threads: int,
+                         types=GGUF_TYPES) -> list[dict]:
+    """llama.cpp (xllamacpp) one stream on ``lmwright export --format gguf`` of ``model_dir`` at each type."""
+    try:
+        import xllamacpp
+    except ImportError:
+        return [{"gguf_type": t, "skipped": "xllamacpp not installed (pip install xllamacpp)"} for t in types]
+    from lmwright.export import export
+
+    rows = []
+    for gtype in types:
+        t0 = time.perf_counter()
+        out = workdir / f"gguf-{gtype}"
+        export(model_dir, out, "gguf", log=None, gguf_type=gtype)
+        export_s = time.perf_counter() - t0
+        p = xllamacpp.CommonParams()
+        p.model.path = str(out / "model.gguf")
+        p.n_ctx = len(ids) + tokens + 16
+        p.n_parallel = 1
+        p.cpuparams.n_threads = threads
+        p.cpuparams_batch.n_threads = threads
+        p.warmup = True
+        server = xllamacpp.Server(p)
+        try:
+            body = {"prompt": list(ids), "max_tokens": tokens, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+                    "min_p": 0.0, "ignore_eos": True, "cache_prompt": False}
+            server.handle_completions({**body, "max_tokens": 2, "seed": 999})  # warm-up
+            walls, decode, prompt_ms, n = [], [], [], 0
+            for k in range(repeats):
+                t1 = time.perf_counter()
+                r = server.handle_completions({**body, "seed": k})
+                walls.append(time.perf_counter() - t1)
+                n += r["usage"]["completion_tokens"]
+                decode.append(r["timings"]["predicted_per_second"])
+                prompt_ms.append(r["timings"]["prompt_ms"])
+        finally:
+            del server
+        rows.append({"gguf_type": gtype, "file_mb": (out / "model.gguf").stat().st_size / 2**20,
+                     "export_s": export_s, "tokens": n, "tokens_per_s": n / sum(walls),
+                     "decode_tokens_per_s": statistics.median(decode), "prompt_ms": statistics.median(prompt_ms)})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny model, few tokens (seconds; for tests)")
     ap.add_argument("--preset", default=None, help="model preset (default llama-20m; llama-tiny with --smoke)")
+    ap.add_argument("--model", default=None, help="a real model instead of a preset: smollm2, a .gguf file or a "
+                                                  "Hugging Face folder (levels default 1,16; llama.cpp compared)")
+    ap.add_argument("--llama-cpp", default=None, help="comma-separated GGUF types for the llama.cpp rows "
+                                                      "(default f32,f16,q8_0 with --model; 'none' to skip)")
     ap.add_argument("--tokens", type=int, default=None, help="new tokens per request (default 64; 8 with --smoke)")
     ap.add_argument("--levels", default=None, help="comma-separated client counts (default 1,4,16)")
     ap.add_argument("--requests-per-client", type=int, default=None, help="sequential requests per client (2)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for generate() and the engine "
                                                                "(default: 1 on <= 4 cores, else all cores)")
     ap.add_argument("--variants", default=None, help="engine variants: eager,compiled (torch.compile of the "
-                                                          "decode step); default both, eager with --smoke")
+                                                          "decode step); default both, eager with --smoke or --model")
     ap.add_argument("--client", default=None, help=argparse.SUPPRESS)  # internal: run as the load generator
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve_load.json"))
+    ap.add_argument("--out", default=None, help="default bench/results/serve_load.json "
+                                                "(serve_load_<model>.json with --model)")
     args = ap.parse_args(argv)
     if args.client:
         client_main(args.client, args.tokens, int(args.levels), args.requests_per_client)
@@ -337,14 +398,28 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(threads)  # the engine's scheduler thread starts with this count
     preset = args.preset or ("llama-tiny" if args.smoke else "llama-20m")
     tokens = args.tokens or (8 if args.smoke else 64)
-    levels = [int(x) for x in (args.levels or ("1,4" if args.smoke else "1,4,16")).split(",")]
-    rpc = args.requests_per_client or (1 if args.smoke else 2)
+    levels = [int(x) for x in (args.levels or ("1,4" if args.smoke else ("1,16" if args.model else "1,4,16"))).split(",")]
+    gguf_types = [t for t in (args.llama_cpp or (",".join(GGUF_TYPES) if args.model else "none")).split(",")
+                  if t and t != "none"]
+    if args.out is None:
+        name = "serve_load" + (f"_{Path(args.model).stem if args.model != 'smollm2' else 'smollm2'}".replace("-", "_")
+                               if args.model else "")
+        args.out = str(Path(__file__).parent / "results" / f"{name}.json")
+    rpc = args.requests_per_client or (1 if args.smoke or args.model else 2)
     vocab = 512 if args.smoke else 4096
-    variants = (args.variants or ("eager" if args.smoke else "eager,compiled")).split(",")
+    variants = (args.variants or ("eager" if args.smoke or args.model else "eager,compiled")).split(",")
 
     flops = measure_matmul_flops(256 if args.smoke else 1024, 0.2 if args.smoke else 0.5)
     with tempfile.TemporaryDirectory() as d:
-        lm = load(build(preset, vocab, Path(d), 300 if args.smoke else 1500), name="bench")
+        if args.model:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            import common
+
+            model_dir = common.resolve_model(args.model)
+            preset = args.model
+        else:
+            model_dir = build(preset, vocab, Path(d), 300 if args.smoke else 1500)
+        lm = load(model_dir, name="bench")
         ids = lm.chat_ids([{"role": "user", "content": PROMPT}])  # what the HTTP clients send
         n_params = sum(p.numel() for p in lm.model.parameters())
         load_before = os.getloadavg()
@@ -375,6 +450,7 @@ def main(argv: list[str] | None = None) -> dict:
         all_cores = os.cpu_count() or 1
         # generate() with every core, for the record: is the thread count chosen above unfair to it?
         base_all = baseline(lm, ids, tokens, 1 if args.smoke else 2, all_cores) if all_cores != threads else None
+        llama_cpp = llama_cpp_one_stream(model_dir, Path(d), ids, tokens, rpc, threads, gguf_types) if gguf_types else []
         load_after = os.getloadavg()
     for r in rows:
         r["ratio_vs_generate_b1"] = r["tokens_per_s"] / base["tokens_per_s"]
@@ -393,6 +469,23 @@ def main(argv: list[str] | None = None) -> dict:
     if 16 in http:
         targets["ttft_p95_s_c16"] = http[16]["ttft_p95_s"]
     met = {k: (v <= TARGETS[k] if k.startswith("ttft") else v >= TARGETS[k]) for k, v in targets.items()}
+    # llama.cpp: lmwright's one stream (the best variant, in-process engine and over HTTP) against each export
+    eng1 = next((r for r in rows if r["mode"] == "engine" and r["variant"] == best and r["concurrency"] == 1), None)
+    for lc in llama_cpp:
+        if "tokens_per_s" not in lc:
+            continue
+        if eng1:
+            lc["lmwright_engine_vs_llama_cpp"] = eng1["tokens_per_s"] / lc["tokens_per_s"]
+            lc["lmwright_decode_vs_llama_cpp_decode"] = 1e3 / eng1["wall_ms_per_step"] / lc["decode_tokens_per_s"]
+        if 1 in http:
+            lc["lmwright_http_vs_llama_cpp"] = http[1]["tokens_per_s"] / lc["tokens_per_s"]
+        lc["vs_generate_b1"] = lc["tokens_per_s"] / base["tokens_per_s"]
+    if eng1:
+        for lc in llama_cpp:
+            if lc.get("gguf_type") == "f32" and "lmwright_engine_vs_llama_cpp" in lc:
+                v = lc["lmwright_engine_vs_llama_cpp"]
+                targets["one_stream_vs_llama_cpp_f32"] = v
+                met["one_stream_vs_llama_cpp_f32"] = v >= LLAMA_CPP_TARGET
     result = {
         "bench": "serve_load", "preset": preset, "params": n_params, "new_tokens_per_request": tokens,
         "requests_per_client": rpc, "engine_path": "lean llama" if engine._lean else "generic transformers",
@@ -400,7 +493,10 @@ def main(argv: list[str] | None = None) -> dict:
         "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", ""),
         "baseline_generate_b1": base, "serving": rows,
         "baseline_generate_b1_all_cores": dict(base_all, threads=all_cores) if base_all else None, "decode_step_profile": [o for o in ops if "batch" in o],
-        "targets": {"variant": best, "measured": targets, "target": TARGETS, "met": met},
+        "llama_cpp": llama_cpp,
+        "targets": {"variant": best, "measured": targets,
+                    "target": {**TARGETS, **({"one_stream_vs_llama_cpp_f32": LLAMA_CPP_TARGET} if llama_cpp else {})},
+                    "met": met},
         "compile_warmup_s": compile_s,
         "calibration": {"matmul_flops_fp32": flops, "torch_threads": threads,
                         "loadavg_1m_before": load_before[0], "loadavg_1m_after": load_after[0]},
@@ -435,8 +531,19 @@ def main(argv: list[str] | None = None) -> dict:
               f"{max(0.0, o['python_ms']):.2f} (op times under the profiler)")
     if compile_s is not None:
         print(f"compiled engine: torch.compile + warm-up at engine start took {compile_s:.1f} s")
-    print(f"targets ({best} engine, HTTP):", {k: f"{v:.2f} ({'met' if met[k] else 'NOT met'}, target {TARGETS[k]})"
-                       for k, v in targets.items()})
+    for lc in llama_cpp:
+        if "tokens_per_s" not in lc:
+            print(f"llama.cpp {lc['gguf_type']}: {lc['skipped']}")
+            continue
+        print(f"llama.cpp (xllamacpp) {lc['gguf_type']:<5} one stream {lc['tokens_per_s']:>7.1f} tok/s "
+              f"({lc['vs_generate_b1']:.2f}x generate()), decode only {lc['decode_tokens_per_s']:.1f} tok/s, prompt "
+              f"{lc['prompt_ms']:.0f} ms, file {lc['file_mb']:.0f} MB; lmwright one stream / llama.cpp: engine "
+              f"{lc.get('lmwright_engine_vs_llama_cpp', float('nan')):.2f}, HTTP "
+              f"{lc.get('lmwright_http_vs_llama_cpp', float('nan')):.2f}, decode only "
+              f"{lc.get('lmwright_decode_vs_llama_cpp_decode', float('nan')):.2f}")
+    limits = {**TARGETS, "one_stream_vs_llama_cpp_f32": LLAMA_CPP_TARGET}
+    print(f"targets ({best} engine, HTTP; llama.cpp: in-process engine):",
+          {k: f"{v:.2f} ({'met' if met[k] else 'NOT met'}, target {limits[k]})" for k, v in targets.items()})
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

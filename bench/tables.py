@@ -14,6 +14,9 @@ import common  # noqa: E402
 
 TRAIN_COLS = ["contender", "layout", "precision", "tokens_per_s", "rounds_tokens_per_s", "median_step_s", "peak_rss_mb",
               "first_loss", "final_loss", "lmwright_speedup", "rss_vs_lmwright"]
+REAL_TRAIN_COLS = ["contender", "layout", "tokens_per_s", "tokens_per_cpu_s", "median_step_s", "peak_rss_mb",
+                   "computed_per_real_token", "first_loss", "final_loss", "lmwright_speedup", "lmwright_speedup_cpu",
+                   "rss_vs_lmwright", "model_flops", "vs_sgemm", "vs_sgemm_cpu"]
 PRETRAIN_COLS = ["variant", "tokens_per_s", "median_step_s", "first_steps_s", "model_flops", "vs_sgemm",
                  "vs_bf16_gemm", "speedup", "peak_rss_mb"]
 
@@ -21,22 +24,31 @@ PRETRAIN_COLS = ["variant", "tokens_per_s", "median_step_s", "first_steps_s", "m
 def header(d: dict) -> str:
     m, c = d.get("machine", {}), d.get("calibration", {})
     if "sgemm_flops" in c:
-        return f"_{d['time']}, {common.machine_line(m, c)}_"
+        return f"_{d.get('time')}, {common.machine_line(m, c)}_"
     return f"_{d.get('time')}, machine {m}, calibration {c}_"
 
 
 def render(path: Path) -> str:
     d = json.loads(path.read_text())
     name = d.get("bench", path.stem)
-    out = [f"### {name}", "", header(d), ""]
+    out = [f"### {path.stem}", "", header(d), ""]  # the file: variants of one bench share its name
     if name.startswith("train_throughput"):
         s = d["settings"]
-        out.append(f"{s['preset']}, {s['precision']} autocast, {s['threads'] or 'all'} thread(s), {s['steps']} steps "
-                   f"({s['warmup']} warm-up not timed), best of {s.get('rounds', 1)} round(s); data: {d['data']}")
+        real = s.get("model")
+        out.append(f"{real or s['preset']}, {s['precision']} autocast, {s['threads'] or 'all'} thread(s), {s['steps']} "
+                   f"steps ({s['warmup']} warm-up not timed), best of {s.get('rounds', 1)} round(s)"
+                   + (f", LoRA r={s['lora_r']} alpha={2 * s['lora_r']} all-linear, micro-batch {s['micro']} padded "
+                      f"samples, gradient checkpointing {'on' if s.get('gradient_checkpointing') else 'off'}"
+                      if real else "") + f"; data: {d['data']}")
         rows = [{**r, "layout": r.get("layout", r.get("skipped", r.get("error", ""))),
                  "rounds_tokens_per_s": " / ".join(common.fmt(x) for x in r.get("rounds_tokens_per_s", []) if x)}
                 for r in d["results"]]
-        out += ["", common.markdown_table(rows, TRAIN_COLS)]
+        out += ["", common.markdown_table(rows, REAL_TRAIN_COLS if real else TRAIN_COLS)]
+        if d.get("targets"):
+            out += ["", "targets (wall time / per CPU second): " + "; ".join(
+                f"{k} {common.fmt(v['measured'])} / {common.fmt(v.get('measured_cpu'))} (target {v['target']}: "
+                f"{'met' if v['met'] else 'not met'} / {'met' if v.get('met_cpu') else 'not met'})"
+                for k, v in d["targets"].items() if v["measured"] is not None)]
     elif name == "pretrain_throughput":
         out.append(f"{d['preset']} ({d['parameters'] / 1e6:.1f}M params), {d['flops_per_token'] / 1e6:.0f} MFLOP/token, "
                    f"seq {d['settings']['seq_len']} x micro {d['settings']['micro']}")
@@ -49,7 +61,7 @@ def render(path: Path) -> str:
                 "", common.markdown_table(d["weights"], ["preset", "load", "base_weight_mb", "vs_fp16",
                                                         "block_linear_mb", "block_linear_vs_fp16"]),
                 "", f"targets: {d['targets']}"]
-    elif name == "serve_load":
+    elif name.startswith("serve_load"):
         b = d["baseline_generate_b1"]
         out.append(f"{d['preset']} ({d.get('dtype', 'float32')}), {d['new_tokens_per_request']} new tokens/request, "
                    f"baseline model.generate() batch 1: {b['tokens_per_s']:.1f} tokens/s"
@@ -73,6 +85,12 @@ def render(path: Path) -> str:
             out += ["", common.markdown_table(d["decode_step_profile"], ["variant", "batch", "profiled_ms_per_step",
                                                                         "linear_ms", "attention_ms", "other_ops_ms",
                                                                         "python_ms"])]
+        if d.get("llama_cpp"):
+            out += ["", "llama.cpp (xllamacpp) one stream on `lmwright export --format gguf` of the same weights:", "",
+                    common.markdown_table(d["llama_cpp"], ["gguf_type", "file_mb", "tokens_per_s", "vs_generate_b1",
+                                                           "decode_tokens_per_s", "prompt_ms",
+                                                           "lmwright_engine_vs_llama_cpp", "lmwright_http_vs_llama_cpp",
+                                                           "lmwright_decode_vs_llama_cpp_decode"])]
         if d.get("targets"):
             out += ["", f"targets: {d['targets']}"]
     else:
