@@ -209,3 +209,34 @@ def finish_report(run_: Any, cfg: Any, stage: str, result: Any, before: dict, af
     summary.update({f"after {k}": v for k, v in after.items()})
     run_.write_info(before=before, after=after)
     write_report(run_.dir, f"lmwright {stage} - {run_.dir.name}", [], summary)
+
+
+def train_online(cfg: Any, stage: str, run_: Any, model: torch.nn.Module, policy_of, source: Any, evaluate,
+                 objective, tokenizer, n_prompts: int, has_val: bool, skipped: int):
+    """The part ppo and grpo share once their rollout source is built: record the run, evaluate before,
+    train with the engine (checkpoints save ``policy_of(model)``), evaluate after, write final/ and the
+    report. Returns the run folder."""
+    from lmwright.engine import train
+    from lmwright.models import count_parameters
+    from lmwright.stages._align import base_path_of
+    from lmwright.stages.common import save_final
+
+    trainable, total = count_parameters(model)
+    run_.write_info(model=cfg.model.name, method=cfg.method.name, parameters=total, trainable=trainable,
+                    prompts=n_prompts, skipped_prompts=skipped)
+    before = evaluate(model)
+    log.info("%s before training: %s", stage, before)
+    base = base_path_of(cfg.model, run_.dir / "base")
+
+    def save_model(m, d) -> None:
+        save_final(policy_of(m), tokenizer, d, "causal-lm", method_cfg=cfg.method, base_path=base)
+
+    result = train(model, source, None, objective, cfg.train, run_, evaluate=evaluate if has_val else None,
+                   save_model=save_model)
+    if result.interrupted:
+        return run_.dir
+    after = evaluate(model)
+    save_final(policy_of(model), tokenizer, run_.final, "causal-lm", method_cfg=cfg.method, base_path=base,
+               extra={"stage": stage})
+    finish_report(run_, cfg, stage, result, before, after, skipped)
+    return run_.dir

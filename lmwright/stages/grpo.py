@@ -25,7 +25,7 @@ from lmwright.methods import MethodConfig
 from lmwright.models.presets import ModelConfig
 from lmwright.objectives.base import LossOutput
 from lmwright.stages._online import RewardSpec, RolloutConfig
-from lmwright.stages.common import STAGES, resolve_tokenizer, save_final
+from lmwright.stages.common import STAGES, resolve_tokenizer
 from lmwright.utils.logging import get_logger
 
 log = get_logger("lmwright.grpo")
@@ -125,10 +125,9 @@ def make_objective(cfg: GRPOConfig):
 
 
 def run(cfg: GRPOConfig) -> Path:
-    from lmwright.engine import Run, train
-    from lmwright.models import count_parameters
-    from lmwright.stages._align import Reference, autocast_for, base_path_of, load_policy
-    from lmwright.stages._online import RolloutSource, Scorer, finish_report, load_prompts, make_eval
+    from lmwright.engine import Run
+    from lmwright.stages._align import Reference, autocast_for, load_policy
+    from lmwright.stages._online import RolloutSource, Scorer, load_prompts, make_eval, train_online
 
     tokenizer = check(cfg)["tokenizer"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -143,26 +142,8 @@ def run(cfg: GRPOConfig) -> Path:
                            cfg.train.micro_batch_size, cfg.rollout.epochs, cfg.train.seed,
                            make_rollout_fn(cfg, policy, ref, scorer, tokenizer), autocast_for(cfg.train, device))
     evaluate = make_eval(val_prompts, scorer, tokenizer, cfg.rollout, lambda m: m)
-    trainable, total = count_parameters(policy)
-
-    run_.write_info(model=cfg.model.name, method=cfg.method.name, parameters=total, trainable=trainable,
-                    prompts=len(prompts), skipped_prompts=skipped)
-    before = evaluate(policy)
-    log.info("before training: %s", before)
-    base = base_path_of(cfg.model, run_.dir / "base")
-
-    def save_model(m, d: Path) -> None:
-        save_final(m, tokenizer, d, "causal-lm", method_cfg=cfg.method, base_path=base)
-
-    result = train(policy, source, None, make_objective(cfg), cfg.train, run_,
-                   evaluate=evaluate if val_prompts else None, save_model=save_model)
-    if result.interrupted:
-        return run_.dir
-    after = evaluate(policy)
-    save_final(policy, tokenizer, run_.final, "causal-lm", method_cfg=cfg.method, base_path=base,
-               extra={"stage": "grpo"})
-    finish_report(run_, cfg, "grpo", result, before, after, skipped)
-    return run_.dir
+    return train_online(cfg, "grpo", run_, policy, lambda m: m, source, evaluate, make_objective(cfg), tokenizer,
+                        len(prompts), bool(val_prompts), skipped)
 
 
 class _Stage:
