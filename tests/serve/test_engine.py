@@ -102,6 +102,8 @@ def test_cancel_frees_slot(lm):
 
 def test_queue_bound_and_timeout(lm):
     eng = LocalEngine(lm.model, lm.tokenizer, max_seqs=1, queue_size=1)
+    step = eng._step  # >= 10 ms a decode step: `a` runs >= 2 s, so a stalled test thread (a loaded CI
+    eng._step = lambda: (time.sleep(0.01), step())[1]  # machine) still finds it running when b and c come
     try:
         a = eng.submit(GenerationRequest(lm.prompt_ids("A"), SamplingParams(max_tokens=200, stop_token_ids=[])))
         time.sleep(0.1)  # a is running; b waits; c overflows
