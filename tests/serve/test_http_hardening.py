@@ -52,7 +52,8 @@ def test_timeout_is_504_not_retried(lm):
 
     eng = LocalEngine(SlowLM(lm.model), lm.tokenizer, max_seqs=2)
     with running_server({"tiny": eng}, ServeConfig(timeout_s=0.2)) as (url, _):
-        r = httpx.post(url + CHAT, json={"model": "tiny", "messages": _msg(), "max_tokens": 200, "stop": []},
+        r = httpx.post(url + CHAT, json={"model": "tiny", "messages": _msg(), "max_tokens": 200, "stop": [],
+                                         "ignore_eos": True},  # a sampled EOS must not end it before the timeout
                        timeout=30)
         _is_error(r, 504, "timeout")
         assert r.headers.get("x-should-retry") == "false"
