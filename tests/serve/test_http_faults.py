@@ -126,7 +126,7 @@ def test_disconnect_frees_slot_and_queue_overflow_429(lm):
     eng = LocalEngine(SlowLM(lm.model), lm.tokenizer, max_seqs=1, queue_size=1)
     with running_server({"tiny": eng}) as (url, app):
         long = {"model": "tiny", "messages": _msg(), "max_tokens": 200, "stream": True,
-                "temperature": 1.0, "stop": []}
+                "temperature": 1.0, "stop": [], "ignore_eos": True}  # no sampled EOS ends it early
         with httpx.Client() as c1, httpx.Client() as c2:
             with _stream_lines(c1, url, long) as r1:
                 it = r1.iter_lines()
