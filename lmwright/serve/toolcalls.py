@@ -19,24 +19,21 @@ _PREFIXES = ("[TOOL_CALLS]", "<|python_tag|>", "<tool_calls>")
 
 
 def _as_calls(value: Any, names: set[str]) -> list[dict] | None:
-    """``value`` (parsed JSON) as OpenAI tool calls, or None unless every item is a call of a known tool."""
-    items = value if isinstance(value, list) else [value]
-    calls = []
-    for item in items:
-        fn = item.get("function") if isinstance(item, dict) and isinstance(item.get("function"), dict) else item
-        if not isinstance(fn, dict) or fn.get("name") not in names:
-            return None
-        args = fn.get("arguments", fn.get("parameters", {}))
-        if isinstance(args, str):
-            try:
-                args = json.loads(args) if args.strip() else {}
-            except ValueError:
-                return None
-        if not isinstance(args, dict):
-            return None
-        calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                      "function": {"name": fn["name"], "arguments": json.dumps(args, ensure_ascii=False)}})
-    return calls or None
+    """``value`` (parsed JSON) as OpenAI tool calls, or None unless every item is a call of a known tool.
+    Calls are read by the training data's normaliser (:func:`lmwright.data.formats.tool_calls`: ``name`` +
+    ``arguments``/``parameters``, flat or under ``function``, arguments as an object or a JSON string)."""
+    from lmwright.data.errors import DataError
+    from lmwright.data.formats import tool_calls
+
+    try:
+        calls = tool_calls(value, "answer", "tool_calls", from_json=False)
+    except (DataError, AttributeError, TypeError):
+        return None
+    if any(c["function"]["name"] not in names for c in calls):
+        return None
+    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+             "function": {"name": c["function"]["name"],
+                          "arguments": json.dumps(c["function"]["arguments"], ensure_ascii=False)}} for c in calls]
 
 
 def _json(text: str) -> Any:
