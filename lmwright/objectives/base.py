@@ -36,7 +36,7 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, shift: bool 
     if shift:
         logits = logits[:, :-1, :]
         labels = labels[:, 1:]
-    V = logits.shape[-1]
+    V = logits.shape[-1]  # logits (B, T, V) with labels (B, T), or already flat: (N, V) with (N,)
     flat_logits = logits.reshape(-1, V)  # (B*T, V)
     flat_labels = labels.reshape(-1)  # (B*T,)
     n = (flat_labels != IGNORE_INDEX).sum()
@@ -76,9 +76,53 @@ from lmwright.registry import Registry
 PRETRAIN_OBJECTIVES = Registry("objective", package="lmwright.objectives")
 
 
-def causal_lm_loss(model, batch: dict, chunk_size: int = 0) -> LossOutput:
-    """Next-token loss of a causal LM on a (packed or padded) batch; sum over target tokens."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                position_ids=batch.get("position_ids"), use_cache=False)
-    loss_sum, n = token_cross_entropy(out.logits, batch["labels"], shift=True, chunk_size=chunk_size)
-    return LossOutput(loss_sum=loss_sum, n_targets=n)
+def causal_lm_loss(model, batch: dict, chunk_size: int = 4096) -> LossOutput:
+    """Next-token loss of a causal LM on a (packed or padded) batch; sum over target tokens.
+
+    Only positions whose next token is a target go through the output head (``selected_logits``): an SFT row is
+    mostly prompt, and a (T x vocabulary) logits tensor, its log-softmax and its gradient are the largest
+    tensors of a step. Packed rows attend per sample (``models.attention.packed_kwargs``). Prompt-learning
+    methods prepend virtual tokens: the logits of the last T positions are the rows' own."""
+    import torch
+
+    from lmwright.models.attention import packed_kwargs
+
+    labels = batch["labels"]
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), "use_cache": False}
+    if batch.get("position_ids") is not None:
+        kwargs["position_ids"] = batch["position_ids"]
+    kwargs.update(packed_kwargs(model, batch))
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    logits = selected_logits(model, kwargs, torch.nn.functional.pad(keep, (0, 1)))
+    if logits is None:  # no output head to select at: the whole (B, T, V)
+        T = labels.shape[1]
+        return LossOutput(*token_cross_entropy(model(**kwargs).logits[:, -T:], labels, shift=True,
+                                               chunk_size=chunk_size))
+    return LossOutput(*token_cross_entropy(logits, targets[keep], shift=False, chunk_size=chunk_size))
+
+
+def selected_logits(model, kwargs: dict, select) -> torch.Tensor | None:
+    """``model(**kwargs)``'s logits at the positions where ``select`` (B, T) is true, as an (n, V) tensor, computed
+    by running the output head on those positions only (a pre-hook on ``get_output_embeddings()``; whatever the
+    model does to logits after its head, e.g. soft-capping, still runs). None where there is no head module to
+    hook (the caller computes full logits) or the model is compiled (a hook would recompile it)."""
+    import torch
+
+    bare = getattr(model, "module", model)  # DDP
+    get = getattr(bare, "get_output_embeddings", None)
+    head = get() if get is not None and not hasattr(bare, "_orig_mod") else None
+    if not isinstance(head, torch.nn.Module):
+        return None
+
+    def pick(_module, args):
+        hidden, rest = args[0], args[1:]
+        extra = hidden.shape[1] - select.shape[1]  # virtual tokens of prompt learning come first
+        mask = select if extra == 0 else torch.nn.functional.pad(select, (extra, 0))
+        return (hidden[mask],) + rest
+
+    handle = head.register_forward_pre_hook(pick)
+    try:
+        return model(**kwargs).logits
+    finally:
+        handle.remove()

@@ -141,6 +141,10 @@ def run(cfg: PretrainConfig) -> Path:
 
     # model
     model = build_model(cfg.model, task=obj.task, tokenizer=tokenizer, seed=cfg.train.seed)
+    if obj.task == "causal-lm":
+        from lmwright.models.attention import use_packed_attention
+
+        use_packed_attention(model)  # packed rows attend per sample (same results as the block-diagonal mask)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if hasattr(obj, "prepare_model"):

@@ -22,7 +22,7 @@ from lmwright.data.config import DataConfig
 from lmwright.engine.config import TrainConfig
 from lmwright.methods import MethodConfig
 from lmwright.models.presets import CAUSAL_MODEL_TYPES, ModelConfig
-from lmwright.objectives.base import IGNORE_INDEX, LossOutput, token_cross_entropy
+from lmwright.objectives.base import IGNORE_INDEX, LossOutput, causal_lm_loss
 from lmwright.stages.common import STAGES, flops_per_token, model_family, resolve_tokenizer, save_final
 from lmwright.utils.hardware import choose_mixed_precision
 from lmwright.utils.logging import get_logger
@@ -191,14 +191,7 @@ def make_rows(samples: list[tuple[list[int], list[int]]], seq_len: int, packing:
 
 def sft_loss(model, batch: dict) -> LossOutput:
     """Next-token loss on the labelled tokens (a sum over target tokens, as the engine expects)."""
-    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), "use_cache": False}
-    if batch.get("position_ids") is not None:
-        kwargs["position_ids"] = batch["position_ids"]
-    out = model(**kwargs)
-    T = batch["labels"].shape[1]
-    logits = out.logits[:, -T:]  # prompt/ptuning prepend virtual tokens: (B, P+T, V) -> (B, T, V)
-    loss_sum, n = token_cross_entropy(logits, batch["labels"], shift=True)
-    return LossOutput(loss_sum=loss_sum, n_targets=n)
+    return causal_lm_loss(model, batch)
 
 
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
@@ -310,9 +303,11 @@ def build_causal_model(cfg: Any, tokenizer, run_dir: Path):
     weights are written to ``<run>/base`` so that ``final/`` can be loaded."""
     from lmwright.methods import apply_method, trains_all
     from lmwright.models import build_model
+    from lmwright.models.attention import use_packed_attention
     from lmwright.models.load import resolve_model_path
 
     model = build_model(cfg.model, task="causal-lm", tokenizer=tokenizer, seed=cfg.train.seed)
+    use_packed_attention(model)  # packed rows attend per sample (same results as the block-diagonal mask)
     n_embed = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > n_embed:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but {cfg.model.name} embeds only {n_embed}: "

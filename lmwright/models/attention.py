@@ -1,0 +1,108 @@
+"""Attention for packed rows: each sample of a packed row attends only within itself, computed per sample.
+
+A packed row (``data/packing.py``) holds several samples whose ``position_ids`` restart at 0, and the model
+is called with ``attention_mask=None``. With transformers' ``sdpa`` attention that becomes a block-diagonal
+causal mask over the whole row: every head computes the full (T x T) score square and masks most of it away
+(a 512-token row of ~2.5 samples computes ~2.5x the scores it needs, and the masked kernel is slower than the
+causal one). ``packed_sdpa`` is registered as the attention implementation ``lmwright_packed``. A training
+forward over packed rows passes the rows' samples as ``lmwright_segments`` (:func:`packed_kwargs`; transformers
+hands unknown keyword arguments down to the attention function, and gradient checkpointing replays them), and
+then each sample's own slice runs SDPA with ``is_causal=True``: exactly the attention of the block-diagonal
+mask (the same keys, causal order and scale). Without that argument (padded batches, a KV cache, generation,
+evaluation) the call goes to transformers' own ``sdpa_attention_forward`` unchanged, as do sliding windows,
+soft-capping and requested attention weights. The mask function is sdpa's, and ``_attn_implementation`` is
+not written into ``config.json``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+NAME = "lmwright_packed"
+
+
+def segments(position_ids) -> list[list[tuple[int, int]]]:
+    """Per row, the (start, end) of each sample: a new sample starts where the position does not go up by one
+    (the rule of transformers' ``find_packed_sequence_indices``)."""
+    import torch
+
+    first = position_ids[:, :1] - 1
+    starts = torch.diff(position_ids, prepend=first, dim=-1) != 1
+    T = position_ids.shape[1]
+    out = []
+    for row in starts.tolist():
+        idx = [t for t, s in enumerate(row) if s] or [0]
+        if idx[0] != 0:
+            idx = [0] + idx
+        out.append(list(zip(idx, idx[1:] + [T])))
+    return out
+
+
+def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                **kwargs: Any):
+    """``(B, T, H, D)`` attention output, like transformers' ``sdpa_attention_forward``."""
+    import torch
+    import torch.nn.functional as F
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    segs_per_row = kwargs.pop("lmwright_segments", None)
+    T = query.shape[2]
+    plain = (segs_per_row is None or key.shape[2] != T or len(segs_per_row) != query.shape[0]
+             or kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None
+             or kwargs.get("output_attentions") or kwargs.get("position_bias") is not None
+             or not getattr(module, "is_causal", True) or any(segs[-1][1] != T for segs in segs_per_row))
+    if plain:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    B = query.shape[0]
+    groups = getattr(module, "num_key_value_groups", 1)
+    rows = []
+    for b, segs in enumerate(segs_per_row):
+        q, k, v = query[b:b + 1], key[b:b + 1], value[b:b + 1]
+        parts = [F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], dropout_p=dropout,
+                                                scale=scaling, is_causal=True, enable_gqa=groups > 1)
+                 for s, e in segs]
+        rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
+    out = rows[0] if B == 1 else torch.cat(rows, dim=0)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Make ``lmwright_packed`` a name transformers' attention and mask interfaces know (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    if NAME not in AttentionInterface._global_mapping:
+        AttentionInterface.register(NAME, packed_sdpa)
+    if NAME not in AttentionMaskInterface._global_mapping:
+        AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+def use_packed_attention(model) -> bool:
+    """Switch a model that uses ``sdpa`` to ``lmwright_packed`` (same results, per-sample attention on packed
+    rows). Returns whether it switched; a model on eager, flash or flex attention is left alone."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) != "sdpa" \
+            or getattr(config, "is_encoder_decoder", False):
+        return False
+    register()
+    config._attn_implementation = NAME
+    for sub in (getattr(model, "base_model", None), getattr(getattr(model, "base_model", None), "model", None)):
+        sub_cfg = getattr(sub, "config", None)
+        if sub_cfg is not None and sub_cfg is not config and getattr(sub_cfg, "_attn_implementation", None) == "sdpa":
+            sub_cfg._attn_implementation = NAME
+    return True
+
+
+def packed_kwargs(model, batch: dict) -> dict:
+    """The extra forward arguments for a packed batch (rows with ``position_ids`` and no ``attention_mask``) of a
+    model switched by :func:`use_packed_attention`; empty otherwise (the model then runs as before)."""
+    pos = batch.get("position_ids")
+    if pos is None or batch.get("attention_mask") is not None:
+        return {}
+    bare = getattr(model, "module", model)  # DDP wraps the module
+    if hasattr(bare, "_orig_mod"):  # torch.compile: a Python list argument would be a guard (a recompile per batch)
+        return {}
+    if getattr(getattr(bare, "config", None), "_attn_implementation", None) != NAME:
+        return {}
+    return {"lmwright_segments": segments(pos)}
