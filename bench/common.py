@@ -334,7 +334,8 @@ def alpaca_conversations(path: str | Path, n: int | None = None, seed: int = 3) 
     return [alpaca_to_messages(r) for r in records[:n]]
 
 
-def model_flops_per_token(config, full: bool, adapter_params: int, mean_context: float) -> float:
+def model_flops_per_token(config, full: bool, adapter_params: int, mean_context: float,
+                          target_fraction: float = 1.0) -> float:
     """Training FLOPs per real token of a Llama-style decoder, counted for the work that has to run.
 
     Every weight matmul (blocks and the output projection; the embedding lookup is free) costs 2 FLOPs per
@@ -346,7 +347,9 @@ def model_flops_per_token(config, full: bool, adapter_params: int, mean_context:
     layers, d, vocab = config.num_hidden_layers, config.hidden_size, config.vocab_size
     kv = config.num_key_value_heads * getattr(config, "head_dim", d // config.num_attention_heads)
     block = layers * (2 * d * d + 2 * d * kv + 3 * d * config.intermediate_size)  # q, o, k, v, gate/up/down
-    matmul = block + d * vocab
+    # the output projection is needed only where the loss has a target (an SFT prompt has none): counted for
+    # that fraction of the tokens, for every contender alike (those that project every position do more work)
+    matmul = block + d * vocab * target_fraction
     return matmul * (6 if full else 4) + 6 * adapter_params + 12.0 * layers * d * mean_context
 
 

@@ -117,15 +117,19 @@ def prepare(args, workdir: Path) -> dict[str, Any]:
         mean_len = sum(lens) / len(lens)
         # causal attention within a sample: a token attends to (its position + 1) tokens, (L + 1) / 2 on average
         mean_context = sum(n * (n + 1) / 2 for n in lens) / sum(lens)
+        # positions whose next token is a target (the loss needs their logits): the answers, not the prompts
+        target_fraction = sum(sum(1 for t in lab[1:] if t != -100) for _, lab in samples) / sum(lens)
         # same real tokens per optimizer step for both layouts: padded micro-batch of `micro` samples,
         # packed micro-batch of the rows those samples fill
         packed_micro = max(1, round(args.micro * mean_len / args.seq_len))
         (workdir / "samples.json").write_text(json.dumps(samples))
         (workdir / "convs.json").write_text(json.dumps([{"messages": c} for c in convs]))
         spec.update(micro=args.micro, packed_micro=packed_micro, accum=args.accum,
-                    data=str(workdir / "samples.json"), convs=str(workdir / "convs.json"), mean_context=mean_context)
+                    data=str(workdir / "samples.json"), convs=str(workdir / "convs.json"), mean_context=mean_context,
+                    target_fraction=target_fraction)
         stats = {"source": data or "synthetic long-tail chats", "samples": len(samples),
                  "truncated": enc["truncated"], "mean_len": mean_len, "mean_context": mean_context,
+                 "target_fraction": target_fraction,
                  "median_len": lens[len(lens) // 2], "p90_len": lens[int(len(lens) * 0.9)], "max_len": lens[-1],
                  "padded_micro": args.micro, "packed_micro": packed_micro, "seq_len": args.seq_len}
     return {"spec": spec, "data_stats": stats}
@@ -175,6 +179,7 @@ def worker_lmwright(spec: dict) -> dict:
     from lmwright.engine import Run, train
     from lmwright.engine.config import TrainConfig
     from lmwright.methods import MethodConfig, apply_method
+    from lmwright.models.attention import use_packed_attention
     from lmwright.objectives.base import causal_lm_loss
     from lmwright.stages.sft import sft_loss
 
@@ -185,6 +190,7 @@ def worker_lmwright(spec: dict) -> dict:
         data = pack_bfd([tuple(s) for s in data], spec["seq_len"], spec["pad_id"])
         micro = spec["packed_micro"]
         r = spec.get("lora_r") or 8
+        use_packed_attention(model)  # as the sft stage's model builder does: packed rows attend per sample
         model = apply_method(model, MethodConfig(name=spec["method"], r=r, alpha=2.0 * r), "causal-lm")
         if spec.get("gradient_checkpointing"):  # as the sft stage does for model.gradient_checkpointing
             model.gradient_checkpointing_enable()
@@ -203,9 +209,15 @@ def worker_lmwright(spec: dict) -> dict:
                       log_every=1, eval_every=0, save_every=0, load_best_at_end=False, progress=False,
                       mixed_precision=mp, compile=bool(spec.get("compile")))
     run = Run.create(cfg.output_dir, cfg.run_name, spec["stage"])
+    probe = None
+    if spec.get("model_dir"):  # what `mixed_precision: auto` picks for this model here (the run uses --precision)
+        from lmwright.utils.hardware import choose_mixed_precision, probe_decides
+        from lmwright.utils.precision import bf16_probe
+
+        probe = bf16_probe(model) if probe_decides() else {"choice": choose_mixed_precision("auto", model)}
     clock.start()
     train(model, data, collate, objective, cfg, run, on_log=lambda rec: clock.step_end(rec["loss"]))
-    return _finish(clock, spec, mp, model=model, micro=micro,
+    return _finish(clock, spec, mp, model=model, micro=micro, auto_precision=probe,
                    layout="packed (bfd)" if spec["stage"] == "sft" else "packed rows")
 
 
@@ -327,7 +339,8 @@ def _flops(model, spec: dict) -> dict:
     full = spec["method"] == "full"
     try:
         cfg = getattr(model, "config", None) or model.get_base_model().config
-        fpt = common.model_flops_per_token(cfg, full, 0 if full else adapter, spec["mean_context"])
+        fpt = common.model_flops_per_token(cfg, full, 0 if full else adapter, spec["mean_context"],
+                                           spec.get("target_fraction", 1.0))
     except AttributeError:  # not a Llama-style config
         return {}
     start, end = spec.get("gemm_start") or {}, _gemm_flops()

@@ -8,6 +8,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# mixed_precision auto: no timing probe (utils/precision.py), so a test's precision does not depend on the machine's
+# load; tests/utils/test_hardware.py turns it on
+os.environ.setdefault("LMWRIGHT_PRECISION_PROBE", "off")
 
 
 def pytest_configure(config):

@@ -26,7 +26,9 @@ class TrainConfig:
     betas: list[float] = opt([0.9, 0.95], "AdamW betas")
     max_grad_norm: float = opt(1.0, "clip the global gradient norm to this (0 = no clipping)")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = opt(
-        "auto", "autocast precision; auto = bf16 only where the hardware has native bf16, else fp32")
+        "auto", "autocast precision; auto = bf16 where it trains this model faster: CUDA with bf16, a CPU "
+                "with AMX, or a CPU with avx512_bf16 where a short cached probe on the model measures it >= 1.25x "
+                "faster than fp32 (logged, in run.json); else fp32")
     compile: bool = opt(False, "torch.compile the model")
     log_every: int = opt(10, "log metrics every N optimizer steps")
     eval_every: int = opt(50, "evaluate on validation every N steps (0 = only at the end)")

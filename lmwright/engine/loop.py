@@ -85,12 +85,13 @@ def set_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int, total:
     return lr
 
 
-def make_accelerator(cfg: TrainConfig):
+def make_accelerator(cfg: TrainConfig, model: torch.nn.Module | None = None):
+    """The accelerator of a run; ``mixed_precision: auto`` decides on ``model`` (utils.hardware)."""
     from accelerate import Accelerator
 
     from lmwright.utils.hardware import choose_mixed_precision
 
-    mp = choose_mixed_precision(cfg.mixed_precision)
+    mp = choose_mixed_precision(cfg.mixed_precision, model)
     _allow_new_precision(mp)
     return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
 
@@ -219,7 +220,7 @@ def train(model: torch.nn.Module, train_data: Sequence, collate: Callable, objec
           derive_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None,
           on_log: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
     """Train ``model`` until ``cfg.max_steps`` (or ``cfg.epochs``); see the module docstring."""
-    acc = accelerator or make_accelerator(cfg)
+    acc = accelerator or make_accelerator(cfg, model)
     device = acc.device
     world, rank = acc.num_processes, acc.process_index
     run.is_main = acc.is_main_process
@@ -282,6 +283,12 @@ def train(model: torch.nn.Module, train_data: Sequence, collate: Callable, objec
 
         peak, how = peak_flops("bf16" if acc.mixed_precision == "bf16" else "fp32")
         run.write_info(peak_flops=peak, peak_flops_source=how)
+    if cfg.mixed_precision == "auto":
+        from lmwright.utils.hardware import probe_decides
+        from lmwright.utils.precision import bf16_probe
+
+        if probe_decides():  # the figures auto went by (measured earlier in this process or cached)
+            run.write_info(precision_probe=bf16_probe(model))
     run.write_info(total_steps=steps, world_size=world, mixed_precision=acc.mixed_precision,
                    global_batch=cfg.micro_batch_size * cfg.grad_accum * world)
 

@@ -105,7 +105,7 @@ def evaluate_run(model: str | Path, run: RunData, task: Any, limit: int | None =
     if max_new_tokens and hasattr(cfg, "max_new_tokens"):
         cfg.max_new_tokens = max_new_tokens
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = run.info.get("mixed_precision") or choose_mixed_precision(cfg.train.mixed_precision)
+    precision = run.info.get("mixed_precision") or choose_mixed_precision(cfg.train.mixed_precision, model)
     with precision_of(precision, device):
         metrics = task.on_run(model, run, device, limit)
     data = {"split": "validation", "path": list(cfg.data.path), "val_path": list(cfg.data.val_path),

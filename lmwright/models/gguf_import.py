@@ -404,11 +404,9 @@ def generation_config(tok, meta: dict[str, Any]):
 
 # ------------------------------------------------------------------------------------------ caching
 def cache_dir() -> Path:
-    root = os.environ.get("LMWRIGHT_CACHE")
-    if not root:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        root = str(Path(xdg) / "lmwright") if xdg else str(Path.home() / ".cache" / "lmwright")
-    return Path(root) / "gguf"
+    from lmwright.utils.files import cache_dir as lmwright_cache
+
+    return lmwright_cache("gguf")
 
 
 def file_digest(path: Path) -> str:

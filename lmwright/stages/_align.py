@@ -225,12 +225,12 @@ def reward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
 
 
-def autocast_for(train_cfg, device: str):
-    """The autocast the engine trains under (``train.mixed_precision``), so that rollout / reference
+def autocast_for(train_cfg, device: str, model):
+    """The autocast the engine trains ``model`` under (``train.mixed_precision``), so that rollout / reference
     log-probs computed outside the engine use the same precision as the training forward."""
     from lmwright.utils import hardware
 
-    return hardware.autocast_for(hardware.choose_mixed_precision(train_cfg.mixed_precision), device)
+    return hardware.autocast_for(hardware.choose_mixed_precision(train_cfg.mixed_precision, model), device)
 
 
 # ------------------------------------------------------------------------------------ sampling

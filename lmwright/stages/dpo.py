@@ -307,7 +307,7 @@ def run(cfg: DPOConfig) -> Path:
     disable_dropout(model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
-    autocast = partial(autocast_for, cfg.train, device)  # the precision of the engine's training forward
+    autocast = partial(autocast_for, cfg.train, device, model)  # the precision of the engine's training forward
     needs_ref = cfg.loss not in REFERENCE_FREE
     ref = Reference(model, keep_copy=needs_ref and not cfg.precompute_ref)
     if needs_ref and cfg.precompute_ref:

@@ -140,7 +140,7 @@ def run(cfg: GRPOConfig) -> Path:
     scorer = Scorer(cfg.reward, device)
     source = RolloutSource(prompts, cfg.rollout.batch_size // cfg.group_size, cfg.rollout.batch_size,
                            cfg.train.micro_batch_size, cfg.rollout.epochs, cfg.train.seed,
-                           make_rollout_fn(cfg, policy, ref, scorer, tokenizer), autocast_for(cfg.train, device))
+                           make_rollout_fn(cfg, policy, ref, scorer, tokenizer), autocast_for(cfg.train, device, policy))
     evaluate = make_eval(val_prompts, scorer, tokenizer, cfg.rollout, lambda m: m)
     return train_online(cfg, "grpo", run_, policy, lambda m: m, source, evaluate, make_objective(cfg), tokenizer,
                         len(prompts), bool(val_prompts), skipped)

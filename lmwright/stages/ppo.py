@@ -167,7 +167,7 @@ def run(cfg: PPOConfig) -> Path:
     scorer = Scorer(cfg.reward, device)
     source = RolloutSource(prompts, cfg.rollout.batch_size, cfg.rollout.batch_size, cfg.train.micro_batch_size,
                            cfg.rollout.epochs, cfg.train.seed, make_rollout_fn(cfg, pv, ref, scorer, tokenizer),
-                           autocast_for(cfg.train, device))
+                           autocast_for(cfg.train, device, pv))
     evaluate = make_eval(val_prompts, scorer, tokenizer, cfg.rollout, lambda m: m.policy)
     return train_online(cfg, "ppo", run_, pv, lambda m: m.policy, source, evaluate, make_objective(cfg), tokenizer,
                         len(prompts), bool(val_prompts), skipped)

@@ -292,7 +292,7 @@ def validation_metrics(cfg: SFTConfig, model, tokenizer, val_ds: list | None, co
     answers: list[str] = []
     if em_convs:
         out["val_exact_match"], answers = exact_match(model, tokenizer, em_convs, cfg.max_new_tokens,
-                                                      choose_mixed_precision(cfg.train.mixed_precision))
+                                                      choose_mixed_precision(cfg.train.mixed_precision, model))
     return out, answers
 
 
@@ -363,7 +363,7 @@ def run(cfg: SFTConfig) -> Path:
 
     def evaluate(m) -> dict[str, float]:
         return {"val_exact_match": exact_match(m, tokenizer, em_convs, cfg.max_new_tokens,
-                                               choose_mixed_precision(cfg.train.mixed_precision))[0]} if em_convs else {}
+                                               choose_mixed_precision(cfg.train.mixed_precision, m))[0]} if em_convs else {}
 
     def save_model(m, d: Path) -> None:
         save_final(m, tokenizer, d, "causal-lm", method_cfg=cfg.method, base_path=base_path)

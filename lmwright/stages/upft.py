@@ -155,7 +155,7 @@ def run(cfg: UPFTConfig) -> Path:
                     train_rows=len(train_ds))
     tokenizer.save_pretrained(str(run_.dir / "tokenizer"))
 
-    precision = choose_mixed_precision(cfg.train.mixed_precision)
+    precision = choose_mixed_precision(cfg.train.mixed_precision, model)
     before: dict[str, float] = {}
     if val_ds:
         before = evaluate_loss(model, sft.sft_loss, val_ds, collate, cfg.train.micro_batch_size, device,

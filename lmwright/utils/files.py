@@ -9,6 +9,16 @@ import shutil
 from pathlib import Path
 
 
+def cache_dir(*parts: str) -> Path:
+    """lmwright's cache folder: ``$LMWRIGHT_CACHE``, else ``$XDG_CACHE_HOME/lmwright``, else ``~/.cache/lmwright``
+    (then ``parts`` below it): GGUF imports, the precision probe's figures."""
+    root = os.environ.get("LMWRIGHT_CACHE")
+    if not root:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        root = str(Path(xdg) / "lmwright") if xdg else str(Path.home() / ".cache" / "lmwright")
+    return Path(root).joinpath(*parts)
+
+
 def fsync_tree(root: Path) -> None:
     """fsync every file and folder under ``root`` (then ``root``): its data is on disk before a rename
     publishes it, so a power loss cannot leave a renamed folder with empty or short files."""

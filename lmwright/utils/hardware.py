@@ -33,16 +33,30 @@ def cpu_has_native_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & flags)
 
 
-def cpu_bf16_pays() -> bool:
-    """Whether ``mixed_precision: auto`` trains in bf16 on this CPU: only with AMX tiles.
+def probe_decides() -> bool:
+    """Whether ``auto`` asks :mod:`lmwright.utils.precision`'s probe: a CPU run with avx512_bf16 and no AMX."""
+    import torch
 
-    Measured by bench/precision.py (bench/README.md, CPU flags beside each figure): with AMX, bf16 is ~1.6x
-    faster than fp32. With avx512_bf16 alone the answer depends on the model's size: one training step of
-    llama-tiny (0.2M) 0.78x, llama-demo (2M) 1.15x, llama-20m 1.56x (AMD EPYC, 2 cores, 2026-12-01), and its
-    numerics are coarser; without either, ~3x slower. So without AMX 'auto' stays fp32 (set
-    ``train.mixed_precision=bf16`` for models of ~20M parameters and up); choosing per model size is open.
+    flags = cpu_flags()
+    return not torch.cuda.is_available() and "avx512_bf16" in flags and "amx_bf16" not in flags
+
+
+def cpu_bf16_pays(model=None) -> bool:
+    """Whether ``mixed_precision: auto`` trains in bf16 on this CPU.
+
+    With AMX tiles, yes (~1.6x faster than fp32, bench/precision.py); without avx512_bf16 or AMX, no (~3x
+    slower). With avx512_bf16 alone it depends on the model's size (a 1M-parameter model 0.6x, SmolLM2-135M
+    ~1.4x on the same CPU): a short probe on ``model`` decides (:func:`lmwright.utils.precision.bf16_probe`,
+    logged and cached). Without a model to probe, fp32.
     """
-    return "amx_bf16" in cpu_flags()
+    flags = cpu_flags()
+    if "amx_bf16" in flags:
+        return True
+    if "avx512_bf16" not in flags or model is None:
+        return False
+    from lmwright.utils.precision import bf16_probe
+
+    return bf16_probe(model)["choice"] == "bf16"
 
 
 def device_type() -> str:
@@ -61,13 +75,13 @@ def bf16_native() -> bool:
     return cpu_has_native_bf16()
 
 
-def bf16_faster() -> bool:
-    """What ``mixed_precision: auto`` goes by: a CUDA GPU with bf16, or a CPU with AMX."""
+def bf16_faster(model=None) -> bool:
+    """What ``mixed_precision: auto`` goes by: a CUDA GPU with bf16, or a CPU where bf16 trains ``model`` faster."""
     import torch
 
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
-    return cpu_bf16_pays()
+    return cpu_bf16_pays(model)
 
 
 def preferred_dtype():
@@ -78,14 +92,15 @@ def preferred_dtype():
     return torch.float32
 
 
-def choose_mixed_precision(requested: str) -> str:
-    """'auto' -> bf16 where it trains faster than fp32 (CUDA with bf16, a CPU with AMX), else 'no' (fp32).
+def choose_mixed_precision(requested: str, model=None) -> str:
+    """'auto' -> bf16 where it trains ``model`` faster than fp32 (CUDA with bf16, a CPU with AMX, a CPU with
+    avx512_bf16 where the probe measured it faster), else 'no' (fp32).
 
-    Not merely where bf16 is native: on a CPU with avx512_bf16 and no AMX it is not faster (see
-    :func:`cpu_bf16_pays`)."""
+    Not merely where bf16 is native: on a CPU with avx512_bf16 and no AMX, small models train slower in bf16
+    (see :func:`cpu_bf16_pays`). Every caller in a run passes the model it trains, so all get one answer."""
     if requested != "auto":
         return requested
-    return "bf16" if bf16_faster() else "no"
+    return "bf16" if bf16_faster(model) else "no"
 
 
 def autocast_for(mixed_precision: str, device: str):
