@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from lmwright.config import ConfigError, opt
-from lmwright.data.corruption import pad_rows
+from lmwright.data.packing import pad_batch
 from lmwright.models.pooling import pool, read_pooling, sentence_vectors  # noqa: F401 (pool: re-exported)
 from lmwright.objectives.base import PRETRAIN_OBJECTIVES, LossOutput
 
@@ -142,7 +142,7 @@ class PairCollator:
     def __call__(self, rows: list[dict]) -> dict[str, Any]:
         negs = [r["negative"] for r in rows if r.get("negative")]
         seqs = [r["anchor"] for r in rows] + [r["positive"] for r in rows] + negs
-        ids, mask = pad_rows(seqs, self.pad_id)  # (2B + Bn, T)
+        ids, mask = pad_batch(seqs, self.pad_id)  # (2B + Bn, T)
         return {"input_ids": ids, "attention_mask": mask, "n_anchor": len(rows), "n_negative": len(negs)}
 
 
@@ -176,7 +176,7 @@ def embed_rows(model, seqs: list[list[int]], pad_id: int, pooling: str = "mean",
     device = next(model.parameters()).device
     out = []
     for s in range(0, len(seqs), batch_size):
-        ids, mask = pad_rows(seqs[s:s + batch_size], pad_id)
+        ids, mask = pad_batch(seqs[s:s + batch_size], pad_id)
         out.append(encode(model, ids.to(device), mask.to(device), pooling).cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, 0)

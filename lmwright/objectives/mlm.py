@@ -22,6 +22,7 @@ import torch
 
 from lmwright.config import ConfigError, opt
 from lmwright.data import corruption
+from lmwright.data.packing import pad_batch
 from lmwright.objectives.base import IGNORE_INDEX, PRETRAIN_OBJECTIVES, LossOutput, token_cross_entropy
 
 
@@ -106,7 +107,7 @@ class MLMCollator:
         self.word_starts = corruption.word_start_table(tokenizer) if cfg.whole_word else None
 
     def __call__(self, rows: list[dict], generator: torch.Generator | None = None) -> dict[str, Any]:
-        ids, mask = corruption.pad_rows([r["input_ids"] for r in rows], self.pad_id)  # (B, T) each
+        ids, mask = pad_batch([r["input_ids"] for r in rows], self.pad_id)  # (B, T) each
         corrupted, labels = corruption.mlm_mask(ids, self.special, self.mask_id, self.vocab_size,
                                                 self.cfg.probability, self.cfg.mask_frac, self.cfg.random_frac,
                                                 self.word_starts, generator)

@@ -4,8 +4,8 @@ Read top to bottom: config -> tokenizer -> conversations (alpaca records become 
 ids and loss masks from the tokenizer's chat template -> packed (bfd) or padded rows -> model +
 method -> exact match before -> engine.train -> final/ -> exact match after + sample answers -> report.
 
-The helpers ``conversations``, ``encode``, ``make_rows``, ``sft_loss`` and ``generate`` are the SFT data
-path; ``upft`` reuses them on self-sampled responses.
+The helpers ``conversations``, ``encode``, ``make_rows``, ``sft_loss`` and ``exact_match`` are the SFT data
+path; ``upft`` reuses them on self-sampled responses (generation: ``engine.sampling.generate_batch``).
 """
 
 from __future__ import annotations
@@ -201,46 +201,6 @@ def sft_loss(model, batch: dict) -> LossOutput:
     return LossOutput(loss_sum=loss_sum, n_targets=n)
 
 
-def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
-             batch_size: int = 16, seed: int = 0) -> list[tuple[list[int], bool]]:
-    """(new token ids without the stop token, finished) per prompt; left-padded batches, greedy at 0."""
-    import torch
-
-    from lmwright.data.chat import stop_token_ids
-
-    stops = stop_token_ids(tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    torch.manual_seed(seed)
-    from lmwright.methods.peft_methods import generate_uncached, is_prompt_learning
-
-    if is_prompt_learning(model):  # peft's cached generate disagrees with their forward: see generate_uncached
-        out = generate_uncached(model, prompts, max_new_tokens, stops, temperature)
-        model.train(was_training)
-        return out
-    out: list[tuple[list[int], bool]] = []
-    for s in range(0, len(prompts), batch_size):
-        chunk = prompts[s:s + batch_size]
-        T = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), T), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), T), dtype=torch.long)
-        for i, p in enumerate(chunk):
-            ids[i, T - len(p):] = torch.tensor(p)
-            mask[i, T - len(p):] = 1
-        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 \
-            else {"do_sample": False}
-        with torch.no_grad():
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                 max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad, **sampling)
-        for row in gen[:, T:].tolist():
-            end = next((j for j, t in enumerate(row) if t in stops), None)
-            out.append((row[:end] if end is not None else row, end is not None))
-    model.train(was_training)
-    return out
-
-
 def exact_match(model, tokenizer, convs: list[list[dict]], max_new_tokens: int,
                 precision: str = "no") -> tuple[float, list[str]]:
     """Share of conversations whose last assistant turn is reproduced exactly (greedy; the rule of
@@ -249,13 +209,14 @@ def exact_match(model, tokenizer, convs: list[list[dict]], max_new_tokens: int,
     model's ``generate`` would otherwise skip the accelerator's autocast that a fully trained model's gets."""
     from lmwright.data.chat import render_prompt_ids
     from lmwright.engine import metrics
+    from lmwright.engine.sampling import generate_batch
     from lmwright.utils.hardware import autocast_for
 
     if not convs:
         return float("nan"), []
     prompts = [render_prompt_ids(tokenizer, c[:-1], tools=getattr(c, "tools", None)) for c in convs]
     with autocast_for(precision, next(model.parameters()).device.type):
-        generated = generate(model, tokenizer, prompts, max_new_tokens)
+        generated = generate_batch(model, tokenizer, prompts, max_new_tokens)
     answers = [tokenizer.decode(a, skip_special_tokens=True).strip() for a, _ in generated]
     hits = sum(metrics.exact_match(a, c[-1]["content"]) for a, c in zip(answers, convs))
     return hits / len(convs), answers

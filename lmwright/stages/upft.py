@@ -93,6 +93,7 @@ def prompt_conversations(records: list[dict], fmt: str, system_prompt: str | Non
 def sample_responses(model, tokenizer, prompts: list[list[dict]], cfg: UPFTConfig) -> list[dict]:
     """One sampled response per prompt: k tokens for most, a whole one for a ``full_share`` of them."""
     from lmwright.data.chat import render_prompt_ids
+    from lmwright.engine.sampling import generate_batch
 
     rng = random.Random(cfg.train.seed)
     full = set(rng.sample(range(len(prompts)), round(cfg.full_share * len(prompts))))
@@ -100,7 +101,8 @@ def sample_responses(model, tokenizer, prompts: list[list[dict]], cfg: UPFTConfi
     for is_full, budget in ((False, cfg.prefix_tokens), (True, cfg.max_new_tokens)):
         idx = [i for i in range(len(prompts)) if (i in full) == is_full]
         ids = [render_prompt_ids(tokenizer, prompts[i]) for i in idx]
-        gen = sft.generate(model, tokenizer, ids, budget, cfg.temperature, cfg.sample_batch_size, cfg.train.seed)
+        gen = generate_batch(model, tokenizer, ids, budget, cfg.temperature, batch_size=cfg.sample_batch_size,
+                             seed=cfg.train.seed)
         for i, (toks, finished) in zip(idx, gen):
             text = tokenizer.decode(toks, skip_special_tokens=True)
             out[i] = {"messages": prompts[i] + [{"role": "assistant", "content": text}], "full": is_full,
