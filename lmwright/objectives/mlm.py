@@ -137,17 +137,6 @@ def pseudo_perplexity(model, rows: list[list[int]], tokenizer) -> float:
     return math.exp(min(nll / max(n, 1), 50.0))
 
 
-def load_masked_lm(path: str):
-    """(model, tokenizer) of a run folder, checkpoint or Hugging Face folder, as ``AutoModelForMaskedLM``."""
-    from lmwright.models.load import load_model, load_tokenizer, resolve_model_path
-
-    p = resolve_model_path(path)
-    tok_dir = p if (p / "tokenizer_config.json").exists() else p.parent / "tokenizer"
-    model = load_model(p, task="masked-lm")
-    model.eval()
-    return model, load_tokenizer(tok_dir)
-
-
 @torch.no_grad()
 def fill_mask(model, tokenizer, text: str, top_k: int = 5) -> list[list[tuple[str, float]]]:
     """Top-k (token, probability) for every mask in ``text``; the literal ``<mask>`` is read as the

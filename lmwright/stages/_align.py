@@ -69,6 +69,27 @@ def encode_reply(tokenizer, prompt: Messages, reply: str | Messages, max_prompt_
     return {"input_ids": ids, "labels": labels}
 
 
+def encode_pairs(records: list[dict], tokenizer, cfg) -> tuple[list[dict], int]:
+    """Chosen and rejected replies rendered with the chat template (the reward and dpo stages' pairs); returns
+    (items, skipped-too-long). ``cfg`` has max_prompt_tokens, max_length and skip_long."""
+    items, skipped = [], 0
+    for i, r in enumerate(records):
+        prompt = as_messages(r["prompt"], "user")
+        c = encode_reply(tokenizer, prompt, r["chosen"], cfg.max_prompt_tokens, cfg.max_length)
+        j = encode_reply(tokenizer, prompt, r["rejected"], cfg.max_prompt_tokens, cfg.max_length)
+        if c is None or j is None:
+            if not cfg.skip_long:
+                raise ConfigError(f"record {i}: the prompt is longer than max_prompt_tokens={cfg.max_prompt_tokens}; "
+                                  "raise it or set skip_long=true")
+            skipped += 1
+            continue
+        if c["input_ids"] == j["input_ids"]:  # identical after truncation: nothing to learn
+            skipped += 1
+            continue
+        items.append({"chosen": c, "rejected": j})
+    return items, skipped
+
+
 def collate_lm(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded (B, T) input_ids / labels / attention_mask (``data.packing.collate_padded``) and the
     count of real tokens."""
