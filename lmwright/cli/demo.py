@@ -23,22 +23,19 @@ def run(args) -> int:
     from lmwright.config import load_config
     from lmwright.demo import DemoConfig, run_demo
 
+    def overrides(first: list[str], quick: list[str]) -> list[str]:
+        """``first`` + the command line's overrides + --workdir, after the --quick budgets (which they beat)."""
+        out = first + list(args.overrides) + ([f"workdir={args.workdir}"] if args.workdir else [])
+        return quick + out if args.quick else out
+
     if args.model:
         from lmwright.demo.real import RealDemoConfig, run_real_demo
 
-        overrides = [f"model={args.model}"] + list(args.overrides)
-        if args.workdir:
-            overrides.append(f"workdir={args.workdir}")
-        if args.quick:
-            overrides = ["train_records=64", "eval_prompts=4", "sft_steps=2", "align_steps=1", "micro_batch_size=2",
-                         "export=false"] + overrides
-        run_real_demo(load_config(RealDemoConfig, args.config, overrides))
+        run_real_demo(load_config(RealDemoConfig, args.config, overrides(
+            [f"model={args.model}"], ["train_records=64", "eval_prompts=4", "sft_steps=2", "align_steps=1",
+                                      "micro_batch_size=2", "export=false"])))
         return 0
-    overrides = list(args.overrides)
-    if args.workdir:
-        overrides.append(f"workdir={args.workdir}")
-    if args.quick:
-        overrides = ["docs=600", "pretrain_steps=20", "sft_steps=10", "align_steps=4", "model=llama-tiny",
-                     "micro_batch_size=8"] + overrides
-    run_demo(load_config(DemoConfig, args.config, overrides))
+    run_demo(load_config(DemoConfig, args.config, overrides(
+        [], ["docs=600", "pretrain_steps=20", "sft_steps=10", "align_steps=4", "model=llama-tiny",
+             "micro_batch_size=8"])))
     return 0

@@ -17,10 +17,11 @@ def register(sub) -> None:
 def run_embed(args) -> int:
     import json
 
-    from lmwright.objectives.contrastive import embed_texts, load_embedder
+    from lmwright.objectives.contrastive import embed_texts
+    from lmwright.serve.api import load
 
-    model, tokenizer, pooling = load_embedder(args.model)
-    vecs = embed_texts(model, tokenizer, args.texts, pooling)  # (N, D)
+    lm = load(args.model, task="embedding")  # the loader every command uses; pooling as it was trained
+    vecs = embed_texts(lm.model, lm.tokenizer, args.texts, lm.pooling)  # (N, D)
     for text, v in zip(args.texts, vecs.tolist()):
         print(json.dumps({"text": text, "embedding": [round(x, 6) for x in v]}))
     if args.similarity:

@@ -14,9 +14,11 @@ def register(sub) -> None:
 
 
 def run_fill_mask(args) -> int:
-    from lmwright.objectives.mlm import fill_mask, load_masked_lm
+    from lmwright.objectives.mlm import fill_mask
+    from lmwright.serve.api import load
 
-    model, tokenizer = load_masked_lm(args.model)
+    lm = load(args.model, task="masked-lm")  # the loader every command uses (load_trained)
+    model, tokenizer = lm.model, lm.tokenizer
     for text in args.texts:
         print(text)
         for k, preds in enumerate(fill_mask(model, tokenizer, text, args.top_k)):

@@ -14,10 +14,8 @@ def register(sub) -> None:
 
 
 def run_score(args) -> int:
-    from lmwright.stages._align import RewardModel, as_messages
+    from lmwright.stages.reward import score
 
-    rm = RewardModel(args.model)
-    scores = rm.score([as_messages(args.prompt, "user")] * len(args.response), args.response)
-    for r, s in zip(args.response, scores.tolist()):
+    for r, s in zip(args.response, score(args.model, args.prompt, args.response)):
         print(f"{s:+.4f}\t{r}")
     return 0

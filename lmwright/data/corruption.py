@@ -215,15 +215,3 @@ def sentence_end_table(tokenizer) -> torch.Tensor:
         if i < len(table) and t.rstrip().endswith((".", "!", "?", "。")) and i not in tokenizer.all_special_ids:
             table[i] = True
     return table
-
-
-# ------------------------------------------------------------------------------------- padding
-def pad_rows(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad rows to the longest; (B, T) ids and (B, T) attention mask."""
-    longest = max((len(r) for r in rows), default=1) or 1
-    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), longest), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.as_tensor(list(r), dtype=torch.long)
-        mask[i, :len(r)] = 1
-    return ids, mask

@@ -107,19 +107,50 @@ def collate_packed(rows: list[dict]) -> dict:
     return batch
 
 
-def collate_padded(rows: list[dict], pad_id: int, pad_to_multiple: int = 1) -> dict:
-    """Right-pad variable-length rows to the longest in the batch, with an attention mask."""
+def pad_sequences(seqs: Sequence[Sequence[int]], value: int, side: str = "right", length: int | None = None):
+    """(B, T) long tensor of ``seqs`` padded with ``value`` on ``side`` ("right" or "left") to ``length``
+    (default: the longest, at least 1). The one padding of the package: every collate and generator uses it."""
     import torch
 
-    longest = max(len(r["input_ids"]) for r in rows)
+    if side not in ("right", "left"):
+        raise ValueError(f"side must be 'right' or 'left', got {side!r}")
+    T = max(length or 0, max((len(s) for s in seqs), default=0), 1)
+    out = torch.full((len(seqs), T), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            if side == "right":
+                out[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
+            else:
+                out[i, T - len(s):] = torch.as_tensor(s, dtype=torch.long)
+    return out
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, side: str = "right", pad_to_multiple: int = 1):
+    """``(input_ids, attention_mask)``, each (B, T): ``seqs`` padded with ``pad_id`` on ``side`` to the longest
+    (rounded up to ``pad_to_multiple``); the mask is 1 on real tokens."""
+    T = max((len(s) for s in seqs), default=0)
     if pad_to_multiple > 1:
-        longest = -(-longest // pad_to_multiple) * pad_to_multiple
-    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), longest), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(rows), longest), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        ids[i, :n] = torch.tensor(r["input_ids"])
-        labels[i, :n] = torch.tensor(r.get("labels", r["input_ids"]))
-        mask[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        T = -(-T // pad_to_multiple) * pad_to_multiple
+    ids = pad_sequences(seqs, pad_id, side, T)
+    return ids, pad_sequences([[1] * len(s) for s in seqs], 0, side, ids.shape[1])
+
+
+def collate_padded(rows: list[dict], pad_id: int, pad_to_multiple: int = 1, labels: str | None = "tokens",
+                   label_pad: int = IGNORE, side: str = "right") -> dict:
+    """Pad variable-length rows (``input_ids``) to the longest in the batch, with an attention mask.
+
+    ``labels``: ``"tokens"`` -> (B, T) per-token labels from each row's ``labels`` (its ``input_ids`` when it
+    has none: causal LM), padded with ``label_pad``; ``"class"`` -> (B,) one class id per row from ``label``;
+    None -> no labels."""
+    import torch
+
+    ids, mask = pad_batch([r["input_ids"] for r in rows], pad_id, side, pad_to_multiple)
+    out = {"input_ids": ids}
+    if labels == "tokens":
+        out["labels"] = pad_sequences([r.get("labels", r["input_ids"]) for r in rows], label_pad, side, ids.shape[1])
+    elif labels == "class":
+        out["labels"] = torch.tensor([r["label"] for r in rows], dtype=torch.long)
+    elif labels is not None:
+        raise ValueError(f"labels must be 'tokens', 'class' or None, got {labels!r}")
+    out["attention_mask"] = mask
+    return out

@@ -12,7 +12,8 @@ from typing import Any
 from lmwright.engine.run import read_metrics
 
 
-def _png(fig) -> str:
+def fig_png(fig) -> str:
+    """A matplotlib figure as an inline ``data:image/png`` URL (closes the figure)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     import matplotlib.pyplot as plt
@@ -47,7 +48,7 @@ def curves_png(metrics: list[dict[str, Any]], keys: tuple[str, ...] = ("loss",),
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    return _png(fig)
+    return fig_png(fig)
 
 
 def table(rows: list[dict[str, Any]] | dict[str, Any], headers: list[str] | None = None) -> str:

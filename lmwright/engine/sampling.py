@@ -318,3 +318,46 @@ def generate(model, tokenizer, prompt_ids: list[int], params: SamplingParams | N
     return GenerationResult(state.text, state.token_ids, state.finish_reason, len(prompt_ids),
                             choices if (params.logprobs or params.top_logprobs) else [],
                             time.perf_counter() - t0)
+
+
+def generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                   top_k: int = 0, batch_size: int = 16, seed: int | None = 0, stop_ids: list[int] | None = None
+                   ) -> list[tuple[list[int], bool]]:
+    """(new token ids without the stop token, finished) per prompt: ``model.generate`` on left-padded batches,
+    greedy at ``temperature`` 0. The one batched generation of evaluation (SFT's held-out exact match, UPFT's
+    prefixes, ``lmwright eval --task generation``, the lm-eval bridge, pretraining samples); ``batch_size=1``
+    pads nothing, so each answer is exactly what a single request gets.
+
+    ``stop_ids``: token ids that end an answer (default: the chat stop tokens, ``stop_token_ids``); ``seed``
+    seeds torch before the first batch (None: leave the global generator alone). The model's train/eval mode is
+    restored afterwards."""
+    import torch
+
+    from lmwright.data.packing import pad_batch
+    from lmwright.methods.peft_methods import generate_uncached, is_prompt_learning
+
+    stops = list(stop_ids) if stop_ids is not None else default_stop_ids(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else None)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    if seed is not None:
+        torch.manual_seed(seed)
+    if is_prompt_learning(model):  # peft's cached generate disagrees with their forward: see generate_uncached
+        out = generate_uncached(model, prompts, max_new_tokens, stops, temperature)
+        model.train(was_training)
+        return out
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k} if temperature > 0 \
+        else {"do_sample": False}
+    out: list[tuple[list[int], bool]] = []
+    for s in range(0, len(prompts), batch_size):
+        ids, mask = pad_batch(prompts[s:s + batch_size], 0 if pad is None else pad, side="left")  # (B, T) each
+        with torch.no_grad():
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                 max_new_tokens=max_new_tokens, eos_token_id=stops or None, pad_token_id=pad,
+                                 **sampling)
+        for row in gen[:, ids.shape[1]:].tolist():
+            end = next((j for j, t in enumerate(row) if t in stops), None)
+            out.append((row[:end] if end is not None else row, end is not None))
+    model.train(was_training)
+    return out

@@ -30,28 +30,12 @@ def qa_pair(record: dict, fmt: str) -> tuple[list[dict], str]:
 
 
 def generate_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int = 64) -> list[str]:
-    """Greedy continuations of each prompt, stopped at the chat stop tokens (one prompt at a time: no
-    padding, so every answer is exactly what a single request would get)."""
-    import torch
+    """Greedy continuations of each prompt, stopped at the chat stop tokens (``engine.sampling.generate_batch``,
+    one prompt at a time: no padding, so every answer is exactly what a single request would get)."""
+    from lmwright.engine.sampling import generate_batch
 
-    from lmwright.data.chat import stop_token_ids
-
-    stops = stop_token_ids(tokenizer)
-    model.eval()
-    from lmwright.methods.peft_methods import generate_uncached, is_prompt_learning
-
-    if is_prompt_learning(model):  # peft's cached generate disagrees with their forward: see generate_uncached
-        return [tokenizer.decode(ids, skip_special_tokens=True)
-                for ids, _ in generate_uncached(model, prompts, max_new_tokens, stops)]
-    out = []
-    with torch.no_grad():
-        for ids in prompts:
-            x = torch.tensor([ids])
-            gen = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
-                                 do_sample=False, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
-            new = [t for t in gen[0, len(ids):].tolist() if t not in stops]
-            out.append(tokenizer.decode(new, skip_special_tokens=True))
-    return out
+    return [tokenizer.decode(ids, skip_special_tokens=True)
+            for ids, _ in generate_batch(model, tokenizer, prompts, max_new_tokens, batch_size=1, seed=None)]
 
 
 @EVAL_TASKS.register("generation")

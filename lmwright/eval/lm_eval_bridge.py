@@ -59,7 +59,7 @@ def lm_class() -> type:
             return out
 
         def generate_until(self, requests: list[Any]) -> list[str]:
-            from lmwright.data.chat import stop_token_ids
+            from lmwright.engine.sampling import generate_batch
 
             out = []
             for req in requests:
@@ -67,13 +67,9 @@ def lm_class() -> type:
                 until = kwargs.get("until") or []
                 until = [until] if isinstance(until, str) else list(until)
                 ids = self._context_ids(context)[-self.max_length:]
-                x = torch.tensor([ids])
-                with torch.no_grad():
-                    gen = self.model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False,
-                                              max_new_tokens=int(kwargs.get("max_gen_toks", 64)),
-                                              eos_token_id=stop_token_ids(self.tok),
-                                              pad_token_id=self.tok.pad_token_id)
-                text = self.tok.decode(gen[0, len(ids):], skip_special_tokens=True)
+                [(new, _)] = generate_batch(self.model, self.tok, [ids], int(kwargs.get("max_gen_toks", 64)),
+                                            batch_size=1, seed=None)
+                text = self.tok.decode(new, skip_special_tokens=True)
                 for stop in until:
                     if stop and stop in text:
                         text = text[: text.index(stop)]

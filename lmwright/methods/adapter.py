@@ -109,19 +109,19 @@ def disabled(model: Any) -> Iterator[Any]:
     init = getattr(model, "_lmwright_head_init", {})
     params = dict(model.named_parameters())
     saved = {k: params[k].detach().clone() for k in init}
-    try:
+
+    def switch(enabled: bool, head: dict) -> None:
         for a in adapters:
-            a.enabled = False
+            a.enabled = enabled
         with torch.no_grad():
-            for k, v in init.items():
+            for k, v in head.items():
                 params[k].copy_(v)
+
+    try:
+        switch(False, init)
         yield model
     finally:
-        for a in adapters:
-            a.enabled = True
-        with torch.no_grad():
-            for k, v in saved.items():
-                params[k].copy_(v)
+        switch(True, saved)
 
 
 def _saved_names(model: Any) -> list[str]:

@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from lmwright.config import ConfigError, opt
-from lmwright.data.corruption import pad_rows
-from lmwright.models.pooling import pool, read_pooling, sentence_vectors  # noqa: F401 (pool: re-exported)
+from lmwright.data.packing import pad_batch
+from lmwright.models.pooling import pool, sentence_vectors  # noqa: F401 (pool: re-exported)
 from lmwright.objectives.base import PRETRAIN_OBJECTIVES, LossOutput
 
 ENCODER_FAMILIES = {"bert", "roberta", "distilbert", "deberta", "deberta-v2", "electra", "xlm-roberta", "mpnet",
@@ -142,7 +142,7 @@ class PairCollator:
     def __call__(self, rows: list[dict]) -> dict[str, Any]:
         negs = [r["negative"] for r in rows if r.get("negative")]
         seqs = [r["anchor"] for r in rows] + [r["positive"] for r in rows] + negs
-        ids, mask = pad_rows(seqs, self.pad_id)  # (2B + Bn, T)
+        ids, mask = pad_batch(seqs, self.pad_id)  # (2B + Bn, T)
         return {"input_ids": ids, "attention_mask": mask, "n_anchor": len(rows), "n_negative": len(negs)}
 
 
@@ -176,7 +176,7 @@ def embed_rows(model, seqs: list[list[int]], pad_id: int, pooling: str = "mean",
     device = next(model.parameters()).device
     out = []
     for s in range(0, len(seqs), batch_size):
-        ids, mask = pad_rows(seqs[s:s + batch_size], pad_id)
+        ids, mask = pad_batch(seqs[s:s + batch_size], pad_id)
         out.append(encode(model, ids.to(device), mask.to(device), pooling).cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, 0)
@@ -241,18 +241,6 @@ def write_sentence_transformers(out: Path, dim: int, pooling: str, max_seq_lengt
         f"Plain transformers: `AutoModel` + {pooling} pooling over `last_hidden_state` "
         f"({'attention-masked mean of the tokens' if pooling == 'mean' else 'the first token'}), then L2 "
         "normalisation. Or `lmwright embed --model PATH \"text\"`.\n")
-
-
-def load_embedder(path: str):
-    """(model, tokenizer, pooling) of a contrastive run folder, checkpoint or sentence-transformers folder
-    (the pooling it trained with: :func:`lmwright.models.pooling.read_pooling`)."""
-    from lmwright.models.load import load_model, load_tokenizer, resolve_model_path
-
-    p = resolve_model_path(path)
-    tok_dir = p if (p / "tokenizer_config.json").exists() else p.parent / "tokenizer"
-    model = load_model(p, task="embedding")
-    model.eval()
-    return model, load_tokenizer(tok_dir), read_pooling(p)
 
 
 def embed_texts(model, tokenizer, texts: list[str], pooling: str = "mean", max_length: int = 512) -> torch.Tensor:

@@ -26,6 +26,7 @@ import torch
 
 from lmwright.config import ConfigError, opt
 from lmwright.data import corruption
+from lmwright.data.packing import pad_batch
 from lmwright.objectives.base import IGNORE_INDEX, PRETRAIN_OBJECTIVES, LossOutput, token_cross_entropy
 
 
@@ -146,8 +147,8 @@ class DenoiseCollator:
 
     def __call__(self, rows: list[dict], generator: torch.Generator | None = None) -> dict[str, Any]:
         pairs = [self.corrupt(list(r["input_ids"]), generator) for r in rows]
-        ids, mask = corruption.pad_rows([p[0] for p in pairs], self.pad_id)  # (B, S)
-        labels, lmask = corruption.pad_rows([p[1] for p in pairs], self.pad_id)  # (B, L)
+        ids, mask = pad_batch([p[0] for p in pairs], self.pad_id)  # (B, S)
+        labels, lmask = pad_batch([p[1] for p in pairs], self.pad_id)  # (B, L)
         labels = labels.masked_fill(lmask == 0, IGNORE_INDEX)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels, "num_tokens": int(mask.sum())}
 

@@ -22,6 +22,7 @@ import torch
 
 from lmwright.config import ConfigError, opt
 from lmwright.data import corruption
+from lmwright.data.packing import pad_batch
 from lmwright.objectives.base import IGNORE_INDEX, PRETRAIN_OBJECTIVES, LossOutput, token_cross_entropy
 
 
@@ -106,7 +107,7 @@ class MLMCollator:
         self.word_starts = corruption.word_start_table(tokenizer) if cfg.whole_word else None
 
     def __call__(self, rows: list[dict], generator: torch.Generator | None = None) -> dict[str, Any]:
-        ids, mask = corruption.pad_rows([r["input_ids"] for r in rows], self.pad_id)  # (B, T) each
+        ids, mask = pad_batch([r["input_ids"] for r in rows], self.pad_id)  # (B, T) each
         corrupted, labels = corruption.mlm_mask(ids, self.special, self.mask_id, self.vocab_size,
                                                 self.cfg.probability, self.cfg.mask_frac, self.cfg.random_frac,
                                                 self.word_starts, generator)
@@ -134,17 +135,6 @@ def pseudo_perplexity(model, rows: list[list[int]], tokenizer) -> float:
         n += len(pos)
     model.train(was_training)
     return math.exp(min(nll / max(n, 1), 50.0))
-
-
-def load_masked_lm(path: str):
-    """(model, tokenizer) of a run folder, checkpoint or Hugging Face folder, as ``AutoModelForMaskedLM``."""
-    from lmwright.models.load import load_model, load_tokenizer, resolve_model_path
-
-    p = resolve_model_path(path)
-    tok_dir = p if (p / "tokenizer_config.json").exists() else p.parent / "tokenizer"
-    model = load_model(p, task="masked-lm")
-    model.eval()
-    return model, load_tokenizer(tok_dir)
 
 
 @torch.no_grad()

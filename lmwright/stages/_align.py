@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from lmwright.config import ConfigError
+from lmwright.data.packing import pad_batch
 from lmwright.objectives.base import IGNORE_INDEX
 
 Messages = list[dict[str, str]]
@@ -68,17 +69,33 @@ def encode_reply(tokenizer, prompt: Messages, reply: str | Messages, max_prompt_
     return {"input_ids": ids, "labels": labels}
 
 
-def pad(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
-    n = max(len(s) for s in seqs)
-    rows = [([value] * (n - len(s)) + s) if left else (s + [value] * (n - len(s))) for s in seqs]
-    return torch.tensor(rows, dtype=torch.long)
+def encode_pairs(records: list[dict], tokenizer, cfg) -> tuple[list[dict], int]:
+    """Chosen and rejected replies rendered with the chat template (the reward and dpo stages' pairs); returns
+    (items, skipped-too-long). ``cfg`` has max_prompt_tokens, max_length and skip_long."""
+    items, skipped = [], 0
+    for i, r in enumerate(records):
+        prompt = as_messages(r["prompt"], "user")
+        c = encode_reply(tokenizer, prompt, r["chosen"], cfg.max_prompt_tokens, cfg.max_length)
+        j = encode_reply(tokenizer, prompt, r["rejected"], cfg.max_prompt_tokens, cfg.max_length)
+        if c is None or j is None:
+            if not cfg.skip_long:
+                raise ConfigError(f"record {i}: the prompt is longer than max_prompt_tokens={cfg.max_prompt_tokens}; "
+                                  "raise it or set skip_long=true")
+            skipped += 1
+            continue
+        if c["input_ids"] == j["input_ids"]:  # identical after truncation: nothing to learn
+            skipped += 1
+            continue
+        items.append({"chosen": c, "rejected": j})
+    return items, skipped
 
 
 def collate_lm(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded (B, T) input_ids / labels / attention_mask; other list fields are stacked as tensors."""
-    ids = pad([it["input_ids"] for it in items], pad_id)
-    out = {"input_ids": ids, "labels": pad([it["labels"] for it in items], IGNORE_INDEX),
-           "attention_mask": pad([[1] * len(it["input_ids"]) for it in items], 0)}
+    """Right-padded (B, T) input_ids / labels / attention_mask (``data.packing.collate_padded``) and the
+    count of real tokens."""
+    from lmwright.data.packing import collate_padded
+
+    out = collate_padded(items, pad_id, label_pad=IGNORE_INDEX)
     out["num_tokens"] = out["attention_mask"].sum()
     return out
 
@@ -214,9 +231,8 @@ class RewardModel:
         for s in range(0, len(prompts), batch_size):
             ids = [render_training_ids(self.tokenizer, p + as_messages(r, "assistant"))[0]
                    for p, r in zip(prompts[s:s + batch_size], replies[s:s + batch_size])]
-            x = pad(ids, self.tokenizer.pad_token_id).to(self.device)
-            mask = pad([[1] * len(i) for i in ids], 0).to(self.device)
-            out.append(self.model(input_ids=x, attention_mask=mask).logits[:, 0].float().cpu())  # (b,)
+            x, mask = pad_batch(ids, self.tokenizer.pad_token_id)
+            out.append(self.model(input_ids=x.to(self.device), attention_mask=mask.to(self.device)).logits[:, 0].float().cpu())  # (b,)
         return torch.cat(out)
 
 
@@ -243,8 +259,8 @@ def sample(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temp
 
     device = next(model.parameters()).device
     stops = stop_token_ids(tokenizer)
-    x = pad(prompts, tokenizer.pad_token_id, left=True).to(device)  # (B, P)
-    attn = pad([[1] * len(p) for p in prompts], 0, left=True).to(device)
+    x, attn = pad_batch(prompts, tokenizer.pad_token_id, side="left")  # (B, P) each
+    x, attn = x.to(device), attn.to(device)
     was_training = model.training
     model.eval()
     greedy = temperature <= 0

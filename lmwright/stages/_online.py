@@ -49,6 +49,22 @@ class RewardSpec:
                               "weight: 0.5}]; see lmwright/objectives/rewards.py")
 
 
+def check_online(cfg: Any, stage: str, data_hint: str) -> dict[str, Any]:
+    """Validate-time checks of ppo and grpo: data, method compatibility, the reward, one process.
+    ``data_hint`` says what ``data.path`` should point at."""
+    from lmwright.methods import check_compat
+    from lmwright.stages.common import resolve_tokenizer
+
+    if not cfg.data.path:
+        raise ConfigError(f"data.path is empty: point it at {data_hint}")
+    check_compat(cfg.method, cfg.model, "causal-lm", cfg.model.gradient_checkpointing)
+    tokenizer = resolve_tokenizer(cfg.model, cfg.tokenizer or cfg.model.tokenizer)
+    check_reward(cfg.reward, tokenizer, stage)
+    if cfg.train.nproc > 1:
+        raise ConfigError(f"{stage} runs in one process (train.nproc=1); use a GPU for speed")
+    return {"tokenizer": tokenizer}
+
+
 def check_reward(spec: RewardSpec, tokenizer, stage: str) -> None:
     """Validate-time checks: one reward source, known function names, a reward model with our tokenizer."""
     from lmwright.objectives.rewards import resolve

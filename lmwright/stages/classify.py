@@ -137,16 +137,10 @@ def class_weight_tensor(cfg: ClassifyConfig, ids: list[int], n_classes: int):
 
 # ------------------------------------------------------------------------------------ loss + metrics
 def collate(rows: list[dict], pad_id: int) -> dict:
-    import torch
+    """Right-padded input_ids / attention_mask and (B,) class ids."""
+    from lmwright.data.packing import collate_padded
 
-    T = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r["input_ids"])] = torch.tensor(r["input_ids"])
-        mask[i, :len(r["input_ids"])] = 1
-    return {"input_ids": ids, "attention_mask": mask,
-            "labels": torch.tensor([r["label"] for r in rows], dtype=torch.long)}
+    return collate_padded(rows, pad_id, labels="class")
 
 
 def predict(model, rows: list[dict], pad_id: int, batch_size: int = 64) -> list[int]:

@@ -165,7 +165,7 @@ def _bars(rows: list[dict], key: str) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lmwright.engine.report import _png
+    from lmwright.engine.report import fig_png
 
     pts = [(r["method"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
     if not pts:
@@ -175,7 +175,7 @@ def _bars(rows: list[dict], key: str) -> str | None:
     ax.set_title(key)
     ax.grid(axis="y", alpha=0.3)
     ax.tick_params(axis="x", rotation=30)
-    return _png(fig)
+    return fig_png(fig)
 
 
 def write_html(out: Path, rows: list[dict], metric_keys: list[str], stage_name: str, md: str) -> Path:

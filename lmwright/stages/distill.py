@@ -100,12 +100,11 @@ def build_items(records: list[dict], tokenizer, cfg: DistillConfig, label2id: di
 
 
 def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    from lmwright.stages._align import collate_lm, pad
+    from lmwright.data.packing import collate_padded
+    from lmwright.stages._align import collate_lm
 
     if "label" in items[0]:
-        ids = pad([it["input_ids"] for it in items], pad_id)
-        return {"input_ids": ids, "attention_mask": pad([[1] * len(it["input_ids"]) for it in items], 0),
-                "labels": torch.tensor([it["label"] for it in items])}
+        return collate_padded(items, pad_id, labels="class")
     return collate_lm(items, pad_id)
 
 

@@ -119,7 +119,7 @@ def check(cfg: DPOConfig) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ data
 def build_items(records: list[dict], tokenizer, cfg: DPOConfig) -> tuple[list[dict], int]:
     """Paired items {chosen, rejected} or, for kto, unpaired {reply, mismatch, desirable}; (items, skipped)."""
-    from lmwright.stages.reward import encode_pairs
+    from lmwright.stages._align import encode_pairs
 
     if cfg.data.format == "kto":
         return unpaired_items(records, tokenizer, cfg)

@@ -25,7 +25,7 @@ from lmwright.methods import MethodConfig
 from lmwright.models.presets import ModelConfig
 from lmwright.objectives.base import LossOutput
 from lmwright.stages._online import RewardSpec, RolloutConfig
-from lmwright.stages.common import STAGES, resolve_tokenizer
+from lmwright.stages.common import STAGES
 from lmwright.utils.logging import get_logger
 
 log = get_logger("lmwright.grpo")
@@ -61,17 +61,9 @@ class GRPOConfig:
 
 
 def check(cfg: GRPOConfig) -> dict[str, Any]:
-    from lmwright.methods import check_compat
-    from lmwright.stages._online import check_reward
+    from lmwright.stages._online import check_online
 
-    if not cfg.data.path:
-        raise ConfigError("data.path is empty: point it at prompts with reference answers (e.g. alpaca records)")
-    check_compat(cfg.method, cfg.model, "causal-lm", cfg.model.gradient_checkpointing)
-    tokenizer = resolve_tokenizer(cfg.model, cfg.tokenizer or cfg.model.tokenizer)
-    check_reward(cfg.reward, tokenizer, "grpo")
-    if cfg.train.nproc > 1:
-        raise ConfigError("grpo runs in one process (train.nproc=1); use a GPU for speed")
-    return {"tokenizer": tokenizer}
+    return check_online(cfg, "grpo", "prompts with reference answers (e.g. alpaca records)")
 
 
 def make_rollout_fn(cfg: GRPOConfig, policy, ref, scorer, tokenizer):

@@ -26,7 +26,7 @@ from lmwright.methods import MethodConfig
 from lmwright.models.presets import ModelConfig
 from lmwright.objectives.base import LossOutput
 from lmwright.stages._online import RewardSpec, RolloutConfig
-from lmwright.stages.common import STAGES, resolve_tokenizer
+from lmwright.stages.common import STAGES
 from lmwright.utils.logging import get_logger
 
 log = get_logger("lmwright.ppo")
@@ -58,17 +58,9 @@ class PPOConfig:
 
 
 def check(cfg: PPOConfig) -> dict[str, Any]:
-    from lmwright.methods import check_compat
-    from lmwright.stages._online import check_reward
+    from lmwright.stages._online import check_online
 
-    if not cfg.data.path:
-        raise ConfigError("data.path is empty: point it at prompts (alpaca/messages/preference/text records)")
-    check_compat(cfg.method, cfg.model, "causal-lm", cfg.model.gradient_checkpointing)
-    tokenizer = resolve_tokenizer(cfg.model, cfg.tokenizer or cfg.model.tokenizer)
-    check_reward(cfg.reward, tokenizer, "ppo")
-    if cfg.train.nproc > 1:
-        raise ConfigError("ppo runs in one process (train.nproc=1); use a GPU for speed")
-    return {"tokenizer": tokenizer}
+    return check_online(cfg, "ppo", "prompts (alpaca/messages/preference/text records)")
 
 
 class PolicyWithValue(torch.nn.Module):

@@ -210,20 +210,15 @@ def _fmt(m: dict) -> str:
 
 
 def _samples(model, tokenizer, sc: SampleConfig) -> list[dict[str, str]]:
-    import torch
+    """Continuations of the plain-text prompts (one at a time, seeded), ended by eos."""
+    from lmwright.engine.sampling import generate_batch
 
-    model.eval()
-    out = []
-    torch.manual_seed(0)
-    for prompt in sc.prompts:
-        enc = tokenizer(prompt, return_tensors="pt").to(model.device)
-        with torch.no_grad():
-            ids = model.generate(**enc, max_new_tokens=sc.max_new_tokens, do_sample=sc.temperature > 0,
-                                 temperature=max(sc.temperature, 1e-5), top_k=sc.top_k,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        text = tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        out.append({"prompt": prompt, "text": text})
-    return out
+    prompts = [tokenizer(p)["input_ids"] for p in sc.prompts]
+    stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    gen = generate_batch(model, tokenizer, prompts, sc.max_new_tokens, sc.temperature, sc.top_k, batch_size=1,
+                         seed=0, stop_ids=stops)
+    return [{"prompt": p, "text": tokenizer.decode(ids, skip_special_tokens=True)}
+            for p, (ids, _) in zip(sc.prompts, gen)]
 
 
 class _Stage:

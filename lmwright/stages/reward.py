@@ -20,6 +20,7 @@ from lmwright.engine.config import TrainConfig
 from lmwright.methods import MethodConfig
 from lmwright.models.presets import ModelConfig
 from lmwright.objectives.base import LossOutput
+from lmwright.stages._align import encode_pairs
 from lmwright.stages.common import STAGES, resolve_tokenizer, save_final
 from lmwright.utils.logging import get_logger
 
@@ -56,26 +57,13 @@ def check(cfg: RewardConfig) -> dict[str, Any]:
     return {"tokenizer": resolve_tokenizer(cfg.model, cfg.tokenizer or cfg.model.tokenizer)}
 
 
-def encode_pairs(records: list[dict], tokenizer, cfg) -> tuple[list[dict], int]:
-    """Chosen and rejected replies rendered with the chat template; returns (items, skipped-too-long)."""
-    from lmwright.stages._align import as_messages, encode_reply
+def score(model: str | Path, prompt: str, replies: list[str], device: str = "cpu") -> list[float]:
+    """The reward a trained reward model (a run, checkpoint or folder) gives each reply to one user prompt
+    (``lmwright score``)."""
+    from lmwright.stages._align import RewardModel, as_messages
 
-    items, skipped = [], 0
-    for i, r in enumerate(records):
-        prompt = as_messages(r["prompt"], "user")
-        c = encode_reply(tokenizer, prompt, r["chosen"], cfg.max_prompt_tokens, cfg.max_length)
-        j = encode_reply(tokenizer, prompt, r["rejected"], cfg.max_prompt_tokens, cfg.max_length)
-        if c is None or j is None:
-            if not cfg.skip_long:
-                raise ConfigError(f"record {i}: the prompt is longer than max_prompt_tokens={cfg.max_prompt_tokens}; "
-                                  "raise it or set skip_long=true")
-            skipped += 1
-            continue
-        if c["input_ids"] == j["input_ids"]:  # identical after truncation: nothing to learn
-            skipped += 1
-            continue
-        items.append({"chosen": c, "rejected": j})
-    return items, skipped
+    rm = RewardModel(model, device)
+    return rm.score([as_messages(prompt, "user")] * len(replies), replies).tolist()
 
 
 def make_objective(cfg: RewardConfig):

@@ -25,7 +25,7 @@ from lmwright.data.config import DataConfig
 from lmwright.engine.config import TrainConfig
 from lmwright.methods import MethodConfig
 from lmwright.models.presets import ModelConfig
-from lmwright.stages import sft
+from lmwright.stages import _sft as sft  # the SFT data path (shared helpers), not the sft stage
 from lmwright.stages.common import STAGES, flops_per_token, save_final
 from lmwright.utils.hardware import choose_mixed_precision
 from lmwright.utils.logging import get_logger
@@ -93,6 +93,7 @@ def prompt_conversations(records: list[dict], fmt: str, system_prompt: str | Non
 def sample_responses(model, tokenizer, prompts: list[list[dict]], cfg: UPFTConfig) -> list[dict]:
     """One sampled response per prompt: k tokens for most, a whole one for a ``full_share`` of them."""
     from lmwright.data.chat import render_prompt_ids
+    from lmwright.engine.sampling import generate_batch
 
     rng = random.Random(cfg.train.seed)
     full = set(rng.sample(range(len(prompts)), round(cfg.full_share * len(prompts))))
@@ -100,7 +101,8 @@ def sample_responses(model, tokenizer, prompts: list[list[dict]], cfg: UPFTConfi
     for is_full, budget in ((False, cfg.prefix_tokens), (True, cfg.max_new_tokens)):
         idx = [i for i in range(len(prompts)) if (i in full) == is_full]
         ids = [render_prompt_ids(tokenizer, prompts[i]) for i in idx]
-        gen = sft.generate(model, tokenizer, ids, budget, cfg.temperature, cfg.sample_batch_size, cfg.train.seed)
+        gen = generate_batch(model, tokenizer, ids, budget, cfg.temperature, batch_size=cfg.sample_batch_size,
+                             seed=cfg.train.seed)
         for i, (toks, finished) in zip(idx, gen):
             text = tokenizer.decode(toks, skip_special_tokens=True)
             out[i] = {"messages": prompts[i] + [{"role": "assistant", "content": text}], "full": is_full,
@@ -113,13 +115,12 @@ def run(cfg: UPFTConfig) -> Path:
 
     from lmwright.data import load_records
     from lmwright.engine import Run, train
-    from lmwright.engine.loop import evaluate_loss
     from lmwright.engine.report import table, write_report
     from lmwright.methods import trainable_report
 
     tokenizer = check(cfg)["tokenizer"]
     packing = sft.use_packing(cfg)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = sft.pad_id_of(tokenizer)
     train_recs, val_recs, manifest = load_records(cfg.data)
     prompts = prompt_conversations(train_recs, cfg.data.format, cfg.system_prompt)
     val_convs = [] if cfg.data.format == "text" else sft.conversations(val_recs, cfg.data.format, cfg.system_prompt)
@@ -156,12 +157,7 @@ def run(cfg: UPFTConfig) -> Path:
     tokenizer.save_pretrained(str(run_.dir / "tokenizer"))
 
     precision = choose_mixed_precision(cfg.train.mixed_precision, model)
-    before: dict[str, float] = {}
-    if val_ds:
-        before = evaluate_loss(model, sft.sft_loss, val_ds, collate, cfg.train.micro_batch_size, device,
-                               cfg.train.eval_max_batches)
-    if em_convs:
-        before["val_exact_match"] = sft.exact_match(model, tokenizer, em_convs, cfg.max_new_tokens, precision)[0]
+    before = sft.validation_metrics(cfg, model, tokenizer, val_ds, collate, em_convs, device)[0]
 
     def evaluate(m) -> dict[str, float]:
         return {"val_exact_match": sft.exact_match(m, tokenizer, em_convs, cfg.max_new_tokens,
@@ -175,12 +171,7 @@ def run(cfg: UPFTConfig) -> Path:
                    flops_per_token=flops_per_token(model, cfg.seq_len))
     if result.interrupted:
         return run_.dir
-    after: dict[str, float] = {}
-    if val_ds:
-        after = evaluate_loss(model, sft.sft_loss, val_ds, collate, cfg.train.micro_batch_size, device,
-                              cfg.train.eval_max_batches)
-    if em_convs:
-        after["val_exact_match"] = sft.exact_match(model, tokenizer, em_convs, cfg.max_new_tokens, precision)[0]
+    after = sft.validation_metrics(cfg, model, tokenizer, val_ds, collate, em_convs, device)[0]
     save_final(model, tokenizer, run_.final, "causal-lm", extra={"stage": "upft", "prefix_tokens": cfg.prefix_tokens},
                method_cfg=cfg.method, base_path=base_path)
     timing = {"upft": {"sample_seconds": round(sample_seconds, 2), "train_seconds": round(result.train_seconds, 2),
@@ -190,12 +181,13 @@ def run(cfg: UPFTConfig) -> Path:
     # 3. optionally: sft on the same prompts with their reference answers, same model/method/budget
     if cfg.compare_sft:
         del model
-        sft_cfg = sft.SFTConfig(model=cfg.model, tokenizer=cfg.tokenizer, method=cfg.method, data=cfg.data,
-                                train=replace(cfg.train, run_name=f"{run_.dir.name}-sft", output_dir=str(run_.dir.parent)),
-                                seq_len=cfg.seq_len, packing=cfg.packing, train_on="last",
-                                system_prompt=cfg.system_prompt, eval_generate=cfg.eval_generate,
-                                max_new_tokens=cfg.max_new_tokens)
-        sft_dir = sft.run(sft_cfg)
+        sft_stage = STAGES.get("sft")  # through the registry: a stage never imports another
+        sft_cfg = sft_stage.Config(
+            model=cfg.model, tokenizer=cfg.tokenizer, method=cfg.method, data=cfg.data,
+            train=replace(cfg.train, run_name=f"{run_.dir.name}-sft", output_dir=str(run_.dir.parent)),
+            seq_len=cfg.seq_len, packing=cfg.packing, train_on="last", system_prompt=cfg.system_prompt,
+            eval_generate=cfg.eval_generate, max_new_tokens=cfg.max_new_tokens)
+        sft_dir = sft_stage.run(sft_cfg)
         info = json.loads((sft_dir / "run.json").read_text())
         trained = sum(sum(lab != -100 for lab in s[1]) for s in sft.encode(
             tokenizer, sft.conversations(train_recs, cfg.data.format, cfg.system_prompt), "last", cfg.seq_len)[0])

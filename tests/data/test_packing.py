@@ -69,3 +69,42 @@ def test_packed_attention_does_not_cross_documents(tokenizer):
             logits = model(input_ids=row["input_ids"], position_ids=row["position_ids"], use_cache=False).logits
         outs.append(logits[0, len(a):])
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ padding (one home)
+def test_pad_sequences_sides_and_length():
+    from lmwright.data.packing import pad_sequences
+
+    assert pad_sequences([[1, 2], [3]], 0).tolist() == [[1, 2], [3, 0]]
+    assert pad_sequences([[1, 2], [3]], 9, side="left").tolist() == [[1, 2], [9, 3]]
+    assert pad_sequences([[1], (2, 3)], -1, length=4).tolist() == [[1, -1, -1, -1], [2, 3, -1, -1]]
+    assert pad_sequences([[], []], 5).tolist() == [[5], [5]]  # never a (B, 0) batch
+    with pytest.raises(ValueError):
+        pad_sequences([[1]], 0, side="middle")
+
+
+def test_pad_batch_mask_and_multiple():
+    from lmwright.data.packing import pad_batch
+
+    ids, mask = pad_batch([[4, 5, 6], [7]], 0, pad_to_multiple=4)
+    assert ids.tolist() == [[4, 5, 6, 0], [7, 0, 0, 0]] and mask.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
+    ids, mask = pad_batch([[4, 5, 6], [7]], 2, side="left")
+    assert ids.tolist() == [[4, 5, 6], [2, 2, 7]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert ids.dtype == mask.dtype == torch.long
+
+
+def test_collate_padded_label_options():
+    from lmwright.data.packing import collate_padded
+
+    rows = [{"input_ids": [1, 2, 3], "labels": [IGNORE, 2, 3]}, {"input_ids": [4]}]
+    b = collate_padded(rows, pad_id=0)
+    assert b["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
+    assert b["labels"].tolist() == [[IGNORE, 2, 3], [4, IGNORE, IGNORE]]  # no labels: the ids (causal LM)
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    b = collate_padded(rows, pad_id=0, pad_to_multiple=4, label_pad=-1, side="left")
+    assert b["labels"].tolist() == [[-1, IGNORE, 2, 3], [-1, -1, -1, 4]]
+    assert b["attention_mask"].tolist() == [[0, 1, 1, 1], [0, 0, 0, 1]]
+    b = collate_padded([{"input_ids": [1, 2], "label": 1}, {"input_ids": [3], "label": 0}], 0, labels="class")
+    assert b["labels"].tolist() == [1, 0] and b["input_ids"].tolist() == [[1, 2], [3, 0]]
+    assert set(collate_padded(rows, 0, labels=None)) == {"input_ids", "attention_mask"}
+

@@ -38,6 +38,7 @@ def test_sft_and_eval_generation_score_the_same_answers(monkeypatch):
     import torch
 
     from lmwright.data import chat
+    from lmwright.engine import sampling
     from lmwright.eval import generation
     from lmwright.stages import sft
 
@@ -50,7 +51,8 @@ def test_sft_and_eval_generation_score_the_same_answers(monkeypatch):
             return preds[ids[0]]
 
     monkeypatch.setattr(chat, "render_prompt_ids", lambda tokenizer, messages, tools=None: [0])
-    monkeypatch.setattr(sft, "generate", lambda model, tok, prompts, n: [([i], True) for i in range(len(prompts))])
+    monkeypatch.setattr(sampling, "generate_batch",
+                        lambda model, tok, prompts, n: [([i], True) for i in range(len(prompts))])
     stage_rate, answers = sft.exact_match(torch.nn.Linear(1, 1), Tok(), convs, max_new_tokens=4)
     assert answers == [p.strip() for p in preds]
 

@@ -32,8 +32,8 @@ def _forward_greedy(model, prompt: list[int], n: int) -> list[int]:
 
 
 @pytest.mark.parametrize("method", ["prefix", "prompt", "ptuning"])
-def test_sft_generate_follows_the_adapter_forward(tokenizer, method):
-    from lmwright.stages.sft import generate
+def test_generate_batch_follows_the_adapter_forward(tokenizer, method):
+    from lmwright.engine.sampling import generate_batch as generate
 
     model = _model(method, tokenizer)
     g = torch.Generator().manual_seed(0)

@@ -89,13 +89,14 @@ def test_every_embedding_path_uses_the_trained_pooling(cls_embedder):
 
     import lmwright
     from lmwright.models.pooling import read_pooling
-    from lmwright.objectives.contrastive import embed_texts, load_embedder
+    from lmwright.objectives.contrastive import embed_texts
     from tests.serve.conftest import running_server
 
     assert read_pooling(cls_embedder) == "cls"
     texts = ["The red fox runs to the river.", "a dog", "Anna gives the bread to Ben."]
     want = _cls_vectors(cls_embedder, texts)  # (3, D)
-    model, tok, pooling = load_embedder(str(cls_embedder))
+    e = lmwright.load(str(cls_embedder), task="embedding")  # what `lmwright embed` loads
+    model, tok, pooling = e.model, e.tokenizer, e.pooling
     assert torch.allclose(embed_texts(model, tok, texts, pooling), want, atol=1e-5)  # lmwright embed
     m = lmwright.load(cls_embedder, name="cls")
     assert torch.allclose(torch.tensor(m.embed(texts)), want, atol=1e-5)

@@ -82,10 +82,11 @@ def test_mlm_end_to_end(tmp_path, tokenizer_dir, tokenizer, stories):
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, ref(input_ids=ids).logits)
 
-    from lmwright.objectives.mlm import fill_mask, load_masked_lm
+    import lmwright
+    from lmwright.objectives.mlm import fill_mask
 
-    m, tok = load_masked_lm(str(out))
-    preds = fill_mask(m, tok, "The capital of Norland is <mask>.", top_k=3)
+    lm = lmwright.load(str(out), task="masked-lm")  # what `lmwright fill-mask` loads
+    preds = fill_mask(lm.model, lm.tokenizer, "The capital of Norland is <mask>.", top_k=3)
     assert len(preds) == 1 and len(preds[0]) == 3
 
 
@@ -117,7 +118,7 @@ def test_contrastive_end_to_end_from_scratch(tmp_path, tokenizer_dir, tokenizer,
     from sentence_transformers import SentenceTransformer
 
     import lmwright
-    from lmwright.objectives.contrastive import embed_texts, load_embedder
+    from lmwright.objectives.contrastive import embed_texts
 
     train, val = pairs
     steps = 25 if pooling == "mean" else 4  # cls: the pooling's wiring (a from-scratch CLS state learns slowly)
@@ -133,7 +134,8 @@ def test_contrastive_end_to_end_from_scratch(tmp_path, tokenizer_dir, tokenizer,
     assert json.loads((out / "final" / "lmwright.json").read_text())["pooling"] == pooling
     texts = ["The red fox runs to the river.", "Anna gives the bread to Ben at the lake."]
     st = SentenceTransformer(str(out / "final"), device="cpu")
-    model, tok, read = load_embedder(str(out))
+    lm = lmwright.load(str(out), task="embedding")  # what `lmwright embed` loads
+    model, tok, read = lm.model, lm.tokenizer, lm.pooling
     assert read == pooling
     ours = embed_texts(model, tok, texts, read)  # (2, D) AutoModel + the run's pooling, normalised
     theirs = torch.as_tensor(st.encode(texts, convert_to_numpy=True))

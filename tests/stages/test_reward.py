@@ -33,7 +33,7 @@ def test_identical_and_empty_pairs_are_rejected(tmp_path):
 
 
 def test_long_prompts_are_skipped_and_counted(tokenizer):
-    from lmwright.stages.reward import encode_pairs
+    from lmwright.stages._align import encode_pairs
 
     recs = [{"prompt": "word " * 200, "chosen": "yes", "rejected": "no"}, {"prompt": "Hi", "chosen": "yes", "rejected": "no"}]
     cfg = stage_config("reward", "max_prompt_tokens=32", "max_length=64")
