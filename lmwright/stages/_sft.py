@@ -226,4 +226,24 @@ def build_causal_model(cfg: Any, tokenizer, run_dir: Path):
     if base_path is None and not trains_all(cfg.method):
         model.save_pretrained(str(run_dir / "base"))
         base_path = str((run_dir / "base").resolve())
-    return apply_method(model, cfg.method, "causal-lm"), base_path
+    model = apply_method(model, cfg.method, "causal-lm")
+    hold_base_in_bf16(cfg, model)
+    return model, base_path
+
+
+def hold_base_in_bf16(cfg: Any, model) -> None:
+    """An adapter method (final/ holds only what trains; the base comes from its folder) training under bf16
+    autocast with ``model.dtype: auto`` keeps its frozen base in bf16 (``models.frozen``): the same matmuls,
+    no per-step casts, half the base's memory."""
+    import torch
+
+    from lmwright.methods import trains_all
+    from lmwright.methods.base import get_method
+    from lmwright.models.frozen import hold_frozen_in
+
+    if trains_all(cfg.method) or not get_method(cfg.method.name).param_markers or cfg.model.dtype != "auto" \
+            or cfg.model.quantize != "none" or choose_mixed_precision(cfg.train.mixed_precision, model) != "bf16":
+        return
+    saved = hold_frozen_in(model, torch.bfloat16)
+    log.info("frozen base held in bf16 for bf16 training (%.0f MB less; model.dtype=float32 keeps it fp32)",
+             saved / 2**20)

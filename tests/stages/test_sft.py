@@ -206,3 +206,44 @@ def test_exact_match_prompts_carry_the_conversation_tools(monkeypatch):
     with pytest.raises(Stop):
         sft.exact_match(__import__("torch").nn.Linear(1, 1), None, [conv], max_new_tokens=4)
     assert seen == [tools]
+
+
+@pytest.mark.parametrize("overrides, frozen_dtype", [
+    (["method.name=lora", "train.mixed_precision=bf16"], "bfloat16"),
+    (["method.name=lora", "train.mixed_precision=bf16", "model.dtype=float32"], "float32"),  # asked for fp32
+    (["method.name=lora", "train.mixed_precision=no"], "float32"),
+    (["method.name=freeze", "train.mixed_precision=bf16"], "float32"),  # final/ saves the frozen layers too
+])
+def test_adapter_base_held_in_bf16_under_bf16_training(tmp_path, tokenizer, base_dir, overrides, frozen_dtype):
+    import torch
+
+    from lmwright.stages._sft import build_causal_model, sft_loss
+
+    cfg = _cfg([f"model.name={base_dir}", *overrides])
+    model, _ = build_causal_model(cfg, tokenizer, tmp_path)
+    frozen = {str(p.dtype).removeprefix("torch.") for p in model.parameters() if not p.requires_grad}
+    trained = {str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad}
+    assert frozen == {frozen_dtype} and trained == {"float32"}
+    ids = torch.randint(3, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled="train.mixed_precision=bf16" in overrides):
+        loss = sft_loss(model, {"input_ids": ids, "labels": ids.clone()}).loss_sum
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+def test_sft_lora_bf16_final_loads_on_the_fp32_base(tmp_path, base_dir):
+    """Trained against a bf16-held base, final/ is the fp32 adapter on the untouched fp32 base folder."""
+    import torch
+
+    from lmwright.data.synthetic import instruction_task
+    from lmwright.methods import load_trained
+    from lmwright.stages.sft import run
+
+    data = _write_jsonl(tmp_path / "inst.jsonl", instruction_task(40, seed=3))
+    cfg = _cfg([f"model.name={base_dir}", "method.name=lora", f"data.path=[{data}]", "data.val_fraction=0.2",
+                "seq_len=96", "train.max_steps=3", "train.micro_batch_size=4", "train.mixed_precision=bf16",
+                "train.eval_every=0", "train.save_every=0", f"train.output_dir={tmp_path}/runs", "train.run_name=b",
+                "train.progress=false", "eval_generate=0", "samples=0"])
+    final = run(cfg) / "final"
+    model, _ = load_trained(final)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
