@@ -192,6 +192,12 @@ def worker_lmwright(spec: dict) -> dict:
         r = spec.get("lora_r") or 8
         use_packed_attention(model)  # as the sft stage's model builder does: packed rows attend per sample
         model = apply_method(model, MethodConfig(name=spec["method"], r=r, alpha=2.0 * r), "causal-lm")
+        if mp == "bf16" and spec["method"] != "full":  # as stages/_sft.hold_base_in_bf16 does (model.dtype auto)
+            import torch
+
+            from lmwright.models.frozen import hold_frozen_in
+
+            hold_frozen_in(model, torch.bfloat16)
         if spec.get("gradient_checkpointing"):  # as the sft stage does for model.gradient_checkpointing
             model.gradient_checkpointing_enable()
         objective = sft_loss
