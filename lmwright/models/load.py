@@ -94,12 +94,13 @@ def load_model(path: str | Path, task: str = "causal-lm", model_cfg=None, **extr
     """Load a plain Hugging Face model folder for ``task`` (no remote code, safetensors only)."""
     import transformers as tf
 
-    from lmwright.models.presets import _TASK_CLASSES, check_overrides, resolve_dtype
+    from lmwright.models.introspect import TASK_CLASSES
+    from lmwright.models.presets import check_overrides, resolve_dtype
 
     p = resolve_model_path(path)
     read_config(p)
     check_safetensors(p)
-    auto = getattr(tf, _TASK_CLASSES[task])
+    auto = getattr(tf, TASK_CLASSES[task])
     kwargs = dict(extra)
     if model_cfg is not None:
         kwargs["attn_implementation"] = model_cfg.attn_implementation

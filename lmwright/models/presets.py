@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lmwright.config import ConfigError, opt
+from lmwright.models.introspect import TASK_CLASSES
 
 Task = Literal["causal-lm", "masked-lm", "seq2seq", "classification", "embedding", "reward"]
 
@@ -137,16 +138,6 @@ def _config_for(family: str, kwargs: dict, vocab_size: int, special: dict[str, i
     raise ConfigError(f"unknown model family '{family}'")
 
 
-_TASK_CLASSES = {
-    "causal-lm": "AutoModelForCausalLM",
-    "masked-lm": "AutoModelForMaskedLM",
-    "seq2seq": "AutoModelForSeq2SeqLM",
-    "classification": "AutoModelForSequenceClassification",
-    "reward": "AutoModelForSequenceClassification",
-    "embedding": "AutoModel",
-}
-
-
 def special_ids(tokenizer) -> dict[str, int | None]:
     return {"pad": tokenizer.pad_token_id, "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id}
 
@@ -160,9 +151,9 @@ def build_model(cfg: ModelConfig, task: str = "causal-lm", tokenizer=None, vocab
     import torch
     import transformers as tf
 
-    if task not in _TASK_CLASSES:
-        raise ConfigError(f"unknown task '{task}'; valid: {', '.join(_TASK_CLASSES)}")
-    auto = getattr(tf, _TASK_CLASSES[task])
+    if task not in TASK_CLASSES:
+        raise ConfigError(f"unknown task '{task}'; valid: {', '.join(TASK_CLASSES)}")
+    auto = getattr(tf, TASK_CLASSES[task])
     extra: dict[str, Any] = {}
     if task in ("classification", "reward"):
         extra["num_labels"] = 1 if task == "reward" else (num_labels or 2)

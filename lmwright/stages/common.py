@@ -28,20 +28,6 @@ def resolve_tokenizer(model_cfg, tokenizer_path: str | None):
     raise ConfigError(f"no tokenizer found in {p}: set tokenizer=<folder>")
 
 
-def model_family(model_cfg) -> str | None:
-    """Preset family, or the model_type of a local folder (llama, gpt2, bert, t5, ...)."""
-    from lmwright.models.presets import PRESETS
-
-    if model_cfg.is_preset():
-        return PRESETS[model_cfg.name]["family"]
-    from lmwright.models.load import read_config, resolve_model_path
-
-    p = resolve_model_path(model_cfg.name)
-    if (p / "adapter_config.json").exists() and not (p / "config.json").exists():
-        return None
-    return read_config(p).get("model_type")
-
-
 def save_final(model, tokenizer, out: Path, task: str, extra: dict[str, Any] | None = None,
                method_cfg=None, base_path: str | None = None) -> Path:
     """Write ``final/``: the model as its method saves it, the tokenizer, generation defaults and

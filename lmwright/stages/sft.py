@@ -21,9 +21,10 @@ from lmwright.config import ConfigError, opt
 from lmwright.data.config import DataConfig
 from lmwright.engine.config import TrainConfig
 from lmwright.methods import MethodConfig
+from lmwright.models.introspect import model_type
 from lmwright.models.presets import CAUSAL_MODEL_TYPES, ModelConfig
 from lmwright.objectives.base import IGNORE_INDEX, LossOutput, token_cross_entropy
-from lmwright.stages.common import STAGES, flops_per_token, model_family, resolve_tokenizer, save_final
+from lmwright.stages.common import STAGES, flops_per_token, resolve_tokenizer, save_final
 from lmwright.utils.hardware import choose_mixed_precision
 from lmwright.utils.logging import get_logger
 
@@ -75,7 +76,7 @@ def check_causal(cfg: Any, stage: str) -> dict[str, Any]:
         raise ConfigError(f"the tokenizer ({cfg.tokenizer or cfg.model.name}) has no chat template; {stage} renders "
                           f"conversations with it: set tokenizer=<folder> to one trained by `lmwright data "
                           f"tokenizer` (it adds ChatML) or add a chat_template to tokenizer_config.json")
-    family = model_family(cfg.model)
+    family = model_type(cfg.model)
     if family is None:
         raise ConfigError(f"model.name={cfg.model.name} is an adapter folder; merge it first (`lmwright export`) "
                           f"or point model.name at its base model")
