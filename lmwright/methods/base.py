@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields, replace
@@ -33,7 +32,7 @@ from lmwright.models.introspect import (
     trained_task,
     unwrap,
 )
-from lmwright.models.meta import META_FILE, read_meta
+from lmwright.models.meta import read_meta, write_meta
 from lmwright.registry import Registry
 
 METHODS = Registry("method", package="lmwright.methods")
@@ -251,9 +250,7 @@ def save_trained(model: Any, cfg: Any, out_dir: str | Path, tokenizer: Any = Non
             "quantize": _quantize_of(model), "quantize_embeddings": _embeddings_quantized(model),
             # the attention kernel it trained with: the base reloads with it (Gemma-2 has no SDPA)
             "attn_implementation": getattr(config, "_attn_implementation", None)}
-    if meta["task"] in ("classification", "reward") and getattr(config, "id2label", None):
-        meta["id2label"] = {str(k): v for k, v in config.id2label.items()}
-    (out / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    write_meta(out, meta, config=config)  # + id2label of a classification/reward head
     return out
 
 
