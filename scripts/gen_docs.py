@@ -15,7 +15,8 @@ if str(ROOT) not in sys.path:  # the family matrix reads the test parametrisatio
 
 from lmwright.config import options_table  # noqa: E402
 from lmwright.methods import compat_markdown  # noqa: E402
-from lmwright.methods.base import FAMILIES, family_matrix_markdown  # noqa: E402
+from lmwright.methods.base import family_matrix_markdown  # noqa: E402
+from lmwright.models.introspect import FAMILIES  # noqa: E402
 from lmwright.stages import STAGES  # noqa: E402
 
 

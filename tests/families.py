@@ -16,7 +16,7 @@ _SMALL = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_att
               num_key_value_heads=2, max_position_embeddings=256)
 _GEMMA = dict(_SMALL, head_dim=16, query_pre_attn_scalar=16, sliding_window=8)
 
-# family key (what lmwright.methods.model_family returns) -> (transformers config class, kwargs)
+# family key (what lmwright.models.introspect.model_family returns) -> (transformers config class, kwargs)
 FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "llama": ("LlamaConfig", dict(_SMALL, tie_word_embeddings=False, rope_theta=500000.0, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

@@ -109,11 +109,7 @@ def test_tools_do_not_import_each_other_for_shared_code():
     assert not bad, "tool -> tool imports:\n" + "\n".join(bad)
 
 
-# temporary: another branch removes these; delete the entry when it lands
-PRIVATE_ALLOWED = {
-    ("lmwright.export.source", "lmwright.methods.base", "_task_from_arch"),  # fixed on branch h14a
-    ("lmwright.methods.base", "lmwright.models.presets", "_TASK_CLASSES"),  # methods/base.py + models/: branch h14a
-}
+PRIVATE_ALLOWED: set[tuple[str, str, str]] = set()  # (module, target, name): none
 
 
 def test_no_private_imports_across_packages():
@@ -177,3 +173,29 @@ def test_objectives_do_not_load_models():
             if target == "lmwright.models.load" or name == "load_trained" or target == "lmwright.models.gguf_import":
                 bad.append(f"{path.relative_to(PKG.parent)}:{line} imports {target}" + (f".{name}" if name else ""))
     assert not bad, "objectives loading models:\n" + "\n".join(bad)
+
+
+def test_model_introspection_lives_in_models():
+    """Task and family introspection has one home, lmwright.models.introspect (issue 14: there were two
+    ``model_family`` functions and a task-class table imported by its private name across modules): no
+    module outside lmwright/models defines ``model_family`` or a task-class table, and no module outside
+    lmwright/models imports a private name from it."""
+    bad = []
+    for path in PKG.rglob("*.py"):
+        rel = path.relative_to(PKG.parent)
+        if rel.parts[1] == "models":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == "model_family":
+                bad.append(f"{rel}:{node.lineno} defines model_family")
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] \
+                if isinstance(node, ast.AnnAssign) else []
+            for t in targets:
+                if isinstance(t, ast.Name) and "TASK_CLASS" in t.id.upper() and isinstance(node.value, ast.Dict):
+                    bad.append(f"{rel}:{node.lineno} defines the task-class table {t.id}")
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lmwright."):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                if private and (node.module.startswith("lmwright.models") or
+                                {"_TASK_CLASSES", "_task_from_arch", "_task_of"} & set(private)):
+                    bad.append(f"{rel}:{node.lineno} imports {', '.join(private)} from {node.module}")
+    assert not bad, "use lmwright.models.introspect:\n" + "\n".join(bad)

@@ -14,8 +14,7 @@ from typing import Any
 
 from lmwright.export import EXPORTERS, ExportError, Source
 from lmwright.export.parity import ParityReport, torch_parity
-
-GEN_CONFIG = "generation_config.json"
+from lmwright.models.meta import GENERATION_FILE, write_meta
 
 
 def write_hf_folder(src: Source, out_dir: Path) -> None:
@@ -31,38 +30,11 @@ def write_hf_folder(src: Source, out_dir: Path) -> None:
         del cfg.quantization_config
     model.save_pretrained(str(out_dir), safe_serialization=True)
     tok.save_pretrained(str(out_dir))
-    if src.task == "causal-lm":
-        write_generation_config(src, out_dir)
     from lmwright.methods import plain_method
 
-    meta: dict[str, Any] = {"task": src.task, "method": plain_method(), "base": None, "exported_from": str(src.path),
-                            "merged_from": src.merged_from}
-    if src.task in ("classification", "reward") and getattr(cfg, "id2label", None):
-        meta["num_labels"] = cfg.num_labels
-        meta["id2label"] = {str(k): v for k, v in cfg.id2label.items()}
-    (out_dir / "lmwright.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-
-
-def write_generation_config(src: Source, out_dir: Path) -> None:
-    """Keep the run's sampling defaults, but make sure eos covers the chat stop tokens and pad is set."""
-    from transformers import GenerationConfig
-
-    from lmwright.data.chat import stop_token_ids
-
-    tok = src.tokenizer
-    stops = stop_token_ids(tok)
-    if (src.path / GEN_CONFIG).exists():
-        gc = GenerationConfig.from_pretrained(str(src.path))
-    else:
-        gc = GenerationConfig(do_sample=True, temperature=0.8, top_p=0.95, max_new_tokens=128)
-    eos = gc.eos_token_id
-    eos = [eos] if isinstance(eos, int) else list(eos or [])
-    gc.eos_token_id = eos + [s for s in stops if s not in eos]
-    if tok.pad_token_id is not None:
-        gc.pad_token_id = tok.pad_token_id
-    if tok.bos_token_id is not None:
-        gc.bos_token_id = tok.bos_token_id
-    gc.save_pretrained(str(out_dir))
+    # a causal LM keeps the run's sampling defaults; eos covers the chat stop tokens, pad is set
+    write_meta(out_dir, {"task": src.task, "method": plain_method(), "base": None, "exported_from": str(src.path),
+                         "merged_from": src.merged_from}, config=cfg, tokenizer=tok, generation_from=src.path)
 
 
 def check_tokenizer(src: Source, out_dir: Path, report: ParityReport) -> None:
@@ -93,7 +65,7 @@ class HFExporter:
         model = load_model(out_dir, task=src.task).eval()
         report = torch_parity(src, model, "hf", opts.get("atol"))
         check_tokenizer(src, out_dir, report)
-        gc_file = out_dir / GEN_CONFIG
+        gc_file = out_dir / GENERATION_FILE
         if src.task == "causal-lm":
             eos = json.loads(gc_file.read_text()).get("eos_token_id")
             report.notes.append(f"generation_config eos_token_id={eos} pad_token_id={src.tokenizer.pad_token_id}")

@@ -143,15 +143,15 @@ class OnnxExporter:
                               "--format hf")
 
     def write(self, src: Source, out_dir: Path, opts: dict[str, Any]) -> None:
-        from lmwright.export.hf import write_generation_config
+        from lmwright.models.meta import LABEL_TASKS, id2label_json, write_generation_config
 
         desc = export_onnx(src.model, src.task, out_dir / MODEL_FILE)
         src.model.config.save_pretrained(str(out_dir))
         src.tokenizer.save_pretrained(str(out_dir))
         if src.task == "causal-lm":
-            write_generation_config(src, out_dir)
-        if src.task in ("classification", "reward"):
-            desc["id2label"] = {str(k): v for k, v in src.model.config.id2label.items()}
+            write_generation_config(src.tokenizer, out_dir, src.path)  # the same as the hf exporter's
+        if src.task in LABEL_TASKS:
+            desc["id2label"] = id2label_json(src.model.config)
         (out_dir / CONFIG_FILE).write_text(json.dumps(desc, indent=2), encoding="utf-8")
 
     def parity(self, src: Source, out_dir: Path, opts: dict[str, Any]) -> ParityReport:

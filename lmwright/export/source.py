@@ -23,15 +23,6 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ExportError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
 
 
-def _task_of(meta: dict[str, Any], config: dict[str, Any]) -> str:
-    from lmwright.methods.base import _task_from_arch
-
-    if meta.get("task"):
-        return str(meta["task"])
-    archs = config.get("architectures") or [""]
-    return _task_from_arch(archs[0])
-
-
 def inspect_source(model: str | Path) -> tuple[Path, dict[str, Any], dict[str, Any]]:
     """(resolved folder, lmwright.json metadata + derived keys, the base model's config.json).
 
@@ -39,8 +30,9 @@ def inspect_source(model: str | Path) -> tuple[Path, dict[str, Any], dict[str, A
     """
     from lmwright.config import ConfigError
     from lmwright.methods import METHODS, folder_method, get_method
-    from lmwright.methods.base import META_FILE
+    from lmwright.models.introspect import task_of
     from lmwright.models.load import resolve_model_path
+    from lmwright.models.meta import META_FILE
 
     try:
         p = resolve_model_path(model)
@@ -83,7 +75,7 @@ def inspect_source(model: str | Path) -> tuple[Path, dict[str, Any], dict[str, A
         raise ExportError(f"no tokenizer found for {p} (looked in {', '.join(str(d) for d in tok_dirs)}); an "
                           "exported model must ship its tokenizer: save one next to the model "
                           "(tokenizer.save_pretrained) and export again")
-    meta = {**meta, "task": _task_of(meta, config), "adapter": adapter, "base_dir": str(config_dir)}
+    meta = {**meta, "task": task_of(meta, config), "adapter": adapter, "base_dir": str(config_dir)}
     return p, meta, config
 
 

@@ -28,8 +28,8 @@ from lmwright.methods.base import (
     Compat,
     find_blocks,
     head_module_names,
-    model_family,
 )
+from lmwright.models.introspect import model_family
 
 WEIGHTS = "bottleneck_adapter.safetensors"
 CONFIG = "bottleneck_adapter.json"

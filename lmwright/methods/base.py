@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields, replace
@@ -25,7 +24,15 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from lmwright.config import ConfigError, opt
-from lmwright.models.meta import META_FILE, read_meta
+from lmwright.models.introspect import (
+    FAMILIES,
+    TASK_CLASSES,
+    model_family,
+    task_of_model,
+    trained_task,
+    unwrap,
+)
+from lmwright.models.meta import read_meta, write_meta
 from lmwright.registry import Registry
 
 METHODS = Registry("method", package="lmwright.methods")
@@ -238,14 +245,12 @@ def save_trained(model: Any, cfg: Any, out_dir: str | Path, tokenizer: Any = Non
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     config = getattr(model, "config", None)
-    meta = {"method": cfg.name, "task": task or _task_of(model), "base": base,
+    meta = {"method": cfg.name, "task": task or task_of_model(model), "base": base,
             "num_labels": getattr(config, "num_labels", None),
             "quantize": _quantize_of(model), "quantize_embeddings": _embeddings_quantized(model),
             # the attention kernel it trained with: the base reloads with it (Gemma-2 has no SDPA)
             "attn_implementation": getattr(config, "_attn_implementation", None)}
-    if meta["task"] in ("classification", "reward") and getattr(config, "id2label", None):
-        meta["id2label"] = {str(k): v for k, v in config.id2label.items()}
-    (out / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    write_meta(out, meta, config=config)  # + id2label of a classification/reward head
     return out
 
 
@@ -296,42 +301,8 @@ def head_module_names(model: Any, task: str) -> list[str]:
     """Top-level names of the task head a classification/reward model adds (it starts random)."""
     if task not in ("classification", "reward"):
         return []
-    inner = _unwrap(model)
+    inner = unwrap(model)
     return [n for n, _ in inner.named_children() if n in HEAD_NAMES]
-
-
-def _unwrap(model: Any) -> Any:
-    """The transformers model under a peft wrapper (or the model itself)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
-def model_family(model_or_config: Any) -> str:
-    """Family key used by COMPAT and the adapter hooks (see ``FAMILIES``), or the model_type if unknown."""
-    config = getattr(model_or_config, "config", model_or_config)
-    mt = getattr(config, "model_type", "")
-    return _FAMILY_OF.get(mt, mt)
-
-
-# family key -> what it covers; the COMPAT table and docs/methods.md are per family
-FAMILIES: dict[str, str] = {
-    "llama": "Llama 1-3 (LlamaForCausalLM), incl. Llama-3 rope scaling, tied or untied embeddings",
-    "mistral": "Mistral (sliding-window attention)",
-    "qwen2": "Qwen2, Qwen2.5 (q/k/v bias)",
-    "qwen3": "Qwen3 (q/k norm)",
-    "gemma": "Gemma (1)",
-    "gemma2": "Gemma-2 (logit soft-capping, alternating sliding/full attention; eager attention only)",
-    "gemma3": "Gemma-3 text (Gemma3ForCausalLM with Gemma3TextConfig)",
-    "phi3": "Phi-3 (fused qkv_proj and gate_up_proj)",
-    "gpt2": "GPT-2 (Conv1D layers)",
-    "bert": "BERT, RoBERTa (encoders)",
-    "t5": "T5 (encoder-decoder)",
-    "bart": "BART (encoder-decoder)",
-}
-# model_type -> family; model types not listed (e.g. gemma3, the multimodal Gemma3ForConditionalGeneration)
-# are their own, unsupported family
-_FAMILY_OF = {**{f: f for f in FAMILIES if f != "gemma3"}, "gemma3_text": "gemma3", "roberta": "bert",
-              "gemma3": "gemma3-multimodal"}
 
 
 def linear_module_names(model: Any) -> list[str]:
@@ -339,7 +310,7 @@ def linear_module_names(model: Any) -> list[str]:
     import torch
 
     names: set[str] = set()
-    for full, mod in _unwrap(model).named_modules():
+    for full, mod in unwrap(model).named_modules():
         if isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D":
             last = full.rsplit(".", 1)[-1]
             if last not in HEAD_NAMES and last != "lm_head":
@@ -347,26 +318,8 @@ def linear_module_names(model: Any) -> list[str]:
     return sorted(names)
 
 
-def _task_of(model: Any) -> str:
-    return _task_from_arch(type(_unwrap(model)).__name__)
-
-
-def _task_from_arch(a: str) -> str:
-    if a.endswith("ForSequenceClassification"):
-        return "classification"
-    if a.endswith("ForMaskedLM"):
-        return "masked-lm"
-    if a.endswith("ForConditionalGeneration"):
-        return "seq2seq"
-    if a.endswith("LMHeadModel"):  # GPT2LMHeadModel and kin: causal LMs whose name ends in "Model"
-        return "causal-lm"
-    if a.endswith("Model"):
-        return "embedding"
-    return "causal-lm"
-
-
 def _quantize_of(model: Any) -> str | None:
-    qc = getattr(getattr(_unwrap(model), "config", None), "quantization_config", None)
+    qc = getattr(getattr(unwrap(model), "config", None), "quantization_config", None)
     if qc is None:
         return None
     qc = qc if isinstance(qc, dict) else qc.to_dict()
@@ -379,7 +332,7 @@ def _quantize_of(model: Any) -> str | None:
 
 def _embeddings_quantized(model: Any) -> bool:
     """Whether the input embedding is a bitsandbytes 4-bit module (model.quantize_embeddings)."""
-    get = getattr(_unwrap(model), "get_input_embeddings", None)
+    get = getattr(unwrap(model), "get_input_embeddings", None)
     return callable(get) and type(get()).__name__ == "Embedding4bit"
 
 
@@ -399,7 +352,7 @@ def quantized_base_memory(model: Any) -> int:
         seen.add(id(t))
         total += t.numel() * t.element_size()
 
-    inner = _unwrap(model)
+    inner = unwrap(model)
     for name, p in inner.named_parameters():
         if _is_adapter_param(name):
             continue
@@ -542,7 +495,7 @@ def _meta_model(model_cfg: Any, task: str) -> Any:
     if model_cfg is None:
         return None
     try:
-        from lmwright.models.presets import _TASK_CLASSES, build_model
+        from lmwright.models.presets import build_model
 
         with torch.device("meta"):
             if model_cfg.is_preset():
@@ -551,7 +504,7 @@ def _meta_model(model_cfg: Any, task: str) -> Any:
             import transformers as tf
 
             config = tf.AutoConfig.from_pretrained(str(model_cfg.name), local_files_only=True)
-            return getattr(tf, _TASK_CLASSES[task]).from_config(config)
+            return getattr(tf, TASK_CLASSES[task]).from_config(config)
     except (ConfigError, OSError, ValueError, KeyError):
         return None
 
@@ -565,7 +518,7 @@ def find_blocks(model: Any) -> list[Any]:
     import torch
 
     lists = []
-    for name, mod in _unwrap(model).named_modules():
+    for name, mod in unwrap(model).named_modules():
         same_class = isinstance(mod, torch.nn.ModuleList) and len(mod) > 0 and len({type(m) for m in mod}) == 1
         if same_class and any(isinstance(s, torch.nn.Linear) or type(s).__name__ == "Conv1D"
                               for s in mod[0].modules()):
@@ -631,21 +584,3 @@ def _load_base(base: str | None, task: str, quantize: str | None, quantize_embed
                                                                   quantize_embeddings=quantize_embeddings), **kwargs)
         return model
     return load_model(base, task=task, **kwargs)
-
-
-def trained_task(path: str | Path) -> str:
-    """The task a model folder was trained for: its ``lmwright.json`` says (an adapter folder has nothing
-    else to say it), else the architecture in its ``config.json``. ``load_trained`` and ``lmwright.load``
-    both ask here."""
-    from lmwright.models.load import resolve_model_path
-
-    p = resolve_model_path(path)
-    return str(read_meta(p).get("task") or _guess_task(p))
-
-
-def _guess_task(p: Path) -> str:
-    cfg_file = p / "config.json"
-    if cfg_file.exists():
-        archs = json.loads(cfg_file.read_text()).get("architectures") or [""]
-        return _task_from_arch(archs[0])
-    return "causal-lm"

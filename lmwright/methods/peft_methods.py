@@ -28,11 +28,10 @@ from lmwright.methods.base import (
     METHODS,
     PROMPT_TASKS,
     Compat,
-    _unwrap,
     head_module_names,
     linear_module_names,
-    model_family,
 )
+from lmwright.models.introspect import model_family, unwrap
 
 _TASK_TYPES = {"causal-lm": "CAUSAL_LM", "classification": "SEQ_CLS", "reward": "SEQ_CLS",
                "seq2seq": "SEQ_2_SEQ_LM", "masked-lm": None, "embedding": "FEATURE_EXTRACTION"}
@@ -175,7 +174,7 @@ def check_targets(model: Any, targets: list[str], method: Any, task: str, where:
     target must match at least one module outside the head, and every such module must be a layer type
     ``method`` adapts (its ``adapts``).
     """
-    inner = _unwrap(model)
+    inner = unwrap(model)
     heads = set(head_module_names(model, task))
     missing, head_only, wrong = [], [], {}
     for t in targets:

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from lmwright.config import ConfigError
+from lmwright.models.introspect import TASK_CLASSES
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -90,16 +91,39 @@ def check_safetensors(path: Path) -> None:
             f"{how}, then load it again")
 
 
+# from_pretrained keywords that would load remote code or pickled weights, or reach the network:
+# model.overrides are architecture settings, never loader switches
+FORBIDDEN_OVERRIDES = ("trust_remote_code", "use_safetensors", "local_files_only", "from_tf", "from_flax",
+                       "code_revision", "revision", "weights_only", "gguf_file", "subfolder")
+
+
+def check_overrides(overrides: dict | None) -> None:
+    """Refuse model.overrides keys that switch the loader's safety off (remote code, pickle, downloads)."""
+    for key in overrides or {}:
+        if str(key) in FORBIDDEN_OVERRIDES:
+            raise ConfigError(f"model.overrides.{key} is not allowed: lmwright never runs a model's remote code "
+                              "and loads safetensors weights only, from local folders. Remove it; overrides are "
+                              "for architecture settings such as {num_hidden_layers: 4}")
+
+
+def resolve_dtype(name: str):
+    import torch
+
+    if name == "auto":
+        from lmwright.utils.hardware import preferred_dtype
+
+        return preferred_dtype()
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
 def load_model(path: str | Path, task: str = "causal-lm", model_cfg=None, **extra):
     """Load a plain Hugging Face model folder for ``task`` (no remote code, safetensors only)."""
     import transformers as tf
 
-    from lmwright.models.presets import _TASK_CLASSES, check_overrides, resolve_dtype
-
     p = resolve_model_path(path)
     read_config(p)
     check_safetensors(p)
-    auto = getattr(tf, _TASK_CLASSES[task])
+    auto = getattr(tf, TASK_CLASSES[task])
     kwargs = dict(extra)
     if model_cfg is not None:
         kwargs["attn_implementation"] = model_cfg.attn_implementation

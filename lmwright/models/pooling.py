@@ -50,8 +50,9 @@ def sentence_vectors(model: Any, input_ids: Any, attention_mask: Any, pooling: s
 def _has_head(model: Any) -> bool:
     """A transformers model with a task head (``...ForCausalLM``, ``GPT2LMHeadModel``, ...), under a peft
     wrapper or not: its output has no ``last_hidden_state``."""
-    get_base = getattr(model, "get_base_model", None)
-    name = type(get_base() if callable(get_base) else model).__name__
+    from lmwright.models.introspect import unwrap
+
+    name = type(unwrap(model)).__name__
     return "For" in name or name.endswith("LMHeadModel")
 
 

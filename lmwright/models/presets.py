@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lmwright.config import ConfigError, opt
+from lmwright.models.introspect import TASK_CLASSES
+from lmwright.models.load import check_overrides, load_model, resolve_dtype
 
 Task = Literal["causal-lm", "masked-lm", "seq2seq", "classification", "embedding", "reward"]
 
@@ -96,21 +98,6 @@ class ModelConfig:
                               f"{suggest(self.name, preset_names())} Presets: {', '.join(preset_names())}")
 
 
-# from_pretrained keywords that would load remote code or pickled weights, or reach the network:
-# model.overrides are architecture settings, never loader switches
-FORBIDDEN_OVERRIDES = ("trust_remote_code", "use_safetensors", "local_files_only", "from_tf", "from_flax",
-                       "code_revision", "revision", "weights_only", "gguf_file", "subfolder")
-
-
-def check_overrides(overrides: dict | None) -> None:
-    """Refuse model.overrides keys that switch the loader's safety off (remote code, pickle, downloads)."""
-    for key in overrides or {}:
-        if str(key) in FORBIDDEN_OVERRIDES:
-            raise ConfigError(f"model.overrides.{key} is not allowed: lmwright never runs a model's remote code "
-                              "and loads safetensors weights only, from local folders. Remove it; overrides are "
-                              "for architecture settings such as {num_hidden_layers: 4}")
-
-
 def preset_family(name: str) -> str:
     return PRESETS[name]["family"]
 
@@ -137,16 +124,6 @@ def _config_for(family: str, kwargs: dict, vocab_size: int, special: dict[str, i
     raise ConfigError(f"unknown model family '{family}'")
 
 
-_TASK_CLASSES = {
-    "causal-lm": "AutoModelForCausalLM",
-    "masked-lm": "AutoModelForMaskedLM",
-    "seq2seq": "AutoModelForSeq2SeqLM",
-    "classification": "AutoModelForSequenceClassification",
-    "reward": "AutoModelForSequenceClassification",
-    "embedding": "AutoModel",
-}
-
-
 def special_ids(tokenizer) -> dict[str, int | None]:
     return {"pad": tokenizer.pad_token_id, "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id}
 
@@ -160,9 +137,9 @@ def build_model(cfg: ModelConfig, task: str = "causal-lm", tokenizer=None, vocab
     import torch
     import transformers as tf
 
-    if task not in _TASK_CLASSES:
-        raise ConfigError(f"unknown task '{task}'; valid: {', '.join(_TASK_CLASSES)}")
-    auto = getattr(tf, _TASK_CLASSES[task])
+    if task not in TASK_CLASSES:
+        raise ConfigError(f"unknown task '{task}'; valid: {', '.join(TASK_CLASSES)}")
+    auto = getattr(tf, TASK_CLASSES[task])
     extra: dict[str, Any] = {}
     if task in ("classification", "reward"):
         extra["num_labels"] = 1 if task == "reward" else (num_labels or 2)
@@ -170,8 +147,6 @@ def build_model(cfg: ModelConfig, task: str = "causal-lm", tokenizer=None, vocab
             extra["id2label"] = {int(k): v for k, v in id2label.items()}
             extra["label2id"] = {v: int(k) for k, v in id2label.items()}
     if not cfg.is_preset():
-        from lmwright.models.load import load_model
-
         return load_model(cfg.name, task=task, model_cfg=cfg, **extra)
     preset = dict(PRESETS[cfg.name])
     family = preset.pop("family")
@@ -204,16 +179,6 @@ def _set_dropout(config, p: float) -> None:
                  "embd_pdrop", "attn_pdrop", "dropout_rate", "dropout", "hidden_dropout"):
         if hasattr(config, name):
             setattr(config, name, p)
-
-
-def resolve_dtype(name: str):
-    import torch
-
-    if name == "auto":
-        from lmwright.utils.hardware import preferred_dtype
-
-        return preferred_dtype()
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def describe_presets() -> list[dict[str, Any]]:

@@ -237,7 +237,8 @@ def load(path: str | Path, guardrails: Guardrails | str | Path | None = None, ta
          name: str | None = None, **kwargs: Any) -> LoadedModel:
     """Load a run folder, checkpoint, Hugging Face folder or adapter folder for inference, as its
     ``lmwright.json`` says it was trained (``load_trained``: the loader every command uses)."""
-    from lmwright.methods.base import load_trained, trained_task
+    from lmwright.methods.base import load_trained
+    from lmwright.models.introspect import trained_task
     from lmwright.models.load import resolve_model_path
     from lmwright.models.pooling import read_pooling
 

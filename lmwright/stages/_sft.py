@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from lmwright.config import ConfigError
+from lmwright.models.introspect import model_type
 from lmwright.models.presets import CAUSAL_MODEL_TYPES
 from lmwright.objectives.base import IGNORE_INDEX, LossOutput, causal_lm_loss
-from lmwright.stages.common import model_family, resolve_tokenizer
+from lmwright.stages.common import resolve_tokenizer
 from lmwright.utils.hardware import choose_mixed_precision
 from lmwright.utils.logging import get_logger
 
@@ -41,7 +42,7 @@ def check_causal(cfg: Any, stage: str) -> dict[str, Any]:
         raise ConfigError(f"the tokenizer ({cfg.tokenizer or cfg.model.name}) has no chat template; {stage} renders "
                           f"conversations with it: set tokenizer=<folder> to one trained by `lmwright data "
                           f"tokenizer` (it adds ChatML) or add a chat_template to tokenizer_config.json")
-    family = model_family(cfg.model)
+    family = model_type(cfg.model)
     if family is None:
         raise ConfigError(f"model.name={cfg.model.name} is an adapter folder; merge it first (`lmwright export`) "
                           f"or point model.name at its base model")

@@ -17,9 +17,10 @@ from lmwright.config import ConfigError, opt
 from lmwright.data.config import DataConfig
 from lmwright.engine.config import TrainConfig
 from lmwright.methods import MethodConfig
+from lmwright.models.introspect import model_type
 from lmwright.models.presets import ModelConfig
 from lmwright.objectives.classification import classification_loss  # noqa: F401 (re-exported)
-from lmwright.stages.common import STAGES, model_family, resolve_tokenizer, save_final
+from lmwright.stages.common import STAGES, resolve_tokenizer, save_final
 from lmwright.utils.logging import get_logger
 
 log = get_logger("lmwright.classify")
@@ -61,7 +62,7 @@ def check(cfg: ClassifyConfig) -> dict[str, Any]:
     if not cfg.data.path:
         raise ConfigError("data.path is empty: point it at {text, label} records")
     tokenizer = resolve_tokenizer(cfg.model, cfg.tokenizer or cfg.model.tokenizer)
-    family = model_family(cfg.model)
+    family = model_type(cfg.model)
     if family in ("t5",):
         raise ConfigError(f"model.name={cfg.model.name} is a {family} model without a classification head; use an "
                           f"encoder (bert, MiniLM) or a decoder (llama, gpt2)")

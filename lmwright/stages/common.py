@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +25,6 @@ def resolve_tokenizer(model_cfg, tokenizer_path: str | None):
         if (cand / "tokenizer_config.json").exists():
             return load_tokenizer(cand)
     raise ConfigError(f"no tokenizer found in {p}: set tokenizer=<folder>")
-
-
-def model_family(model_cfg) -> str | None:
-    """Preset family, or the model_type of a local folder (llama, gpt2, bert, t5, ...)."""
-    from lmwright.models.presets import PRESETS
-
-    if model_cfg.is_preset():
-        return PRESETS[model_cfg.name]["family"]
-    from lmwright.models.load import read_config, resolve_model_path
-
-    p = resolve_model_path(model_cfg.name)
-    if (p / "adapter_config.json").exists() and not (p / "config.json").exists():
-        return None
-    return read_config(p).get("model_type")
 
 
 def save_final(model, tokenizer, out: Path, task: str, extra: dict[str, Any] | None = None,
@@ -69,6 +54,7 @@ def save_final(model, tokenizer, out: Path, task: str, extra: dict[str, Any] | N
 def _write_final(model, tokenizer, out: Path, task: str, extra: dict[str, Any] | None, method_cfg,
                  base_path: str | None) -> None:
     from lmwright.methods import plain_method, save_trained, trains_all
+    from lmwright.models.meta import read_meta, write_meta
     from lmwright.utils.logging import quiet_transformers
 
     quiet_transformers()
@@ -77,26 +63,13 @@ def _write_final(model, tokenizer, out: Path, task: str, extra: dict[str, Any] |
     else:
         model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
-    if task == "causal-lm":
-        write_generation_config(model, tokenizer, out)
     # keep what save_trained wrote (num_labels, id2label, quantize): load_trained needs it
-    meta = json.loads((out / "lmwright.json").read_text()) if (out / "lmwright.json").exists() else {}
+    meta = read_meta(out)
     meta.update({"task": task, "method": method_cfg.name if method_cfg is not None else plain_method()})
     if base_path is not None or "base" not in meta:
         meta["base"] = str(Path(base_path).resolve()) if base_path is not None else None
     meta.update(extra or {})
-    (out / "lmwright.json").write_text(json.dumps(meta, indent=2))
-
-
-def write_generation_config(model, tokenizer, out: Path) -> None:
-    from transformers import GenerationConfig
-
-    from lmwright.data.chat import stop_token_ids
-
-    gc = GenerationConfig(eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                          bos_token_id=tokenizer.bos_token_id, do_sample=True, temperature=0.8, top_p=0.95,
-                          max_new_tokens=128)
-    gc.save_pretrained(str(out))
+    write_meta(out, meta, tokenizer=tokenizer)  # + generation_config.json of a causal LM
 
 
 def flops_per_token(model, seq_len: int) -> float:

@@ -14,6 +14,7 @@ from typing import Any
 from lmwright.config import ConfigError, opt
 from lmwright.data.config import DataConfig
 from lmwright.engine.config import TrainConfig
+from lmwright.models.introspect import model_type
 from lmwright.models.presets import ModelConfig
 from lmwright.objectives.contrastive import ContrastiveConfig
 from lmwright.objectives.denoise import DenoiseConfig
@@ -22,7 +23,6 @@ from lmwright.stages.common import (
     STAGES,
     data_texts,
     flops_per_token,
-    model_family,
     resolve_tokenizer,
     save_final,
 )
@@ -71,7 +71,7 @@ def check(cfg: PretrainConfig) -> dict[str, Any]:
     """Everything that can be verified before training (used by `lmwright validate`)."""
     tokenizer = resolve_tokenizer(cfg.model, cfg.tokenizer)
     obj = objective_for(cfg)
-    obj.check(model_family(cfg.model), tokenizer)
+    obj.check(model_type(cfg.model), tokenizer)
     if not cfg.data.path:
         raise ConfigError("data.path is empty: point it at text files or a prepared data folder")
     formats = getattr(obj, "formats", None)

@@ -143,7 +143,9 @@ def test_final_is_written_aside_and_renamed(tmp_path, tokenizer, monkeypatch):
     def die(*a, **kw):
         raise KeyboardInterrupt  # a kill between the weights and the generation config
 
-    monkeypatch.setattr(common, "write_generation_config", die)
+    import lmwright.models.meta as meta
+
+    monkeypatch.setattr(meta, "write_generation_config", die)
     import torch
 
     with torch.no_grad():

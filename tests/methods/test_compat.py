@@ -87,7 +87,7 @@ def _config_folder(tmp_path, family: str, tokenizer):
 def test_model_family_of_each_config(config_cls, family):
     import transformers as tf
 
-    from lmwright.methods.base import model_family
+    from lmwright.models.introspect import model_family
 
     assert model_family(getattr(tf, config_cls)()) == family
 
@@ -119,10 +119,10 @@ def test_phi3_fused_projections_are_the_targets(tmp_path, tokenizer):
 
 
 def test_gpt2_lm_head_folders_are_causal_lms():
-    from lmwright.methods.base import _task_from_arch
+    from lmwright.models.introspect import task_from_arch
 
-    assert _task_from_arch("GPT2LMHeadModel") == "causal-lm"
-    assert _task_from_arch("BertModel") == "embedding"
+    assert task_from_arch("GPT2LMHeadModel") == "causal-lm"
+    assert task_from_arch("BertModel") == "embedding"
 
 
 def test_methods_doc_is_the_generated_one():

@@ -324,7 +324,7 @@ def test_family_refusals_are_real_and_explained(tokenizer, family_folder, method
 
 
 def test_family_matrix_covers_every_family_and_method():
-    from lmwright.methods.base import FAMILIES
+    from lmwright.models.introspect import FAMILIES
 
     assert set(FAMILY_NAMES) <= set(FAMILIES)
     cells = {tuple(c.values) for c in FAMILY_CELLS + REFUSED_FAMILY_CELLS}

@@ -82,7 +82,8 @@ def test_import_cli_tiny_round_trip(tiny_dir, tiny_gguf, tmp_path, capsys):
 def test_gguf_file_as_model_name(tiny_dir, tiny_gguf, gguf_cache):
     """model.name=<file>.gguf: converted once into the cache, then every loader and stage helper takes it."""
     from lmwright.models import ModelConfig, gguf_import, load_model, load_tokenizer, resolve_model_path
-    from lmwright.stages.common import model_family, resolve_tokenizer
+    from lmwright.models.introspect import model_family
+    from lmwright.stages.common import resolve_tokenizer
 
     folder = resolve_model_path(tiny_gguf)
     assert folder.parent == gguf_cache / "gguf" and (folder / "config.json").is_file()

@@ -47,7 +47,7 @@ def test_lora_classifier_loads_with_its_trained_head(lora_classifier):
 
 
 def test_the_folder_task_is_the_metadata_task(lora_classifier, lm_dir):
-    from lmwright.methods.base import trained_task
+    from lmwright.models.introspect import trained_task
 
     assert trained_task(lora_classifier) == "classification"
     assert trained_task(lm_dir) == "causal-lm"  # a plain Hugging Face folder: its architecture says
