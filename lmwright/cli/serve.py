@@ -8,6 +8,7 @@ from lmwright.cli._common import add_config_args, subparser
 
 
 def register(sub) -> None:
+    from lmwright.models.weights import WEIGHTS
     from lmwright.serve.engine import ENGINES
     from lmwright.serve.http import ServeConfig
 
@@ -23,6 +24,9 @@ def register(sub) -> None:
     p.add_argument("--guardrails", metavar="FILE", help="YAML file of guardrail rules")
     p.add_argument("--engine", choices=ENGINES.names(), help="serving engine (default builtin)")
     p.add_argument("--max-seqs", type=int, help="sequences decoded together")
+    p.add_argument("--weights", choices=WEIGHTS,
+                   help="weight precision (default auto: bf16 where a cached probe shows it faster here, else "
+                        "fp32; int8 = weight-only, answers change slightly)")
     p.add_argument("--queue-size", type=int, help="requests allowed to wait; beyond -> 429")
     p.add_argument("--allowed-host", action="append", metavar="HOST",
                    help="without an API key: also accept this Host name (repeatable; '*' = any)")
@@ -36,7 +40,8 @@ def _overrides(args) -> list[str]:
     out = list(args.overrides)
     for flag, key in (("model", "model"), ("name", "name"), ("host", "host"), ("port", "port"),
                       ("api_key", "api_key"), ("api_key_file", "api_key_file"), ("guardrails", "guardrails"),
-                      ("engine", "engine"), ("max_seqs", "max_seqs"), ("queue_size", "queue_size")):
+                      ("engine", "engine"), ("max_seqs", "max_seqs"), ("queue_size", "queue_size"),
+                      ("weights", "weights")):
         v = getattr(args, flag, None)
         if v is not None:
             out.append(f"{key}={v}")

@@ -56,6 +56,7 @@ class LoadedModel:
         self.guardrails = guardrails or Guardrails()
         self._engine = None
         self._lock = threading.Lock()
+        self.weights_note = ""  # what load(weights=...) did to the weights (the log line)
 
     def __repr__(self) -> str:
         return f"LoadedModel(name={self.name!r}, task={self.task!r}, path={self.path!r})"
@@ -234,21 +235,32 @@ class LoadedModel:
 
 
 def load(path: str | Path, guardrails: Guardrails | str | Path | None = None, task: str | None = None,
-         name: str | None = None, **kwargs: Any) -> LoadedModel:
+         name: str | None = None, weights: str | None = None, max_seqs: int = 8, **kwargs: Any) -> LoadedModel:
     """Load a run folder, checkpoint, Hugging Face folder or adapter folder for inference, as its
-    ``lmwright.json`` says it was trained (``load_trained``: the loader every command uses)."""
+    ``lmwright.json`` says it was trained (``load_trained``: the loader every command uses).
+
+    ``weights``: ``float32`` | ``bfloat16`` | ``int8`` (weight-only, changes answers slightly) | ``auto`` (bf16 where a
+    cached probe shows it faster on this CPU, for generative models; see ``lmwright.models.weights``); None keeps
+    the weights as loaded. ``max_seqs``: the batch ``auto`` probes besides 1 row (the server's max_seqs).
+    """
     from lmwright.methods.base import load_trained
     from lmwright.models.introspect import trained_task
     from lmwright.models.load import resolve_model_path
     from lmwright.models.pooling import read_pooling
+    from lmwright.models.weights import check_weights, prepare_weights
 
+    if weights is not None:
+        check_weights(weights)  # before loading the weights
     task = task or trained_task(path)
     model, tokenizer = load_trained(path, task=task, **kwargs)
+    note = prepare_weights(model, None if weights == "auto" and task not in GENERATIVE else weights, max_seqs)
     if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # batching encoders needs a pad token
     g = guardrails if isinstance(guardrails, Guardrails) else load_guardrails(guardrails)
-    return LoadedModel(model, tokenizer, task, path, g, name=name or _default_name(Path(path)),
-                       pooling=read_pooling(resolve_model_path(path)))
+    lm = LoadedModel(model, tokenizer, task, path, g, name=name or _default_name(Path(path)),
+                     pooling=read_pooling(resolve_model_path(path)))
+    lm.weights_note = note
+    return lm
 
 
 def _default_name(p: Path) -> str:

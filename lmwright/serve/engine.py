@@ -266,7 +266,8 @@ class LocalEngine:
         limits, and answers /v1/embeddings with it for encoders."""
         from lmwright.serve.api import load
 
-        return load(cfg.model, guardrails=cfg.guardrails, name=cfg.name or None)
+        return load(cfg.model, guardrails=cfg.guardrails, name=cfg.name or None, weights=cfg.weights,
+                    max_seqs=cfg.max_seqs)
 
     # ------------------------------------------------------------------ client side (any thread)
     def submit(self, request: GenerationRequest) -> RequestStream:

@@ -73,18 +73,19 @@ def _cache_file():
     return cache_dir("precision.json")
 
 
-def _read_cache() -> dict[str, Any]:
+def read_cache() -> dict[str, Any]:
+    """Every probe's cached figures by key (this module's training probe, ``models.weights``' serving probe)."""
     try:
         return json.loads(_cache_file().read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
 
 
-def _write_cache(key: str, result: dict[str, Any]) -> None:
+def write_cache(key: str, result: dict[str, Any]) -> None:
     """Best effort: a read-only home only costs the next run another probe."""
     path = _cache_file()
     try:
-        data = _read_cache()
+        data = read_cache()
         data[key] = result
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
@@ -158,19 +159,24 @@ def measure(model, tokens: int = PROBE_TOKENS) -> dict[str, Any]:
             "min_speedup": MIN_SPEEDUP, "choice": "bf16" if speedup >= MIN_SPEEDUP else "no"}
 
 
+def probe_enabled() -> bool:
+    """False under ``LMWRIGHT_PRECISION_PROBE=off`` (every probe then keeps fp32: the same numerics on every machine)."""
+    return os.environ.get("LMWRIGHT_PRECISION_PROBE", "on").lower() not in ("off", "0", "false", "no")
+
+
 def bf16_probe(model, tokens: int = PROBE_TOKENS) -> dict[str, Any]:
     """The probe's result for ``model`` on this machine: from this process, the cache file, or measured now."""
-    if os.environ.get("LMWRIGHT_PRECISION_PROBE", "on").lower() in ("off", "0", "false", "no"):
+    if not probe_enabled():
         return {"choice": "no", "source": "LMWRIGHT_PRECISION_PROBE=off", "tokens": tokens}
     key = f"{machine_key()}|{model_signature(model, tokens)}"
     if key in _memo:
         return _memo[key]
-    cached = _read_cache().get(key)
+    cached = read_cache().get(key)
     if isinstance(cached, dict) and cached.get("choice") in ("bf16", "no"):
         result = dict(cached, source="cache")
     else:
         result = dict(measure(model, tokens), source="measured")
-        _write_cache(key, {k: v for k, v in result.items() if k != "source"})
+        write_cache(key, {k: v for k, v in result.items() if k != "source"})
     _memo[key] = result
     log.info("mixed_precision auto: %s on this CPU (avx512_bf16, no AMX): a forward+backward of %d tokens took "
              "%.3f s in fp32 and %.3f s in bf16 autocast (%.2fx; bf16 needs >= %.2fx) [%s]",
