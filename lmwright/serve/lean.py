@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from lmwright.models.weights import FP32_ATTENTION
+
 ATTENTION_CLASSES = ("LlamaAttention",)
 
 
@@ -41,7 +43,8 @@ def lean_supported(model) -> bool:
     inner = getattr(base, "model", None)
     if not isinstance(base, PreTrainedModel) or cfg is None or inner is None:
         return False
-    if getattr(cfg, "model_type", None) != "llama" or getattr(cfg, "_attn_implementation", None) != "sdpa":
+    if getattr(cfg, "model_type", None) != "llama" or getattr(cfg, "_attn_implementation", None) not in ("sdpa",
+                                                                                                        FP32_ATTENTION):
         return False
     if getattr(cfg, "pretraining_tp", 1) != 1 or not hasattr(base, "lm_head"):
         return False
@@ -71,6 +74,9 @@ class LeanLlama:
         self.max_seqs, self.max_context = max_seqs, max_context
         w = self.inner.embed_tokens.weight
         self.dtype, self.device = w.dtype, w.device
+        # a bf16 model served on a CPU attends in fp32 (``lmwright.models.weights.FP32_ATTENTION``, set on the model
+        # so that its own forward and generate() do the same): the KV cache holds the bf16 projections' values in fp32
+        self.attn_dtype = torch.float32 if cfg._attn_implementation == FP32_ATTENTION else self.dtype
         self.capacity = 0
         self.k: list = []
         self.v: list = []
@@ -84,8 +90,8 @@ class LeanLlama:
             return
         cap = max(need, min(self.max_context, max(64, 2 * self.capacity)))
         shape = (self.max_seqs, self.kv_heads, cap, self.head_dim)
-        k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-        v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        k = [torch.zeros(shape, dtype=self.attn_dtype, device=self.device) for _ in self.layers]
+        v = [torch.zeros(shape, dtype=self.attn_dtype, device=self.device) for _ in self.layers]
         if self.capacity:
             for i in range(len(self.layers)):
                 k[i][:, :, :self.capacity] = self.k[i]
@@ -94,8 +100,8 @@ class LeanLlama:
 
     def new_buffer(self, length: int) -> list[tuple[Any, Any]]:
         shape = (1, self.kv_heads, length, self.head_dim)
-        return [(torch.empty(shape, dtype=self.dtype, device=self.device),
-                 torch.empty(shape, dtype=self.dtype, device=self.device)) for _ in self.layers]
+        return [(torch.empty(shape, dtype=self.attn_dtype, device=self.device),
+                 torch.empty(shape, dtype=self.attn_dtype, device=self.device)) for _ in self.layers]
 
     def load_row(self, row: int, buf: list[tuple[Any, Any]], length: int) -> None:
         """Copy a finished prefill buffer into decode slot ``row``."""
@@ -119,12 +125,14 @@ class LeanLlama:
         k = a.k_proj(h).view(b, t, -1, self.head_dim).transpose(1, 2)
         v = a.v_proj(h).view(b, t, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, *pos)
+        if self.attn_dtype != self.dtype:
+            return q.to(self.attn_dtype), k.to(self.attn_dtype), v.to(self.attn_dtype)
         return q, k, v
 
     def _attn_out(self, layer, x, o):
         """o_proj + residual, then the MLP block + residual."""
         b, t = x.shape[0], x.shape[1]
-        x = x + layer.self_attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
+        x = x + layer.self_attn.o_proj(o.transpose(1, 2).reshape(b, t, -1).to(self.dtype))
         return x + layer.mlp(layer.post_attention_layernorm(x))
 
     def _logits(self, h):

@@ -42,6 +42,9 @@ def test_engine_greedy_equals_hf_generate_at_the_same_precision(lm_prec):
     eng = LocalEngine(m, lm_prec.tokenizer, max_seqs=8)
     try:
         assert eng._lean is not None
+        # bf16 activations attend in fp32 on a CPU, in generate() (the model's attention) as in the engine
+        assert m.config._attn_implementation == W.FP32_ATTENTION and eng._lean.attn_dtype == torch.float32
+        assert eng._lean.k[0].dtype == torch.float32
         one = [_run(eng, [i], 12)[0] for i in ids[:2]]
         together = _run(eng, ids, 12)
     finally:
