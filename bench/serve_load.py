@@ -28,6 +28,10 @@ side by side.
                                                  # own GGUF export of the same weights (f32, f16, q8_0); ~4-5 min on
                                                  # 2 loaded cores (--variants eager,compiled adds ~3 min of compile)
 
+``--weights bfloat16`` / ``int8`` serve the engine with those weights (``lmwright serve --weights``) while the
+``generate()`` baseline stays the fp32 model as a user loads it; llama.cpp then runs the GGUF type of the same
+precision (bfloat16 -> f16, int8 -> q8_0, float32 -> f32) and the llama.cpp target is read against it.
+
 llama.cpp runs in this process through ``xllamacpp`` (prebuilt llama.cpp, PyPI wheel) with the same torch thread
 count as ``--threads``, one stream, the same prompt ids, temperature 1 with no top-k/top-p/min-p, ``ignore_eos``
 and the same number of new tokens; its figures are the request's wall time (prompt included, as for the other
@@ -55,9 +59,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 PROMPT = "Tell me a story about a cat who finds a small red ball in the garden."
 TARGETS = {"one_stream_vs_generate": 1.5, "c16_vs_c1": 6.0, "ttft_p95_s_c16": 0.5}
-# lmwright's one-stream decode (fp32 weights) against llama.cpp on lmwright's own export of the same weights
+# lmwright's one-stream decode against llama.cpp on lmwright's own export of the same weights, same precision
 LLAMA_CPP_TARGET = 0.5
 GGUF_TYPES = ("f32", "f16", "q8_0")
+PAIRED_GGUF = {"float32": "f32", "bfloat16": "f16", "int8": "q8_0"}  # --weights -> the llama.cpp type compared
 
 
 def _percentile(xs: list[float], q: float) -> float:
@@ -308,7 +313,7 @@ def op_profile(engine, batch: int, steps: int, threads: int) -> dict:
         for e in p.key_averages():
             us = e.self_cpu_time_total / steps / 1e3
             total += us
-            if e.key in ("aten::mm", "aten::addmm", "aten::bmm"):
+            if e.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int8pack_mm"):
                 kinds["linear"] += us
             elif "scaled_dot_product" in e.key or "flash_attention" in e.key:
                 kinds["attention"] += us
@@ -377,6 +382,9 @@ def main(argv: list[str] | None = None) -> dict:
                                                                "(default: 1 on <= 4 cores, else all cores)")
     ap.add_argument("--variants", default=None, help="engine variants: eager,compiled (torch.compile of the "
                                                           "decode step); default both, eager with --smoke or --model")
+    ap.add_argument("--weights", default="float32", choices=tuple(PAIRED_GGUF),
+                    help="the engine's weights (lmwright serve --weights; generate() stays fp32); with --model, "
+                         "llama.cpp runs the paired GGUF type only unless --llama-cpp says otherwise")
     ap.add_argument("--client", default=None, help=argparse.SUPPRESS)  # internal: run as the load generator
     ap.add_argument("--out", default=None, help="default bench/results/serve_load.json "
                                                 "(serve_load_<model>.json with --model)")
@@ -399,11 +407,12 @@ def main(argv: list[str] | None = None) -> dict:
     preset = args.preset or ("llama-tiny" if args.smoke else "llama-20m")
     tokens = args.tokens or (8 if args.smoke else 64)
     levels = [int(x) for x in (args.levels or ("1,4" if args.smoke else ("1,16" if args.model else "1,4,16"))).split(",")]
-    gguf_types = [t for t in (args.llama_cpp or (",".join(GGUF_TYPES) if args.model else "none")).split(",")
+    default_types = ",".join(GGUF_TYPES) if args.weights == "float32" else PAIRED_GGUF[args.weights]
+    gguf_types = [t for t in (args.llama_cpp or (default_types if args.model else "none")).split(",")
                   if t and t != "none"]
     if args.out is None:
         name = "serve_load" + (f"_{Path(args.model).stem if args.model != 'smollm2' else 'smollm2'}".replace("-", "_")
-                               if args.model else "")
+                               if args.model else "") + ("" if args.weights == "float32" else f"_{args.weights}")
         args.out = str(Path(__file__).parent / "results" / f"{name}.json")
     rpc = args.requests_per_client or (1 if args.smoke or args.model else 2)
     vocab = 512 if args.smoke else 4096
@@ -420,6 +429,8 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             model_dir = build(preset, vocab, Path(d), 300 if args.smoke else 1500)
         lm = load(model_dir, name="bench")
+        # the engine's model: the same folder with --weights applied (generate() keeps the fp32 model)
+        served = lm if args.weights == "float32" else load(model_dir, name="bench", weights=args.weights)
         ids = lm.chat_ids([{"role": "user", "content": PROMPT}])  # what the HTTP clients send
         n_params = sum(p.numel() for p in lm.model.parameters())
         load_before = os.getloadavg()
@@ -429,7 +440,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows, ops, compile_s = [], [], None
         for variant in variants:
             t0 = time.perf_counter()
-            engine = LocalEngine(lm.model, lm.tokenizer, max_seqs=max(16, *levels), queue_size=64, name="bench",
+            engine = LocalEngine(served.model, served.tokenizer, max_seqs=max(16, *levels), queue_size=64, name="bench",
                                  compile=variant == "compiled")
             if variant == "compiled":
                 compile_s = time.perf_counter() - t0
@@ -480,22 +491,25 @@ def main(argv: list[str] | None = None) -> dict:
         if 1 in http:
             lc["lmwright_http_vs_llama_cpp"] = http[1]["tokens_per_s"] / lc["tokens_per_s"]
         lc["vs_generate_b1"] = lc["tokens_per_s"] / base["tokens_per_s"]
+    paired = PAIRED_GGUF[args.weights]
+    llama_key = f"one_stream_vs_llama_cpp_{paired}"
     if eng1:
         for lc in llama_cpp:
-            if lc.get("gguf_type") == "f32" and "lmwright_engine_vs_llama_cpp" in lc:
+            if lc.get("gguf_type") == paired and "lmwright_engine_vs_llama_cpp" in lc:
                 v = lc["lmwright_engine_vs_llama_cpp"]
-                targets["one_stream_vs_llama_cpp_f32"] = v
-                met["one_stream_vs_llama_cpp_f32"] = v >= LLAMA_CPP_TARGET
+                targets[llama_key] = v
+                met[llama_key] = v >= LLAMA_CPP_TARGET
     result = {
         "bench": "serve_load", "preset": preset, "params": n_params, "new_tokens_per_request": tokens,
         "requests_per_client": rpc, "engine_path": "lean llama" if engine._lean else "generic transformers",
         "variants": variants,
-        "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", ""),
+        "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", ""), "weights": args.weights,
+        "weights_note": served.weights_note,
         "baseline_generate_b1": base, "serving": rows,
         "baseline_generate_b1_all_cores": dict(base_all, threads=all_cores) if base_all else None, "decode_step_profile": [o for o in ops if "batch" in o],
         "llama_cpp": llama_cpp,
         "targets": {"variant": best, "measured": targets,
-                    "target": {**TARGETS, **({"one_stream_vs_llama_cpp_f32": LLAMA_CPP_TARGET} if llama_cpp else {})},
+                    "target": {**TARGETS, **({llama_key: LLAMA_CPP_TARGET} if llama_cpp else {})},
                     "met": met},
         "compile_warmup_s": compile_s,
         "calibration": {"matmul_flops_fp32": flops, "torch_threads": threads,
@@ -505,7 +519,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "device": "cuda" if torch.cuda.is_available() else "cpu"},
         "smoke": args.smoke, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    print(f"\nserve_load: {preset} ({n_params / 1e6:.1f}M params, {result['dtype']}), {tokens} new tokens/request "
+    print(f"\nserve_load: {preset} ({n_params / 1e6:.1f}M params, {result['dtype']}; engine weights {args.weights}), {tokens} new tokens/request "
           f"(temperature 1, ignore_eos), matmul {flops / 1e9:.1f} GFLOP/s, {threads} threads, "
           f"load average {load_before[0]:.1f} -> {load_after[0]:.1f} on {os.cpu_count()} cores")
     print(f"{'setup':<36}{'tok/s':>8}{'x gen':>7}{'TTFT p50':>10}{'TTFT p95':>10}"
@@ -541,7 +555,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{lc.get('lmwright_engine_vs_llama_cpp', float('nan')):.2f}, HTTP "
               f"{lc.get('lmwright_http_vs_llama_cpp', float('nan')):.2f}, decode only "
               f"{lc.get('lmwright_decode_vs_llama_cpp_decode', float('nan')):.2f}")
-    limits = {**TARGETS, "one_stream_vs_llama_cpp_f32": LLAMA_CPP_TARGET}
+    limits = {**TARGETS, llama_key: LLAMA_CPP_TARGET}
     print(f"targets ({best} engine, HTTP; llama.cpp: in-process engine):",
           {k: f"{v:.2f} ({'met' if met[k] else 'NOT met'}, target {limits[k]})" for k, v in targets.items()})
     out = Path(args.out)
