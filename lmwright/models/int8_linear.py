@@ -119,7 +119,7 @@ def quantize_int8(model, max_int8_rows: int = INT8_MAX_ROWS):
     _untie_head(model)
     with torch.no_grad():
         targets = []
-        for name, module in model.named_modules():
+        for module in model.modules():
             for child_name, child in module.named_children():
                 if type(child) is not nn.Linear:
                     continue

@@ -16,11 +16,9 @@ Whether they do depends on the machine (AMX, avx512_bf16, neither), so ``auto`` 
 
 ``auto`` never picks int8: it changes answers (slightly), so it is opt-in.
 
-bf16 and int8 models served on a CPU attend in fp32 (``FP32_ATTENTION``, the model's attention implementation,
-so its own forward and ``generate()`` compute what the serving engine computes): torch's CPU SDPA is ~8x slower
-in bf16 than in fp32 (a decode step of 16 rows x 150 columns over SmolLM2's 30 layers: 143 vs 18 ms on an AMD
-EPYC with avx512_bf16 and no AMX, torch 2.13). q, k and v come out of bf16 projections, so upcasting them is
-exact; the weights' precision is unchanged.
+bf16 and int8 models served on a CPU attend in fp32 (``lmwright.models.attention.use_fp32_attention``: the
+model's attention implementation, so its own forward and ``generate()`` compute what the serving engine
+computes): torch's CPU SDPA is ~8x slower in bf16 than in fp32.
 """
 
 from __future__ import annotations
@@ -36,7 +34,6 @@ WEIGHTS = ("auto", "float32", "bfloat16", "int8")
 BF16_MIN_SPEEDUP = 1.15  # bf16 must beat fp32 by this much at 1 row and at max_seqs rows to be chosen
 PROBE_VERSION = 1  # part of the cache key: bump when the probe measures something else
 _KEEP = "--weights float32 keeps the training precision"
-FP32_ATTENTION = "lmwright_sdpa_fp32"  # an attention implementation: SDPA over fp32 upcasts of q, k, v
 
 
 def _log(msg: str) -> None:
@@ -127,7 +124,6 @@ def probe(model, max_seqs: int) -> tuple[dict, bool]:
 def choose_auto(model, max_seqs: int) -> tuple[str, str]:
     """(dtype name, why) for ``weights=auto`` on a CPU."""
     from lmwright.utils.hardware import cpu_flags
-
     from lmwright.utils.precision import probe_enabled
 
     if "amx_bf16" in cpu_flags():
@@ -147,32 +143,6 @@ def choose_auto(model, max_seqs: int) -> tuple[str, str]:
 
 
 # ------------------------------------------------------------------------------------------ applying
-def _sdpa_fp32(module, query, key, value, attention_mask, **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
-    return out.to(query.dtype), weights
-
-
-def use_fp32_attention(model) -> bool:
-    """Switch a bf16 model on a CPU from ``sdpa`` to :data:`FP32_ATTENTION` (registered with transformers on first
-    use); other models are left alone. True when switched."""
-    import torch
-
-    p = next(model.parameters())
-    cfg = getattr(model, "config", None)
-    if p.device.type != "cpu" or p.dtype != torch.bfloat16 or getattr(cfg, "_attn_implementation", None) != "sdpa" \
-            or not hasattr(model, "set_attn_implementation"):
-        return False
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    AttentionInterface.register(FP32_ATTENTION, _sdpa_fp32)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(FP32_ATTENTION, sdpa_mask)
-    model.set_attn_implementation(FP32_ATTENTION)
-    return True
-
-
 def prepare_weights(model, weights: str | None, max_seqs: int = 8) -> str:
     """Bring ``model``'s weights (in place) to ``weights``; returns the line that says what was done (also
     logged). ``None`` leaves the model as loaded."""
@@ -208,6 +178,8 @@ def prepare_weights(model, weights: str | None, max_seqs: int = 8) -> str:
     else:
         model.to(resolve_dtype(weights))
         note = f"weights: {weights} (as requested" + ("" if weights == "float32" else f"; {_KEEP}") + ")"
+    from lmwright.models.attention import use_fp32_attention
+
     if use_fp32_attention(model):
         note = note[:-1] + "; attention in fp32)"
     _log(note)

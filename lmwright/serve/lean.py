@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from lmwright.models.weights import FP32_ATTENTION
+from lmwright.models.attention import FP32_NAME
 
 ATTENTION_CLASSES = ("LlamaAttention",)
 
@@ -43,8 +43,7 @@ def lean_supported(model) -> bool:
     inner = getattr(base, "model", None)
     if not isinstance(base, PreTrainedModel) or cfg is None or inner is None:
         return False
-    if getattr(cfg, "model_type", None) != "llama" or getattr(cfg, "_attn_implementation", None) not in ("sdpa",
-                                                                                                        FP32_ATTENTION):
+    if getattr(cfg, "model_type", None) != "llama" or getattr(cfg, "_attn_implementation", None) not in ("sdpa", FP32_NAME):
         return False
     if getattr(cfg, "pretraining_tp", 1) != 1 or not hasattr(base, "lm_head"):
         return False
@@ -74,9 +73,9 @@ class LeanLlama:
         self.max_seqs, self.max_context = max_seqs, max_context
         w = self.inner.embed_tokens.weight
         self.dtype, self.device = w.dtype, w.device
-        # a bf16 model served on a CPU attends in fp32 (``lmwright.models.weights.FP32_ATTENTION``, set on the model
-        # so that its own forward and generate() do the same): the KV cache holds the bf16 projections' values in fp32
-        self.attn_dtype = torch.float32 if cfg._attn_implementation == FP32_ATTENTION else self.dtype
+        # a bf16 model served on a CPU attends in fp32 (``lmwright.models.attention.FP32_NAME``, set on the model so
+        # that its own forward and generate() do the same): the KV cache holds the bf16 projections' values in fp32
+        self.attn_dtype = torch.float32 if cfg._attn_implementation == FP32_NAME else self.dtype
         self.capacity = 0
         self.k: list = []
         self.v: list = []

@@ -11,6 +11,7 @@ import torch
 from lmwright.config import ConfigError
 from lmwright.engine.sampling import SamplingParams
 from lmwright.models import weights as W
+from lmwright.models.attention import FP32_NAME
 from lmwright.models.int8_linear import Int8Linear, dequantize_weight, quantize_int8, quantize_weight
 from lmwright.serve.engine import GenerationRequest, LocalEngine
 
@@ -43,7 +44,7 @@ def test_engine_greedy_equals_hf_generate_at_the_same_precision(lm_prec):
     try:
         assert eng._lean is not None
         # bf16 activations attend in fp32 on a CPU, in generate() (the model's attention) as in the engine
-        assert m.config._attn_implementation == W.FP32_ATTENTION and eng._lean.attn_dtype == torch.float32
+        assert m.config._attn_implementation == FP32_NAME and eng._lean.attn_dtype == torch.float32
         assert eng._lean.k[0].dtype == torch.float32
         one = [_run(eng, [i], 12)[0] for i in ids[:2]]
         together = _run(eng, ids, 12)
@@ -115,8 +116,7 @@ def test_quantize_int8_unties_the_head_and_keeps_the_embedding(tokenizer):
 
 
 def test_int8_kernel_missing_is_a_clear_error(monkeypatch, tokenizer):
-    from lmwright.models import ModelConfig, build_model
-    from lmwright.models import int8_linear
+    from lmwright.models import ModelConfig, build_model, int8_linear
 
     model = build_model(ModelConfig(name="llama-tiny"), task="causal-lm", tokenizer=tokenizer, seed=0)
     int8_linear._check_kernel.cache_clear()
