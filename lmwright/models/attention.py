@@ -21,6 +21,7 @@ AMX, torch 2.13). q, k and v come out of bf16 projections, so the upcast is exac
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 NAME = "lmwright_packed"
@@ -62,15 +63,20 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
                                       **kwargs)
     B = query.shape[0]
     groups = getattr(module, "num_key_value_groups", 1)
+    out_dtype = query.dtype
+    upcast = query.device.type == "cpu" and out_dtype == torch.bfloat16  # CPU SDPA is slower in bf16 (fp32_sdpa)
+    if upcast:
+        query, key, value = query.float(), key.float(), value.float()
     rows = []
-    for b, segs in enumerate(segs_per_row):
-        q, k, v = query[b:b + 1], key[b:b + 1], value[b:b + 1]
-        parts = [F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], dropout_p=dropout,
-                                                scale=scaling, is_causal=True, enable_gqa=groups > 1)
-                 for s, e in segs]
-        rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
+    with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():  # autocast would cast back
+        for b, segs in enumerate(segs_per_row):
+            q, k, v = query[b:b + 1], key[b:b + 1], value[b:b + 1]
+            parts = [F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], dropout_p=dropout,
+                                                    scale=scaling, is_causal=True, enable_gqa=groups > 1)
+                     for s, e in segs]
+            rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
     out = rows[0] if B == 1 else torch.cat(rows, dim=0)
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).to(out_dtype).contiguous(), None
 
 
 def fp32_sdpa(module, query, key, value, attention_mask, **kwargs: Any):

@@ -154,3 +154,26 @@ def test_head_runs_only_on_target_positions(tokenizer):
     h.remove()
     n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     assert seen == [(n, len(tokenizer))] and int(out.n_targets) == n
+
+
+def test_bf16_packed_attention_runs_in_fp32_on_cpu():
+    """Under bf16 autocast on a CPU the per-sample SDPA runs over exact fp32 upcasts of the bf16 q, k, v (torch's
+    CPU kernel is slower in bf16, its backward ~1.7x on SmolLM2's shapes) and returns bf16, as sdpa would."""
+    import torch.nn.functional as F
+
+    from lmwright.models.attention import packed_sdpa
+
+    class Attn(torch.nn.Module):
+        is_causal, num_key_value_groups = True, 2
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 10, 8, generator=g).bfloat16()
+    k, v = (torch.randn(1, 2, 10, 8, generator=g).bfloat16() for _ in range(2))
+    segs = [[(0, 6), (6, 10)]]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = packed_sdpa(Attn(), q, k, v, None, scaling=0.5, lmwright_segments=segs)
+    assert out.dtype == torch.bfloat16 and out.shape == (1, 10, 4, 8)
+    want = torch.cat([F.scaled_dot_product_attention(q[:, :, s:e].float(), k[:, :, s:e].float(), v[:, :, s:e].float(),
+                                                     is_causal=True, scale=0.5, enable_gqa=True) for s, e in segs[0]],
+                     dim=2).transpose(1, 2).bfloat16()
+    assert torch.equal(out, want)
