@@ -14,9 +14,9 @@ import common  # noqa: E402
 
 TRAIN_COLS = ["contender", "layout", "precision", "tokens_per_s", "rounds_tokens_per_s", "median_step_s", "peak_rss_mb",
               "first_loss", "final_loss", "lmwright_speedup", "rss_vs_lmwright"]
-REAL_TRAIN_COLS = ["contender", "layout", "tokens_per_s", "tokens_per_cpu_s", "median_step_s", "peak_rss_mb",
+REAL_TRAIN_COLS = ["contender", "layout", "precision", "tokens_per_s", "tokens_per_cpu_s", "median_step_s", "peak_rss_mb",
                    "computed_per_real_token", "first_loss", "final_loss", "lmwright_speedup", "lmwright_speedup_cpu",
-                   "rss_vs_lmwright", "model_flops", "vs_sgemm", "vs_sgemm_cpu"]
+                   "rss_vs_lmwright", "model_flops", "vs_sgemm", "vs_sgemm_cpu", "vs_bf16_gemm"]
 PRETRAIN_COLS = ["variant", "tokens_per_s", "median_step_s", "first_steps_s", "model_flops", "vs_sgemm",
                  "vs_bf16_gemm", "speedup", "peak_rss_mb"]
 

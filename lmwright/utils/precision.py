@@ -4,7 +4,7 @@ autocast trains faster than fp32 here.
 Whether bf16 pays on such a CPU depends on the model's size: bf16 GEMMs run ~2x sgemm's FLOP/s, but autocast
 adds casts and the elementwise work stays the same, so a 1M-parameter model trains ~1.6x *slower* in bf16 and
 SmolLM2-135M ~1.4x faster (bench/README.md). :func:`bf16_probe` times a forward + backward of the model on
-``tokens`` random tokens in fp32 and under bf16 autocast (a warm-up each, then the two alternated, the faster
+``tokens`` random tokens in fp32 and under bf16 autocast (two warm-ups each, then the two alternated, the faster
 of three runs each) and keeps bf16 only when it is at least ``MIN_SPEEDUP`` faster: its numerics are coarser, so
 it has to pay clearly. The figures are logged and cached (``<lmwright cache>/precision.json``, keyed by CPU,
 torch, threads and the model's shape and trainable parameters), so the next run of the same model on the same
@@ -28,7 +28,7 @@ log = logging.getLogger("lmwright")
 
 MIN_SPEEDUP = 1.25  # bf16 must be this much faster than fp32 to be chosen
 PROBE_TOKENS = 256
-PROBE_VERSION = 1  # part of the cache key: bump when the probe measures something else
+PROBE_VERSION = 2  # part of the cache key: bump when the probe measures something else
 
 _memo: dict[str, dict[str, Any]] = {}
 
@@ -144,7 +144,8 @@ def measure(model, tokens: int = PROBE_TOKENS) -> dict[str, Any]:
     bare.eval()
     try:
         with torch.random.fork_rng(devices=[]):
-            _time_step(bare, kwargs, False), _time_step(bare, kwargs, True)  # warm-up (allocations, kernels)
+            for _ in range(2):  # warm-up: allocations, and oneDNN primitives made on first use of each shape
+                _time_step(bare, kwargs, False), _time_step(bare, kwargs, True)
             fp32, bf16 = [], []
             for _ in range(3):
                 fp32.append(_time_step(bare, kwargs, False))

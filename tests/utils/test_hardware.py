@@ -62,15 +62,15 @@ def test_auto_follows_the_probe_on_the_model(monkeypatch, probe_cpu, tiny_llama,
 def test_probe_result_is_cached_per_model_and_machine(monkeypatch, probe_cpu, tiny_llama):
     calls = fake_timing(monkeypatch, probe_cpu, 1.0, 0.5)
     first = probe_cpu.bf16_probe(tiny_llama)
-    assert first["source"] == "measured" and first["speedup"] == 2.0 and len(calls) == 8  # 1 warm-up + 3 each
+    assert first["source"] == "measured" and first["speedup"] == 2.0 and len(calls) == 10  # 2 warm-ups + 3 each
     assert probe_cpu.bf16_probe(tiny_llama) is first  # the same process: memo
     monkeypatch.setattr(probe_cpu, "_memo", {})
     again = probe_cpu.bf16_probe(tiny_llama)  # a new process: the cache file
-    assert again["source"] == "cache" and again["choice"] == "bf16" and len(calls) == 8
+    assert again["source"] == "cache" and again["choice"] == "bf16" and len(calls) == 10
     for p in tiny_llama.parameters():  # another trainable set (LoRA vs full) is another model to the probe
         p.requires_grad_(False)
     next(tiny_llama.parameters()).requires_grad_(True)
-    assert probe_cpu.bf16_probe(tiny_llama)["source"] == "measured" and len(calls) == 16
+    assert probe_cpu.bf16_probe(tiny_llama)["source"] == "measured" and len(calls) == 20
 
 
 def test_probe_measures_without_side_effects(probe_cpu, tiny_llama):
