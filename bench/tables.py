@@ -63,7 +63,9 @@ def render(path: Path) -> str:
                 "", f"targets: {d['targets']}"]
     elif name.startswith("serve_load"):
         b = d["baseline_generate_b1"]
-        out.append(f"{d['preset']} ({d.get('dtype', 'float32')}), {d['new_tokens_per_request']} new tokens/request, "
+        out.append(f"{d['preset']} ({d.get('dtype', 'float32')}"
+                   + (f"; engine weights {d['weights']}" if d.get("weights") else "")
+                   + f"), {d['new_tokens_per_request']} new tokens/request, "
                    f"baseline model.generate() batch 1: {b['tokens_per_s']:.1f} tokens/s"
                    + (f" ({b['ms_per_token']:.2f} ms/token; HF forward step {b['hf_forward_step_ms']:.2f} ms)"
                       if "ms_per_token" in b else "")
