@@ -104,3 +104,25 @@ def test_probe_can_be_switched_off(monkeypatch, probe_cpu, tiny_llama):
     calls = fake_timing(monkeypatch, probe_cpu, 1.0, 0.5)
     monkeypatch.setenv("LMWRIGHT_PRECISION_PROBE", "off")
     assert hardware.choose_mixed_precision("auto", tiny_llama) == "no" and calls == []
+
+
+def test_probe_rows_fit_the_models_context(probe_cpu, tokenizer):
+    """A model with a short context gets rows it can take (gpt-2 style learned positions would index out of range)."""
+    from lmwright.models import ModelConfig, build_model
+
+    model = build_model(ModelConfig(name="gpt-tiny"), "causal-lm", tokenizer=tokenizer, seed=0)
+    model.config.n_positions = 32
+    model.transformer.wpe = torch.nn.Embedding(32, model.config.n_embd)
+    kwargs = probe_cpu._probe_inputs(model, 512)
+    assert kwargs["input_ids"].shape == (16, 32)
+    assert probe_cpu.measure(model, tokens=64)["fp32_s"] > 0
+
+
+def test_a_probe_that_fails_means_fp32(monkeypatch, probe_cpu, tiny_llama, caplog):
+    def broken(model, kwargs, bf16):
+        raise RuntimeError("no kernel")
+
+    monkeypatch.setattr(probe_cpu, "_time_step", broken)
+    with caplog.at_level("WARNING", logger="lmwright"):
+        assert hardware.choose_mixed_precision("auto", tiny_llama) == "no"
+    assert "could not run this model" in caplog.text
