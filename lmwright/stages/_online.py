@@ -215,6 +215,33 @@ def load_prompts(cfg: Any, tokenizer) -> tuple[list[dict], list[dict], int, dict
     return prompts, val_prompts, skipped, manifest
 
 
+@dataclass
+class OnlineStart:
+    """What ppo and grpo have before they build their own model around the policy."""
+
+    tokenizer: Any
+    device: str
+    prompts: list[dict]
+    val_prompts: list[dict]
+    skipped: int
+    run: Any
+    policy: torch.nn.Module
+
+
+def start_online(cfg: Any, stage: str, check) -> OnlineStart:
+    """Check the config, read the prompts, open the run folder (``engine.Run.start``) and load the policy."""
+    from lmwright.engine import Run
+    from lmwright.stages._align import load_policy
+
+    tokenizer = check(cfg)["tokenizer"]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    prompts, val_prompts, skipped, manifest = load_prompts(cfg, tokenizer)
+    run_ = Run.start(cfg, stage, manifest)
+    # an adapter run as the start with an adapter method: the merged start is the new adapter's base
+    policy = load_policy(cfg.model, cfg.method, tokenizer, cfg.train.seed, merged_base=run_.dir / "base")
+    return OnlineStart(tokenizer, device, prompts, val_prompts, skipped, run_, policy)
+
+
 def finish_report(run_: Any, cfg: Any, stage: str, result: Any, before: dict, after: dict, skipped: int) -> None:
     """Before/after figures into run.json and report.html (shared by ppo and grpo)."""
     from lmwright.engine.report import write_report

@@ -117,25 +117,20 @@ def make_objective(cfg: GRPOConfig):
 
 
 def run(cfg: GRPOConfig) -> Path:
-    from lmwright.engine import Run
-    from lmwright.stages._align import Reference, autocast_for, load_policy
-    from lmwright.stages._online import RolloutSource, Scorer, load_prompts, make_eval, train_online
+    from lmwright.stages._align import Reference, autocast_for
+    from lmwright.stages._online import RolloutSource, Scorer, make_eval, start_online, train_online
 
-    tokenizer = check(cfg)["tokenizer"]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    prompts, val_prompts, skipped, manifest = load_prompts(cfg, tokenizer)
-
-    run_ = Run.start(cfg, "grpo", manifest)
-    # an adapter run as the start with an adapter method: the merged start is the new adapter's base
-    policy = load_policy(cfg.model, cfg.method, tokenizer, cfg.train.seed, merged_base=run_.dir / "base").to(device)
+    s = start_online(cfg, "grpo", check)
+    policy, tokenizer = s.policy.to(s.device), s.tokenizer
     ref = Reference(policy, keep_copy=cfg.beta > 0 or cfg.max_kl > 0)
-    scorer = Scorer(cfg.reward, device)
-    source = RolloutSource(prompts, cfg.rollout.batch_size // cfg.group_size, cfg.rollout.batch_size,
+    scorer = Scorer(cfg.reward, s.device)
+    source = RolloutSource(s.prompts, cfg.rollout.batch_size // cfg.group_size, cfg.rollout.batch_size,
                            cfg.train.micro_batch_size, cfg.rollout.epochs, cfg.train.seed,
-                           make_rollout_fn(cfg, policy, ref, scorer, tokenizer), autocast_for(cfg.train, device, policy))
-    evaluate = make_eval(val_prompts, scorer, tokenizer, cfg.rollout, lambda m: m)
-    return train_online(cfg, "grpo", run_, policy, lambda m: m, source, evaluate, make_objective(cfg), tokenizer,
-                        len(prompts), bool(val_prompts), skipped)
+                           make_rollout_fn(cfg, policy, ref, scorer, tokenizer),
+                           autocast_for(cfg.train, s.device, policy))
+    evaluate = make_eval(s.val_prompts, scorer, tokenizer, cfg.rollout, lambda m: m)
+    return train_online(cfg, "grpo", s.run, policy, lambda m: m, source, evaluate, make_objective(cfg), tokenizer,
+                        len(s.prompts), bool(s.val_prompts), s.skipped)
 
 
 class _Stage:

@@ -143,26 +143,20 @@ def make_objective(cfg: PPOConfig):
 
 
 def run(cfg: PPOConfig) -> Path:
-    from lmwright.engine import Run
-    from lmwright.stages._align import Reference, autocast_for, load_policy
-    from lmwright.stages._online import RolloutSource, Scorer, load_prompts, make_eval, train_online
+    from lmwright.stages._align import Reference, autocast_for
+    from lmwright.stages._online import RolloutSource, Scorer, make_eval, start_online, train_online
 
-    tokenizer = check(cfg)["tokenizer"]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    prompts, val_prompts, skipped, manifest = load_prompts(cfg, tokenizer)
-
-    run_ = Run.start(cfg, "ppo", manifest)
-    # an adapter run as the start with an adapter method: the merged start is the new adapter's base
-    policy = load_policy(cfg.model, cfg.method, tokenizer, cfg.train.seed, merged_base=run_.dir / "base")
-    pv = PolicyWithValue(policy, policy.config.get_text_config().hidden_size).to(device)
+    s = start_online(cfg, "ppo", check)
+    policy, tokenizer = s.policy, s.tokenizer
+    pv = PolicyWithValue(policy, policy.config.get_text_config().hidden_size).to(s.device)
     ref = Reference(policy, keep_copy=True)
-    scorer = Scorer(cfg.reward, device)
-    source = RolloutSource(prompts, cfg.rollout.batch_size, cfg.rollout.batch_size, cfg.train.micro_batch_size,
+    scorer = Scorer(cfg.reward, s.device)
+    source = RolloutSource(s.prompts, cfg.rollout.batch_size, cfg.rollout.batch_size, cfg.train.micro_batch_size,
                            cfg.rollout.epochs, cfg.train.seed, make_rollout_fn(cfg, pv, ref, scorer, tokenizer),
-                           autocast_for(cfg.train, device, pv))
-    evaluate = make_eval(val_prompts, scorer, tokenizer, cfg.rollout, lambda m: m.policy)
-    return train_online(cfg, "ppo", run_, pv, lambda m: m.policy, source, evaluate, make_objective(cfg), tokenizer,
-                        len(prompts), bool(val_prompts), skipped)
+                           autocast_for(cfg.train, s.device, pv))
+    evaluate = make_eval(s.val_prompts, scorer, tokenizer, cfg.rollout, lambda m: m.policy)
+    return train_online(cfg, "ppo", s.run, pv, lambda m: m.policy, source, evaluate, make_objective(cfg), tokenizer,
+                        len(s.prompts), bool(s.val_prompts), s.skipped)
 
 
 class _Stage:
