@@ -46,7 +46,7 @@ def cpu_bf16_pays(model=None) -> bool:
 
     With AMX tiles, yes (~1.6x faster than fp32, bench/precision.py); without avx512_bf16 or AMX, no (~3x
     slower). With avx512_bf16 alone it depends on the model's size (a 1M-parameter model 0.6x, SmolLM2-135M
-    ~1.4x on the same CPU): a short probe on ``model`` decides (:func:`lmwright.utils.precision.bf16_probe`,
+    ~1.6x with LoRA on the same CPU): a short probe on ``model`` decides (:func:`lmwright.utils.precision.bf16_probe`,
     logged and cached). Without a model to probe, fp32.
     """
     flags = cpu_flags()
