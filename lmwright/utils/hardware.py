@@ -49,10 +49,9 @@ def cpu_bf16_pays(model=None) -> bool:
     ~1.6x with LoRA on the same CPU): a short probe on ``model`` decides (:func:`lmwright.utils.precision.bf16_probe`,
     logged and cached). Without a model to probe, fp32.
     """
-    flags = cpu_flags()
-    if "amx_bf16" in flags:
+    if "amx_bf16" in cpu_flags():
         return True
-    if "avx512_bf16" not in flags or model is None:
+    if model is None or not probe_decides():
         return False
     from lmwright.utils.precision import bf16_probe
 
