@@ -8,8 +8,10 @@ Llama models take the lean path (``lmwright.serve.lean``): a preallocated slot K
 running sequence, column = position), the prompts of newly admitted requests packed into one sequence and
 run together with the running batch's decode step (one pass over the weights; at most ``prefill_chunk``
 prompt tokens per step, so a long prompt is prefilled over several steps while decoding goes on), one
-argmax for every greedy row, optionally a ``torch.compile``'d decode step. Every prompt still sees exactly
-what it would see alone, and greedy outputs equal ``model.generate()``'s.
+argmax for every greedy row, optionally a ``torch.compile``'d decode step. Finished prompts' KV stays in a
+prefix cache (``prefix_cache_mb``, least recently used out): a new prompt that starts with the same tokens
+(a system prompt, earlier turns of a chat) copies those columns and runs only the rest. Every prompt still
+sees exactly what it would see alone, and greedy outputs equal ``model.generate()``'s.
 
 Every other model takes the generic path: a new request is prefilled alone (batch 1, no padding), then
 its ``DynamicCache`` is left-padded to the running batch's length and concatenated along the batch axis;
@@ -209,14 +211,17 @@ class LocalEngine:
 
     def __init__(self, model, tokenizer, max_seqs: int = 8, queue_size: int = 32,
                  timeout_s: float | None = None, max_context: int | None = None, name: str = "model",
-                 prefill_chunk: int = 512, lean: bool | None = None, compile: bool = False):
+                 prefill_chunk: int = 512, lean: bool | None = None, compile: bool = False,
+                 prefix_cache_mb: float = 256.0):
         if _is_prompt_learning(model):
             raise ConfigError("prompt-learning adapters (prefix, ptuning, prompt) inject their own KV cache and "
                               "cannot be batched by the built-in engine; serve a LoRA/adapter model or a full "
                               "fine-tune instead")
         if prefill_chunk < 1:
             raise ConfigError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
-        from lmwright.serve.lean import LeanLlama, lean_supported
+        if not prefix_cache_mb >= 0:
+            raise ConfigError(f"prefix_cache_mb must be >= 0 (0 turns the prefix cache off), got {prefix_cache_mb}")
+        from lmwright.serve.lean import LeanLlama, PrefixCache, lean_supported
 
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.max_seqs, self.queue_size, self.timeout_s = max_seqs, queue_size, timeout_s
@@ -230,6 +235,8 @@ class LocalEngine:
                               f"{type(model).__name__} is served with lean=False")
         self._lean = LeanLlama(model, max_seqs, self.max_context) if lean is not False and lean_supported(model) \
             else None
+        # lean path: finished prompts' KV, reused by later prompts that start with the same tokens
+        self._prefix = PrefixCache(int(prefix_cache_mb * 2**20)) if self._lean is not None and prefix_cache_mb else None
         if compile and self._lean is None:
             raise ConfigError("compile=True needs the lean path (a Llama model with SDPA attention)")
         if compile:  # before the scheduler starts: no request pays the compile time
@@ -252,11 +259,12 @@ class LocalEngine:
         self._stopped = False
         self._counters = {"requests": 0, "finished": 0, "cancelled": 0, "timeouts": 0, "errors": 0,
                           "prompt_tokens": 0, "completion_tokens": 0, "steps": 0, "mixed_steps": 0, "prefills": 0,
-                          "rejected_queue_full": 0}
+                          "prefix_hit_tokens": 0, "rejected_queue_full": 0}
         # seconds the scheduler spent per phase (the profile behind the serving benchmark)
         self._timings = {"prefill_s": 0.0, "decode_s": 0.0, "sample_emit_s": 0.0}
-        log.info("engine %s: %s path, max_seqs=%d, prefill_chunk=%d", name,
-                 "lean llama" if self._lean else "generic transformers", max_seqs, prefill_chunk)
+        log.info("engine %s: %s path, max_seqs=%d, prefill_chunk=%d, prefix cache %s", name,
+                 "lean llama" if self._lean else "generic transformers", max_seqs, prefill_chunk,
+                 f"{prefix_cache_mb:g} MB" if self._prefix else "off")
         self._thread = threading.Thread(target=self._loop, name=f"lmwright-engine-{name}", daemon=True)
         self._thread.start()
 
@@ -305,6 +313,7 @@ class LocalEngine:
     def stats(self) -> dict[str, float]:
         with self._cv:
             return dict(self._counters, **self._timings, queue_depth=len(self._waiting),
+                        prefix_cache_used_mb=self._prefix.bytes / 2**20 if self._prefix else 0.0,
                         active_sequences=len(self._active), max_seqs=self.max_seqs, queue_size=self.queue_size)
 
     def _busy(self) -> bool:
@@ -528,12 +537,24 @@ class LocalEngine:
                 break
             if r.buf is None:
                 r.buf = self._lean.new_buffer(len(r.req.prompt_ids))
+                self._reuse_prefix(r)
             n = min(budget, len(r.req.prompt_ids) - r.prefilled)
             self._group.append((r, Segment(r.buf, r.prefilled, r.req.prompt_ids[r.prefilled:r.prefilled + n])))
             budget -= n
         if self._group and not self._active:
             group, self._group = self._group, []
             self._run_prefill(group)
+
+    def _reuse_prefix(self, r: _Request) -> None:
+        """Start ``r``'s prefill after the longest prefix a finished prompt already computed."""
+        if self._prefix is None:
+            return
+        src, n = self._prefix.match(r.req.prompt_ids)
+        if n:
+            self._lean.copy_prefix(src, r.buf, n)
+            r.prefilled = n
+            with self._cv:
+                self._counters["prefix_hit_tokens"] += n
 
     def _run_prefill(self, group: list, logits=None) -> None:
         """Finish the prompt chunks of ``group`` (``logits``: theirs from a mixed step, else prefilled here,
@@ -576,6 +597,8 @@ class LocalEngine:
         for seq in seqs:
             self._lean.load_row(len(self._active), r.buf, r.prefilled)
             self._active.append(seq)
+        if self._prefix is not None:
+            self._prefix.add(r.req.prompt_ids, r.buf)
         r.buf = None
         t0 = time.perf_counter()
         for seq in seqs:

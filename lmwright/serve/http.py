@@ -42,6 +42,9 @@ class ServeConfig:
     max_seqs: int = opt(8, "maximum sequences decoded together (running batch)")
     prefill_chunk: int = opt(512, "builtin engine: most prompt tokens prefilled per scheduler step (longer "
                                   "prompts are prefilled in chunks between decode steps)")
+    prefix_cache_mb: float = opt(256.0, "builtin engine, Llama models: memory kept for finished prompts' KV, so a "
+                                        "prompt starting with the same tokens (system prompt, earlier chat turns) "
+                                        "runs only the rest; 0 = off")
     compile: bool = opt(False, "builtin engine, Llama models: torch.compile the decode step (compiled and "
                                "warmed up at start: seconds to a minute, cached afterwards)")
     weights: Literal["auto", "float32", "bfloat16", "int8"] = opt(
@@ -68,6 +71,8 @@ class ServeConfig:
     def check(self) -> None:
         if self.max_seqs < 1 or self.queue_size < 0:
             raise ConfigError("max_seqs must be >= 1 and queue_size >= 0")
+        if not self.prefix_cache_mb >= 0:
+            raise ConfigError(f"prefix_cache_mb must be >= 0 (0 turns it off), got {self.prefix_cache_mb}")
         if not self.timeout_s > 0:
             raise ConfigError(f"timeout_s must be > 0 seconds, got {self.timeout_s}")
         if not self.read_timeout_s > 0:
@@ -136,13 +141,15 @@ class Metrics:
                 out.append(f'{name}_bucket{{endpoint="{ep}",le="+Inf"}} {h["n"]}')
                 out.append(f'{name}_sum{{endpoint="{ep}"}} {h["sum"]:.6f}')
                 out.append(f'{name}_count{{endpoint="{ep}"}} {h["n"]}')
-        out += ["# HELP lmwright_queue_depth requests waiting for a slot", "# TYPE lmwright_queue_depth gauge"]
-        for name, eng in engines.items():
-            out.append(f'lmwright_queue_depth{{model="{name}"}} {eng.stats().get("queue_depth", 0)}')
-        out += ["# HELP lmwright_active_sequences sequences in the running batch",
-                "# TYPE lmwright_active_sequences gauge"]
-        for name, eng in engines.items():
-            out.append(f'lmwright_active_sequences{{model="{name}"}} {eng.stats().get("active_sequences", 0)}')
+        stats = {name: eng.stats() for name, eng in engines.items()}
+        for metric, key, kind, help_ in (
+                ("lmwright_queue_depth", "queue_depth", "gauge", "requests waiting for a slot"),
+                ("lmwright_active_sequences", "active_sequences", "gauge", "sequences in the running batch"),
+                ("lmwright_prefix_cache_hit_tokens_total", "prefix_hit_tokens", "counter",
+                 "prompt tokens whose KV was copied from the prefix cache instead of computed")):
+            out += [f"# HELP {metric} {help_}", f"# TYPE {metric} {kind}"]
+            for name, st in stats.items():
+                out.append(f'{metric}{{model="{name}"}} {st.get(key, 0)}')
         out += ["# HELP lmwright_guardrail_firings_total guardrail rules that fired",
                 "# TYPE lmwright_guardrail_firings_total counter"]
         for rule, n in sorted(guard_counters.items()):
@@ -217,7 +224,7 @@ def _app_state(engine_or_models: Any, cfg: ServeConfig, guardrails):
             # one engine per app (not LoadedModel.engine()): the app's limits apply, its shutdown stops it
             engines[name] = LocalEngine(m.model, m.tokenizer, max_seqs=cfg.max_seqs, queue_size=cfg.queue_size,
                                         timeout_s=cfg.timeout_s, name=name, prefill_chunk=cfg.prefill_chunk,
-                                        compile=cfg.compile)
+                                        compile=cfg.compile, prefix_cache_mb=cfg.prefix_cache_mb)
         else:
             encoders[name] = m
     return AppState(cfg=cfg, api_key=api_key, models=models, engines=engines, encoders=encoders,

@@ -16,6 +16,7 @@ model is served through ``model.forward`` with a ``DynamicCache``.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +61,73 @@ class Segment:
     ids: list[int]
 
 
+def common_prefix_len(a, b) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class PrefixCache:
+    """The KV of finished prompts, kept so that a later prompt starting with the same tokens copies those
+    columns instead of computing them again (automatic prefix caching).
+
+    Chat prompts share long prefixes: the chat template's default system prompt (SmolLM2, Qwen2.5), a
+    deployment's own system prompt, the earlier turns of a conversation that comes back with one more
+    message. A prompt's key/value at position ``p`` depends only on tokens ``0..p`` (causal attention), so
+    the columns of a cached prompt are exactly what a new prompt with the same first tokens would compute;
+    at least the last prompt token is always run, for its logits. Entries are whole prefill buffers
+    (per layer ``(1, kv_heads, prompt_len, head_dim)``, never written after the prompt finished), least
+    recently used first out once ``max_bytes`` would be exceeded; a prompt that is a prefix of a cached one
+    adds nothing, one that extends a cached one replaces it.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = int(max_bytes)
+        self.entries: OrderedDict[tuple[int, ...], list[tuple[Any, Any]]] = OrderedDict()
+        self.bytes = 0
+
+    @staticmethod
+    def _nbytes(buf: list[tuple[Any, Any]]) -> int:
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in buf)
+
+    def _drop(self, key: tuple[int, ...]) -> None:
+        self.bytes -= self._nbytes(self.entries.pop(key))
+
+    def match(self, ids: list[int]) -> tuple[list[tuple[Any, Any]] | None, int]:
+        """The cached buffer sharing the longest prefix with ``ids`` and how many of its columns to reuse
+        (at most ``len(ids) - 1``), or (None, 0)."""
+        best, n = None, 0
+        for key in self.entries:
+            m = common_prefix_len(key, ids)
+            if m > n:
+                best, n = key, m
+        n = min(n, len(ids) - 1)
+        if best is None or n < 1:
+            return None, 0
+        self.entries.move_to_end(best)
+        return self.entries[best], n
+
+    def add(self, ids: list[int], buf: list[tuple[Any, Any]]) -> None:
+        """Keep ``buf``, the finished prefill buffer of prompt ``ids``."""
+        key = tuple(ids)
+        size = self._nbytes(buf)
+        if size > self.max_bytes:
+            return
+        for old in list(self.entries):
+            if len(old) >= len(key) and old[:len(key)] == key:  # already covered by a longer prompt
+                self.entries.move_to_end(old)
+                return
+            if old == key[:len(old)]:  # this prompt extends a cached one: it covers it
+                self._drop(old)
+        self.entries[key] = buf
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            self._drop(next(iter(self.entries)))
+
+
 class LeanLlama:
     def __init__(self, model, max_seqs: int, max_context: int):
         base = _base(model)
@@ -101,6 +169,12 @@ class LeanLlama:
         shape = (1, self.kv_heads, length, self.head_dim)
         return [(torch.empty(shape, dtype=self.attn_dtype, device=self.device),
                  torch.empty(shape, dtype=self.attn_dtype, device=self.device)) for _ in self.layers]
+
+    def copy_prefix(self, src: list[tuple[Any, Any]], dst: list[tuple[Any, Any]], n: int) -> None:
+        """Copy the first ``n`` columns of prefill buffer ``src`` into ``dst`` (a cached prompt's prefix)."""
+        for (ks, vs), (kd, vd) in zip(src, dst):
+            kd[:, :, :n] = ks[:, :, :n]
+            vd[:, :, :n] = vs[:, :, :n]
 
     def load_row(self, row: int, buf: list[tuple[Any, Any]], length: int) -> None:
         """Copy a finished prefill buffer into decode slot ``row``."""
