@@ -8,7 +8,7 @@ import torch
 
 from lmwright.config import ConfigError
 from lmwright.engine.sampling import SamplingParams
-from lmwright.serve.engine import GenerationRequest, LocalEngine
+from lmwright.serve.engine import LocalEngine
 from lmwright.serve.lean import LeanLlama, PrefixCache, Segment, common_prefix_len
 
 SYSTEM = "You are a careful assistant who answers in short plain sentences. Question: "
