@@ -58,6 +58,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 PROMPT = "Tell me a story about a cat who finds a small red ball in the garden."
+# Every measured request asks its own question (the same length in tokens, give or take): with one prompt for all,
+# the engine's prefix cache would run only the last prompt token from the second request on. The chat template
+# (SmolLM2's adds a default system prompt) stays shared, as on any chat server; the warm-up request asks its own
+# question too, so a measured run starts with only that shared beginning in the prefix cache.
+_SUBJECTS = ("a cat", "an old dog", "a young fox", "a brave mouse", "a tired horse", "a small bird", "a green frog",
+             "a lost rabbit")
+_FINDS = ("a small red ball", "a shiny key", "an old map", "a blue feather", "a wooden box", "a silver coin",
+          "a paper boat", "a warm glove")
+_PLACES = ("garden", "forest", "kitchen", "river", "attic", "village", "meadow", "harbour")
+WARMUP_PROMPT = 511  # the last of the 512 questions: never a measured one
+
+
+def prompt_for(i: int) -> str:
+    """Question ``i`` of 512 distinct ones; question 0 is PROMPT (what generate() and llama.cpp are given)."""
+    if not 0 <= i < 512:
+        raise ValueError(f"prompt index {i} out of range (512 distinct questions)")
+    return (f"Tell me a story about {_SUBJECTS[i % 8]} who finds {_FINDS[(i // 8) % 8]} in the "
+            f"{_PLACES[(i // 64) % 8]}.")
 TARGETS = {"one_stream_vs_generate": 1.5, "c16_vs_c1": 6.0, "ttft_p95_s_c16": 0.5}
 # lmwright's one-stream decode against llama.cpp on lmwright's own export of the same weights, same precision
 LLAMA_CPP_TARGET = 0.5
@@ -142,7 +160,9 @@ def _stats_delta(engine, before: dict, wall: float) -> dict:
     steps = max(1, st["steps"] - before["steps"])
     per = {k: (st[k] - before[k]) / steps * 1e3 for k in ("decode_s", "sample_emit_s", "prefill_s")}
     wall_ms = wall / steps * 1e3
-    return {"engine_steps": steps, "wall_ms_per_step": wall_ms, "forward_ms_per_step": per["decode_s"],
+    return {"prompt_tokens": st["prompt_tokens"] - before["prompt_tokens"],
+            "prefix_hit_tokens": st.get("prefix_hit_tokens", 0) - before.get("prefix_hit_tokens", 0),
+            "engine_steps": steps, "wall_ms_per_step": wall_ms, "forward_ms_per_step": per["decode_s"],
             "sample_emit_ms_per_step": per["sample_emit_s"], "prefill_ms_per_step": per["prefill_s"],
             "outside_scheduler_ms_per_step": wall_ms - sum(per.values())}
 
@@ -154,10 +174,13 @@ def _row(mode: str, concurrency: int, rpc: int, tokens: int, wall: float, ttft: 
             "ttft_mean_s": statistics.mean(ttft), "ttft_p95_s": _percentile(ttft, 0.95), **prof, **extra}
 
 
-def engine_load(engine, ids: list[int], tokens: int, concurrency: int, rpc: int) -> dict:
-    """The engine alone: ``concurrency`` client threads calling ``engine.submit`` (no HTTP)."""
+def engine_load(engine, chat_ids, tokens: int, concurrency: int, rpc: int, first: int) -> dict:
+    """The engine alone: ``concurrency`` client threads calling ``engine.submit`` (no HTTP); request ``j`` of
+    client ``k`` asks question ``first + k * rpc + j`` (``chat_ids(text)``: its prompt ids)."""
     from lmwright.serve.engine import GenerationRequest
     from lmwright.serve.generation import SamplingParams
+
+    prompts = {(k, j): chat_ids(prompt_for(first + k * rpc + j)) for k in range(concurrency) for j in range(rpc)}
 
     ttft: list[float] = []
     count = [0]
@@ -166,7 +189,7 @@ def engine_load(engine, ids: list[int], tokens: int, concurrency: int, rpc: int)
         for j in range(rpc):
             params = SamplingParams(max_tokens=tokens, temperature=1.0, seed=k * 100 + j, stop_token_ids=[])
             t0, first = time.perf_counter(), None
-            for ev in engine.submit(GenerationRequest(list(ids), params)):
+            for ev in engine.submit(GenerationRequest(prompts[k, j], params)):
                 if ev.token_id is not None:
                     count[0] += 1
                     first = first or time.perf_counter() - t0
@@ -184,41 +207,50 @@ def engine_load(engine, ids: list[int], tokens: int, concurrency: int, rpc: int)
 
 
 # ------------------------------------------------------------------------- HTTP load generator (own process)
-async def _client(url: str, tokens: int, n_requests: int, k: int, out: dict) -> None:
-    import httpx
-
-    body = {"model": "bench", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": tokens,
+async def _client(c, url: str, tokens: int, n_requests: int, k: int, out: dict, first_prompt: int) -> None:
+    """Client ``k`` on the shared ``httpx.AsyncClient`` ``c``: ``n_requests`` streamed chat requests, question
+    ``first_prompt + k * n_requests + j`` each."""
+    body = {"model": "bench", "max_tokens": tokens,
             "temperature": 1.0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-    async with httpx.AsyncClient(timeout=600) as c:
-        for j in range(n_requests):
-            body["seed"] = k * 100 + j
-            t0 = time.perf_counter()
-            first = None
-            async with c.stream("POST", url + "/v1/chat/completions", json=body) as r:
-                r.raise_for_status()
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line[6:])
-                    if chunk.get("usage"):
-                        out["tokens"] += chunk["usage"]["completion_tokens"]
-                    elif first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                        first = time.perf_counter() - t0
-            out["ttft"].append(first if first is not None else time.perf_counter() - t0)
+    for j in range(n_requests):
+        body["seed"] = k * 100 + j
+        body["messages"] = [{"role": "user", "content": prompt_for(first_prompt + k * n_requests + j)}]
+        t0 = time.perf_counter()
+        first = None
+        async with c.stream("POST", url + "/v1/chat/completions", json=body) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    out["tokens"] += chunk["usage"]["completion_tokens"]
+                elif first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    first = time.perf_counter() - t0
+        out["ttft"].append(first if first is not None else time.perf_counter() - t0)
 
 
-def client_main(url: str, tokens: int, concurrency: int, rpc: int) -> None:
-    """The load generator process: prints one JSON line (tokens, seconds, ttft list)."""
-    import httpx  # noqa: F401 - imported before the CPU clock starts
+def client_main(url: str, tokens: int, concurrency: int, rpc: int, first_prompt: int) -> None:
+    """The load generator process: prints one JSON line (tokens, seconds, ttft list).
+
+    All clients share one ``httpx.AsyncClient`` (a connection pool, as an application server would), made
+    before the clock starts. Earlier versions made one client each inside the measured burst: creating an
+    ``httpx.AsyncClient`` blocks its event loop ~20 ms (its SSL context loads the CA certificates; measured
+    here), so the first requests' TTFT took in up to ~300 ms of the load generator setting up the others,
+    no part of the server's latency."""
+    import httpx
 
     out: dict = {"tokens": 0, "ttft": []}
     cpu0 = time.process_time()
 
     async def run():
-        await _client(url, 2, 1, 999, {"tokens": 0, "ttft": []})  # warm-up (connection, first request)
-        t0 = time.perf_counter()
-        await asyncio.gather(*[_client(url, tokens, rpc, k, out) for k in range(concurrency)])
-        out["seconds"] = time.perf_counter() - t0
+        limits = httpx.Limits(max_connections=concurrency + 1, max_keepalive_connections=concurrency + 1)
+        async with httpx.AsyncClient(timeout=600, limits=limits) as c:
+            # warm-up: the first request (the pool's first connection)
+            await _client(c, url, 2, 1, 0, {"tokens": 0, "ttft": []}, WARMUP_PROMPT)
+            t0 = time.perf_counter()
+            await asyncio.gather(*[_client(c, url, tokens, rpc, k, out, first_prompt) for k in range(concurrency)])
+            out["seconds"] = time.perf_counter() - t0
 
     asyncio.run(run())
     out["cpu_s"] = time.process_time() - cpu0
@@ -241,8 +273,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def http_load(engine, tokens: int, levels: list[int], rpc: int) -> list[dict]:
-    """The engine behind the real server; each level's clients run in a fresh load-generator process."""
+def http_load(engine, tokens: int, levels: list[int], rpc: int, first: int) -> list[dict]:
+    """The engine behind the real server; each level's clients run in a fresh load-generator process, asking
+    questions ``first``, ``first + 1``, ... (none asked before)."""
     import uvicorn
 
     from lmwright.serve.http import ServeConfig, create_app
@@ -264,7 +297,8 @@ def http_load(engine, tokens: int, levels: list[int], rpc: int) -> list[dict]:
             before, (s0, n0) = engine.stats(), ttft_sum()
             cpu_http, cpu_all = _thread_cpu_s(t.native_id), _thread_cpu_s()
             cmd = [sys.executable, __file__, "--client", f"http://127.0.0.1:{port}", "--tokens", str(tokens),
-                   "--levels", str(c), "--requests-per-client", str(rpc)]
+                   "--levels", str(c), "--requests-per-client", str(rpc), "--first-prompt", str(first)]
+            first += c * rpc
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
             if proc.returncode != 0:
                 raise RuntimeError(f"load generator failed: {proc.stderr[-2000:]}")
@@ -385,12 +419,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--weights", default="float32", choices=tuple(PAIRED_GGUF),
                     help="the engine's weights (lmwright serve --weights; generate() stays fp32); with --model, "
                          "llama.cpp runs the paired GGUF type only unless --llama-cpp says otherwise")
+    ap.add_argument("--prefix-cache-mb", type=float, default=256.0, help="the engine's prefix cache (lmwright serve "
+                                                                         "prefix_cache_mb; 0 = off)")
     ap.add_argument("--client", default=None, help=argparse.SUPPRESS)  # internal: run as the load generator
+    ap.add_argument("--first-prompt", type=int, default=0, help=argparse.SUPPRESS)  # internal: its first question
     ap.add_argument("--out", default=None, help="default bench/results/serve_load.json "
                                                 "(serve_load_<model>.json with --model)")
     args = ap.parse_args(argv)
     if args.client:
-        client_main(args.client, args.tokens, int(args.levels), args.requests_per_client)
+        client_main(args.client, args.tokens, int(args.levels), args.requests_per_client, args.first_prompt)
         return {}
 
     import torch
@@ -431,7 +468,10 @@ def main(argv: list[str] | None = None) -> dict:
         lm = load(model_dir, name="bench")
         # the engine's model: the same folder with --weights applied (generate() keeps the fp32 model)
         served = lm if args.weights == "float32" else load(model_dir, name="bench", weights=args.weights)
-        ids = lm.chat_ids([{"role": "user", "content": PROMPT}])  # what the HTTP clients send
+        def chat_ids(text: str) -> list[int]:  # the prompt ids of a chat request asking ``text``
+            return lm.chat_ids([{"role": "user", "content": text}])
+
+        ids = chat_ids(PROMPT)  # generate() and llama.cpp
         n_params = sum(p.numel() for p in lm.model.parameters())
         load_before = os.getloadavg()
         # the baseline runs before and after the serving runs: on a shared machine the load drifts, and
@@ -441,13 +481,16 @@ def main(argv: list[str] | None = None) -> dict:
         for variant in variants:
             t0 = time.perf_counter()
             engine = LocalEngine(served.model, served.tokenizer, max_seqs=max(16, *levels), queue_size=64, name="bench",
-                                 compile=variant == "compiled")
+                                 compile=variant == "compiled", prefix_cache_mb=args.prefix_cache_mb)
             if variant == "compiled":
                 compile_s = time.perf_counter() - t0
             try:
-                engine_load(engine, ids, 2, 1, 1)  # warm-up
-                vrows = [engine_load(engine, ids, tokens, c, rpc) for c in levels]
-                vrows += http_load(engine, tokens, levels, rpc)
+                engine_load(engine, chat_ids, 2, 1, 1, WARMUP_PROMPT)  # warm-up
+                vrows, first = [], 0
+                for c in levels:  # every measured request asks a question not asked before (see prompt_for)
+                    vrows.append(engine_load(engine, chat_ids, tokens, c, rpc, first))
+                    first += c * rpc
+                vrows += http_load(engine, tokens, levels, rpc, first)
                 for r in vrows:
                     r["variant"] = variant
                 rows += vrows
@@ -501,7 +544,8 @@ def main(argv: list[str] | None = None) -> dict:
                 met[llama_key] = v >= LLAMA_CPP_TARGET
     result = {
         "bench": "serve_load", "preset": preset, "params": n_params, "new_tokens_per_request": tokens,
-        "requests_per_client": rpc, "engine_path": "lean llama" if engine._lean else "generic transformers",
+        "requests_per_client": rpc, "prefix_cache_mb": args.prefix_cache_mb,
+        "prompt_tokens_generate": len(ids), "engine_path": "lean llama" if engine._lean else "generic transformers",
         "variants": variants,
         "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", ""), "weights": args.weights,
         "weights_note": served.weights_note,
@@ -520,7 +564,8 @@ def main(argv: list[str] | None = None) -> dict:
         "smoke": args.smoke, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     print(f"\nserve_load: {preset} ({n_params / 1e6:.1f}M params, {result['dtype']}; engine weights {args.weights}), {tokens} new tokens/request "
-          f"(temperature 1, ignore_eos), matmul {flops / 1e9:.1f} GFLOP/s, {threads} threads, "
+          f"(temperature 1, ignore_eos), prefix cache {args.prefix_cache_mb:g} MB, matmul {flops / 1e9:.1f} GFLOP/s, "
+          f"{threads} threads, "
           f"load average {load_before[0]:.1f} -> {load_after[0]:.1f} on {os.cpu_count()} cores")
     print(f"{'setup':<36}{'tok/s':>8}{'x gen':>7}{'TTFT p50':>10}{'TTFT p95':>10}"
           f"{'ms/step':>9}{'fwd':>7}{'smp+emit':>9}{'prefill':>8}{'outside':>8}")
@@ -536,7 +581,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r['ratio_vs_generate_b1']:>7.2f}{r['ttft_p50_s'] * 1000:>8.0f}ms{r['ttft_p95_s'] * 1000:>8.0f}ms"
               f"{r['wall_ms_per_step']:>9.2f}{r['forward_ms_per_step']:>7.2f}{r['sample_emit_ms_per_step']:>9.2f}"
               f"{r['prefill_ms_per_step']:>8.2f}{r['outside_scheduler_ms_per_step']:>8.2f}"
-              + (f"   TTFT mean {r['ttft_mean_s'] * 1000:.0f}ms, in the server {r['server_ttft_mean_s'] * 1000:.0f}ms;"
+              + f"   prompt tokens {r['prompt_tokens']}, {r['prefix_hit_tokens']} from the prefix cache;"
+              + (f" TTFT mean {r['ttft_mean_s'] * 1000:.0f}ms, in the server {r['server_ttft_mean_s'] * 1000:.0f}ms;"
                  f" CPU ms/token: engine {r['cpu_ms_per_token_engine']:.2f}, HTTP {r['cpu_ms_per_token_http']:.2f},"
                  f" clients {r['cpu_ms_per_token_client']:.2f}" if "server_ttft_mean_s" in r else ""))
     for o in result["decode_step_profile"]:

@@ -122,6 +122,25 @@ class TokenChoice:
     top_logprobs: list[tuple[int, float]] | None = None
 
 
+def draw(probs, generator=None) -> int:
+    """One index drawn from the categorical distribution ``probs`` ``(V,)``: inverse CDF on one uniform number.
+
+    ``torch.multinomial`` draws one exponential number per entry (the exponential-race trick): ~1 ms per row
+    over a 49,152-word vocabulary on a CPU core, which was most of the serving engine's per-step sampling
+    time at 16 streams. A float64 cumulative sum and one search take ~0.1 ms and draw from the same
+    distribution; an entry of probability 0 is never drawn. Non-finite probabilities (NaN or inf logits)
+    raise, as ``torch.multinomial`` did.
+    """
+    import torch
+
+    cdf = torch.cumsum(probs, dim=0, dtype=torch.float64)
+    total = cdf[-1]
+    if not bool(torch.isfinite(total)) or not float(total) > 0:
+        raise RuntimeError(f"cannot sample: the probabilities are not finite or sum to {float(total)}")
+    u = torch.rand((), generator=generator, dtype=torch.float64, device=probs.device)
+    return min(int(torch.searchsorted(cdf, u * total, right=True)), probs.shape[0] - 1)
+
+
 def sample_next(logits, params: SamplingParams, generator=None, prev_ids=None) -> TokenChoice:
     """Pick the next token from one row of raw logits ``(V,)``.
 
@@ -134,8 +153,7 @@ def sample_next(logits, params: SamplingParams, generator=None, prev_ids=None) -
     if params.greedy:
         token = int(torch.argmax(processed))
     else:
-        probs = torch.softmax(processed, dim=-1)
-        token = int(torch.multinomial(probs, 1, generator=generator))
+        token = draw(torch.softmax(processed, dim=-1), generator)
     if not (params.logprobs or params.top_logprobs):
         return TokenChoice(token)
     logp = torch.log_softmax(logits.float(), dim=-1)

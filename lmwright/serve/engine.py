@@ -439,7 +439,7 @@ class LocalEngine:
     def _take(self, seq: _Sequence, logits, token: int | None = None) -> None:
         """Sample one token for ``seq`` (or take ``token``, picked for the batch), stream the released text.
 
-        A failure here (e.g. non-finite logits for ``torch.multinomial``) ends this sequence alone with
+        A failure here (e.g. non-finite logits, which cannot be sampled) ends this sequence alone with
         ``error``; the rest of the batch goes on."""
         try:
             choice = TokenChoice(token) if token is not None else \
@@ -517,8 +517,18 @@ class LocalEngine:
         """Move waiting requests that fit into the prefill queue and pick this step's prompt chunks.
 
         With a running batch the chunks ride along with its decode step (one pass over the weights for
-        both, ``_step_lean``); with none they are prefilled here.
+        both, ``_step_lean``); with none they are prefilled here, and the requests that arrived meanwhile (a
+        burst: the first one found the engine idle) are picked at once to ride along with the first decode
+        step, instead of waiting one more step.
         """
+        self._pick_chunks()
+        if self._group and not self._active:
+            group, self._group = self._group, []
+            self._run_prefill(group)
+            if self._active:
+                self._pick_chunks()
+
+    def _pick_chunks(self) -> None:
         with self._cv:
             reserved = len(self._active) + sum(r.req.params.n for r in self._prefilling)
             while self._waiting and not self._stopped:
@@ -541,9 +551,6 @@ class LocalEngine:
             n = min(budget, len(r.req.prompt_ids) - r.prefilled)
             self._group.append((r, Segment(r.buf, r.prefilled, r.req.prompt_ids[r.prefilled:r.prefilled + n])))
             budget -= n
-        if self._group and not self._active:
-            group, self._group = self._group, []
-            self._run_prefill(group)
 
     def _reuse_prefix(self, r: _Request) -> None:
         """Start ``r``'s prefill after the longest prefix a finished prompt already computed."""
