@@ -7,9 +7,9 @@ import torch
 
 from lmwright.engine.sampling import (
     IncrementalDetokenizer,
-    draw,
     SamplingParams,
     StopStringFilter,
+    draw,
     generate,
     make_generator,
     process_logits,
