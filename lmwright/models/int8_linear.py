@@ -6,8 +6,10 @@ activations are bf16. A batch-1 decode step is weight-bandwidth bound, and the i
 the fp32 bytes, so calls with few rows go through ``torch._weight_int8pack_mm`` (int8 weights, bf16
 activations). With many rows (prefill, large batches) that kernel is slower than a bf16 GEMM (measured on an
 AMD EPYC with avx512_bf16 and no AMX, 1 thread, over SmolLM2-135M's linear shapes: int8 19 ms vs bf16 37 ms
-at 1 row, equal at ~8 rows, 78 vs 56 ms at 16 rows), so those calls use ``F.linear`` over the bf16
-dequantized copy of the same quantized weight, built once. Both paths compute with the same int8 values;
+at 1 row, equal at ~8 rows, 78 vs 56 ms at 16 rows), so those calls use a bf16 GEMM over the dequantized
+copy of the same quantized weight, built once; where oneDNN can hold that copy in its packed layout
+(:mod:`lmwright.models.packed_linear`) the bf16 product is faster still (20 ms at 3-4 rows, 34 ms at 16), and
+the int8 kernel then serves only calls of 1 or 2 rows. Both paths compute with the same int8 values;
 they differ only where the bf16 copy rounds ``q * scale`` (one bf16 rounding per weight) and in the order
 of accumulation.
 
@@ -24,9 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmwright.config import ConfigError
+from lmwright.models.packed_linear import pack_weight, packed_linear, packing_works
 
 # rows (tokens in the call) up to which the int8 kernel is used; above it the bf16 GEMM is faster (see above)
 INT8_MAX_ROWS = 6
+# the same with the bf16 weight packed (lmwright.models.packed_linear), measured on the same CPU and shapes:
+# int8 19.1 / 24.3 / 26.7 / 28.2 ms vs packed bf16 21.8 / 26.3 / 20.7 / 19.9 ms at 1 / 2 / 3 / 4 rows
+INT8_MAX_ROWS_PACKED = 2
 
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,32 +78,48 @@ class Int8Linear(nn.Module):
         self.max_int8_rows = max_int8_rows
         self.register_buffer("weight_int8", q.contiguous())  # (N, K) int8
         self.register_buffer("weight_scale", scale.to(torch.bfloat16).contiguous())  # (N,)
-        # the bf16 copy of the same quantized weight, for calls with many rows; named `weight` so code that
-        # reads a linear layer's weight (dtype, device, shape) keeps working
-        self.weight = nn.Parameter(dequantize_weight(q, self.weight_scale), requires_grad=False)
+        # the bf16 copy of the same quantized weight, for calls with many rows: packed into oneDNN's layout
+        # where that works on this CPU (lmwright.models.packed_linear: faster from 3 rows on than the int8
+        # kernel, so that kernel then serves only 1-2 rows), else a plain bf16 tensor
+        deq = dequantize_weight(q, self.weight_scale)
+        self._packed = None
+        if q.device.type == "cpu" and packing_works(torch.bfloat16):
+            self._packed = pack_weight(deq)
+            self.max_int8_rows = min(max_int8_rows, INT8_MAX_ROWS_PACKED)
+        else:
+            self.weight_bf16 = nn.Parameter(deq, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.bfloat16), requires_grad=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, max_int8_rows: int = INT8_MAX_ROWS) -> Int8Linear:
         q, scale = quantize_weight(linear.weight)
-        return cls(q, scale, linear.bias, max_int8_rows).to(linear.weight.device)
+        return cls(q, scale, linear.bias, max_int8_rows)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The bf16 weight the many-row path multiplies by (``q * scale``), for code that inspects a linear
+        layer's weight (dtype, device, shape); a copy where it is held packed."""
+        return self._packed.to_dense() if self._packed is not None else self.weight_bf16
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"int8 kernel up to {self.max_int8_rows} rows")
+                f"int8 kernel up to {self.max_int8_rows} rows, bf16{' (oneDNN packed)' if self._packed is not None else ''}"
+                f" beyond")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.bfloat16:
             x = x.to(torch.bfloat16)
         rows = x.numel() // self.in_features
         if rows > self.max_int8_rows:
-            return F.linear(x, self.weight, self.bias)
+            if self._packed is not None:
+                return packed_linear(x, self._packed, self.bias)
+            return F.linear(x, self.weight_bf16, self.bias)
         y = torch._weight_int8pack_mm(x.reshape(rows, self.in_features), self.weight_int8, self.weight_scale)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
 
-def _untie_head(model) -> None:
+def untie_head(model) -> None:
     """Give a head tied to the input embedding its own weight, and say so in the config (so no later
     ``tie_weights()`` ties them again)."""
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -116,7 +138,7 @@ def quantize_int8(model, max_int8_rows: int = INT8_MAX_ROWS):
     own low-rank layers (``lora_A`` ...) stay as they are: only their base layer is quantized."""
     device = next(model.parameters()).device
     _check_kernel(device.type)
-    _untie_head(model)
+    untie_head(model)
     with torch.no_grad():
         targets = []
         for module in model.modules():
