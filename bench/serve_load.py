@@ -22,11 +22,12 @@ side by side.
 
     python bench/serve_load.py            # llama-20m, 64 new tokens per request (~1 min on 2 cores)
     python bench/serve_load.py --smoke    # llama-tiny, a few tokens (used by the test suite)
-    python bench/serve_load.py --model smollm2   # a real model (or a .gguf file / HF folder): 1 and 16 streams of
-                                                 # the eager engine (what `lmwright serve` runs), one request per
-                                                 # client, and llama.cpp (xllamacpp, when installed) on lmwright's
-                                                 # own GGUF export of the same weights (f32, f16, q8_0); ~4-5 min on
-                                                 # 2 loaded cores (--variants eager,compiled adds ~3 min of compile)
+    python bench/serve_load.py --model smollm2 --weights int8  # a real model (or a .gguf file / HF folder): 1 and
+                                                 # 16 streams of the engine (what `lmwright serve` runs), one request
+                                                 # per client, and llama.cpp (xllamacpp, when installed) on lmwright's
+                                                 # own GGUF export of the same weights at the paired type (q8_0);
+                                                 # ~70 s on 2 cores (f32, f16 and q8_0 for --weights float32)
+    --variants eager,compiled             # also the torch.compile'd decode step (+40 s to 3 min of compiling)
 
 ``--weights bfloat16`` / ``int8`` serve the engine with those weights (``lmwright serve --weights``) while the
 ``generate()`` baseline stays the fp32 model as a user loads it; llama.cpp then runs the GGUF type of the same
@@ -415,7 +416,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=None, help="torch threads for generate() and the engine "
                                                                "(default: 1 on <= 4 cores, else all cores)")
     ap.add_argument("--variants", default=None, help="engine variants: eager,compiled (torch.compile of the "
-                                                          "decode step); default both, eager with --smoke or --model")
+                                                          "decode step, ~40 s of compiling); default eager")
     ap.add_argument("--weights", default="float32", choices=tuple(PAIRED_GGUF),
                     help="the engine's weights (lmwright serve --weights; generate() stays fp32); with --model, "
                          "llama.cpp runs the paired GGUF type only unless --llama-cpp says otherwise")
@@ -453,7 +454,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.out = str(Path(__file__).parent / "results" / f"{name}.json")
     rpc = args.requests_per_client or (1 if args.smoke or args.model else 2)
     vocab = 512 if args.smoke else 4096
-    variants = (args.variants or ("eager" if args.smoke or args.model else "eager,compiled")).split(",")
+    variants = (args.variants or "eager").split(",")
 
     flops = measure_matmul_flops(256 if args.smoke else 1024, 0.2 if args.smoke else 0.5)
     with tempfile.TemporaryDirectory() as d:

@@ -424,9 +424,11 @@ def main(argv: list[str] | None = None) -> dict:
     args.preset = args.preset or ("llama-tiny" if sm else "llama-20m")
     args.vocab = args.vocab or (512 if sm else 8192)
     # a real model (135M) is ~8x the 20M preset per token: fewer, smaller steps keep the run to a few minutes
-    args.steps = args.steps or (3 if sm else (14 if args.stage == "pretrain" else (3 if real else 12)))
+    # (steps and warm-up were 14 + 4 for pretrain and 12 + 3 for sft until 2026-12-01: cut so that all benchmarks
+    # together run within 15 minutes, bench/run_all.py)
+    args.steps = args.steps or (3 if sm else (10 if args.stage == "pretrain" else (3 if real else 8)))
     args.warmup = args.warmup if args.warmup is not None else (
-        1 if sm or real else (4 if args.stage == "pretrain" else 3))
+        1 if sm or real else (3 if args.stage == "pretrain" else 2))
     args.micro = args.micro or (2 if sm else (4 if args.stage == "pretrain" or real else 16))
     args.seq_len = args.seq_len or (64 if sm else (256 if args.stage == "pretrain" else 512))
     args.conversations = args.conversations or (40 if sm else (300 if real else 600))

@@ -197,12 +197,14 @@ def prepare_weights(model, weights: str | None, max_seqs: int = 8) -> str:
         raise ConfigError(f"weights={weights}: this model was loaded quantized (model.quantize); serve it with "
                           f"weights=auto, or load it unquantized")
     elif weights == "int8":
-        from lmwright.models.int8_linear import INT8_MAX_ROWS, quantize_int8
+        from lmwright.models.int8_linear import Int8Linear, quantize_int8
 
         quantize_int8(model)
+        first = next(m for m in model.modules() if isinstance(m, Int8Linear))
+        packed = " (packed for oneDNN)" if first._packed is not None else ""
         note = (f"weights: int8 (weight-only, per-output-channel scales, bf16 activations; the int8 kernel for "
-                f"calls of up to {INT8_MAX_ROWS} rows, bf16 over the dequantized weights beyond; answers change "
-                f"slightly against the full-precision model; {_KEEP})")
+                f"calls of up to {first.max_int8_rows} rows, bf16{packed} over the dequantized weights beyond; "
+                f"answers change slightly against the full-precision model; {_KEEP})")
     else:
         model.to(resolve_dtype(weights))
         note = f"weights: {weights} (as requested" + ("" if weights == "float32" else f"; {_KEEP}") + ")"
