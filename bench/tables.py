@@ -25,6 +25,9 @@ def header(d: dict) -> str:
     m, c = d.get("machine", {}), d.get("calibration", {})
     if "sgemm_flops" in c:
         return f"_{d.get('time')}, {common.machine_line(m, c)}_"
+    if "cpu" in m:  # common.machine(): name the CPU flags that decide precision
+        return (f"_{d.get('time')}, {m.get('cpu')} ({m.get('cpu_count')} cores), CPU flags "
+                f"{', '.join(m.get('cpu_flags', [])) or 'none of avx2/avx512'}, torch {m.get('torch')}_")
     return f"_{d.get('time')}, machine {m}, calibration {c}_"
 
 
@@ -95,6 +98,14 @@ def render(path: Path) -> str:
                                                            "lmwright_decode_vs_llama_cpp_decode"])]
         if d.get("targets"):
             out += ["", f"targets: {d['targets']}"]
+    elif name == "run_all":
+        out += [common.markdown_table(d["runs"], ["bench", "seconds", "status"]), "",
+                f"all benchmarks: {d['total_min']:.1f} min (budget {d['budget_min']:g} min: "
+                f"{'met' if d['within_budget'] else 'NOT met'}); load average {d['loadavg_before'][0]:.1f} -> "
+                f"{d['loadavg_after'][0]:.1f}"]
+    elif name == "precision" and "rows" in d:
+        out += [common.markdown_table(d["rows"], ["preset", "params", "fp32_step_s", "bf16_step_s", "bf16_speedup",
+                                                  "tokens"])]
     else:
         out.append("```\n" + json.dumps({k: v for k, v in d.items() if k not in ("machine",)}, indent=1)[:4000]
                    + "\n```")
