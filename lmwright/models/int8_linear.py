@@ -95,6 +95,12 @@ class Int8Linear(nn.Module):
         q, scale = quantize_weight(linear.weight)
         return cls(q, scale, linear.bias, max_int8_rows)
 
+    def unpack(self) -> None:
+        """Hold the bf16 copy dense (for ``torch.compile``): the same products, the same row limit."""
+        if self._packed is not None:
+            self.weight_bf16 = nn.Parameter(self._packed.to_dense(), requires_grad=False)
+            self._packed = None
+
     @property
     def weight(self) -> torch.Tensor:
         """The bf16 weight the many-row path multiplies by (``q * scale``), for code that inspects a linear

@@ -61,12 +61,13 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(weight.dtype), requires_grad=False)
+        self._may_pack = True  # False after unpack(): conversions keep it dense
         self._set(weight.detach())
 
-    def _set(self, w: torch.Tensor) -> None:
+    def _set(self, w: torch.Tensor, pack: bool = True) -> None:
         """Hold ``w`` packed where that works (bf16 on a CPU), else dense (after a conversion, see ``_apply``)."""
         self.dtype = w.dtype
-        if w.device.type == "cpu" and w.dtype == torch.bfloat16 and packing_works(torch.bfloat16):
+        if pack and w.device.type == "cpu" and w.dtype == torch.bfloat16 and packing_works(torch.bfloat16):
             self._packed, self._dense = pack_weight(w), None
         else:
             self._packed, self._dense = None, w
@@ -80,9 +81,15 @@ class PackedLinear(nn.Module):
         """The weight, dense (a copy where it is held packed; the forward uses the packed one)."""
         return self._packed.to_dense() if self._packed is not None else self._dense
 
+    def unpack(self) -> None:
+        """Hold the weight dense from now on (for ``torch.compile``, whose inductor cannot lower the packed op)."""
+        self._may_pack = False
+        if self._packed is not None:
+            self._set(self.weight, pack=False)
+
     def _apply(self, fn, recurse: bool = True):
         """``.float()``, ``.to(...)``, ``.cuda()`` convert the weight too (packed only while bf16 on a CPU)."""
-        self._set(fn(self.weight))
+        self._set(fn(self.weight), pack=self._may_pack)
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
@@ -121,3 +128,15 @@ def pack_linears(model) -> int:
             child = getattr(parent, name)  # the head may have a new weight after untie_head
             setattr(parent, name, PackedLinear.from_linear(child))
     return len(targets)
+
+
+def unpack_linears(model) -> int:
+    """Hold every packed weight of ``model`` (:class:`PackedLinear`, int8's packed bf16 copy) dense again: what
+    ``torch.compile`` needs (its CPU inductor fails to lower ``mkldnn._linear_pointwise``, torch 2.13). The
+    products stay bit-identical. Returns how many layers were unpacked."""
+    n = 0
+    for m in model.modules():
+        if getattr(m, "_packed", None) is not None and hasattr(m, "unpack"):
+            m.unpack()
+            n += 1
+    return n

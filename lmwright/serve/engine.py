@@ -242,6 +242,11 @@ class LocalEngine:
         if compile:  # before the scheduler starts: no request pays the compile time
             import torch
 
+            from lmwright.models.packed_linear import unpack_linears
+
+            if unpack_linears(model):  # inductor cannot lower oneDNN's packed linear: same products, dense
+                log.info("engine %s: compile=True holds the linear weights dense (packed ones cannot be compiled)",
+                         name)
             t0 = time.perf_counter()
             with torch.inference_mode():
                 self._lean.compile()
