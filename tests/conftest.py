@@ -22,6 +22,18 @@ def pytest_configure(config):
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """A test that sets torch's thread count (the bench scripts' main() sets 1 on small CPUs) leaves it as it was:
+    the full demo test, run after tests/bench, took 391 s on 1 thread instead of ~250 s on 2."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 
