@@ -80,12 +80,13 @@ class PrefixCache:
     the columns of a cached prompt are exactly what a new prompt with the same first tokens would compute;
     at least the last prompt token is always run, for its logits. Entries are whole prefill buffers
     (per layer ``(1, kv_heads, prompt_len, head_dim)``, never written after the prompt finished), least
-    recently used first out once ``max_bytes`` would be exceeded; a prompt that is a prefix of a cached one
+    recently used first out once ``max_bytes`` or ``max_entries`` would be exceeded; a prompt that is a prefix of a cached one
     adds nothing, one that extends a cached one replaces it.
     """
 
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, max_entries: int = 256):
         self.max_bytes = int(max_bytes)
+        self.max_entries = max_entries  # a lookup compares the prompt with every entry: bounded for tiny models
         self.entries: OrderedDict[tuple[int, ...], list[tuple[Any, Any]]] = OrderedDict()
         self.bytes = 0
 
@@ -124,7 +125,7 @@ class PrefixCache:
                 self._drop(old)
         self.entries[key] = buf
         self.bytes += size
-        while self.bytes > self.max_bytes:
+        while self.bytes > self.max_bytes or len(self.entries) > self.max_entries:
             self._drop(next(iter(self.entries)))
 
 

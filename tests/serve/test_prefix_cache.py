@@ -127,6 +127,13 @@ def test_prefix_cache_bookkeeping():
     assert (0, 1) not in {k[:2] for k in cache.entries} and cache.bytes <= cache.max_bytes
 
 
+def test_prefix_cache_bounds_its_entries():
+    cache = PrefixCache(max_bytes=10**9, max_entries=3)
+    for k in range(5):
+        cache.add([100 + k, 1], _buf(2))
+    assert list(cache.entries) == [(102, 1), (103, 1), (104, 1)] and cache.bytes == 3 * 64
+
+
 def test_prefix_cache_config_checked(lm):
     with pytest.raises(ConfigError, match="prefix_cache_mb"):
         LocalEngine(lm.model, lm.tokenizer, prefix_cache_mb=-1)
