@@ -22,11 +22,10 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lmwright.config import ConfigError
-from lmwright.models.packed_linear import pack_weight, packed_linear, packing_works
+from lmwright.models.packed_linear import PackedLinear, untie_head
 
 # rows (tokens in the call) up to which the int8 kernel is used; above it the bf16 GEMM is faster (see above)
 INT8_MAX_ROWS = 6
@@ -78,64 +77,47 @@ class Int8Linear(nn.Module):
         self.max_int8_rows = max_int8_rows
         self.register_buffer("weight_int8", q.contiguous())  # (N, K) int8
         self.register_buffer("weight_scale", scale.to(torch.bfloat16).contiguous())  # (N,)
-        # the bf16 copy of the same quantized weight, for calls with many rows: packed into oneDNN's layout
-        # where that works on this CPU (lmwright.models.packed_linear: faster from 3 rows on than the int8
-        # kernel, so that kernel then serves only 1-2 rows), else a plain bf16 tensor
-        deq = dequantize_weight(q, self.weight_scale)
-        self._packed = None
-        if q.device.type == "cpu" and packing_works(torch.bfloat16):
-            self._packed = pack_weight(deq)
+        # the bf16 copy of the same quantized weight (and the bias), for calls with many rows: a PackedLinear,
+        # packed into oneDNN's layout where that works on this CPU (faster from 3 rows on than the int8 kernel,
+        # so that kernel then serves only 1-2 rows), else held dense
+        self.bf16 = PackedLinear(dequantize_weight(q, self.weight_scale),
+                                 None if bias is None else bias.detach().to(torch.bfloat16))
+        if self.bf16._packed is not None:
             self.max_int8_rows = min(max_int8_rows, INT8_MAX_ROWS_PACKED)
-        else:
-            self.weight_bf16 = nn.Parameter(deq, requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.bfloat16), requires_grad=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, max_int8_rows: int = INT8_MAX_ROWS) -> Int8Linear:
         q, scale = quantize_weight(linear.weight)
         return cls(q, scale, linear.bias, max_int8_rows)
 
-    def unpack(self) -> None:
-        """Hold the bf16 copy dense (for ``torch.compile``): the same products, the same row limit."""
-        if self._packed is not None:
-            self.weight_bf16 = nn.Parameter(self._packed.to_dense(), requires_grad=False)
-            self._packed = None
+    @property
+    def _packed(self):
+        """The many-row path's packed weight (None where it is held dense)."""
+        return self.bf16._packed
+
+    @property
+    def bias(self):
+        return self.bf16.bias
 
     @property
     def weight(self) -> torch.Tensor:
         """The bf16 weight the many-row path multiplies by (``q * scale``), for code that inspects a linear
         layer's weight (dtype, device, shape); a copy where it is held packed."""
-        return self._packed.to_dense() if self._packed is not None else self.weight_bf16
+        return self.bf16.weight
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"int8 kernel up to {self.max_int8_rows} rows, bf16{' (oneDNN packed)' if self._packed is not None else ''}"
-                f" beyond")
+                f"int8 kernel up to {self.max_int8_rows} rows, the bf16 copy beyond")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.bfloat16:
             x = x.to(torch.bfloat16)
         rows = x.numel() // self.in_features
         if rows > self.max_int8_rows:
-            if self._packed is not None:
-                return packed_linear(x, self._packed, self.bias)
-            return F.linear(x, self.weight_bf16, self.bias)
+            return self.bf16(x)
         y = torch._weight_int8pack_mm(x.reshape(rows, self.in_features), self.weight_int8, self.weight_scale)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
-
-
-def untie_head(model) -> None:
-    """Give a head tied to the input embedding its own weight, and say so in the config (so no later
-    ``tie_weights()`` ties them again)."""
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if emb is None or head is None or head.weight is not emb.weight:
-        return
-    head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
-    for cfg in (getattr(model, "config", None), getattr(getattr(model, "config", None), "text_config", None)):
-        if cfg is not None and hasattr(cfg, "tie_word_embeddings"):
-            cfg.tie_word_embeddings = False
 
 
 def quantize_int8(model, max_int8_rows: int = INT8_MAX_ROWS):

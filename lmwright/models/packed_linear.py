@@ -89,7 +89,10 @@ class PackedLinear(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         """``.float()``, ``.to(...)``, ``.cuda()`` convert the weight too (packed only while bf16 on a CPU)."""
-        self._set(fn(self.weight), pack=self._may_pack)
+        if self._packed is None:
+            self._set(fn(self._dense), pack=self._may_pack)
+        elif (p := fn(torch.empty(0, dtype=self.dtype))).dtype != self.dtype or p.device.type != "cpu":
+            self._set(fn(self.weight), pack=self._may_pack)  # else the weight is unchanged: it stays packed
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
@@ -104,12 +107,23 @@ class PackedLinear(nn.Module):
         return packed_linear(x, self._packed, self.bias)
 
 
+def untie_head(model) -> None:
+    """Give a head tied to the input embedding its own weight, and say so in the config (so no later
+    ``tie_weights()`` ties them again)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if emb is None or head is None or head.weight is not emb.weight:
+        return
+    head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
+    for cfg in (getattr(model, "config", None), getattr(getattr(model, "config", None), "text_config", None)):
+        if cfg is not None and hasattr(cfg, "tie_word_embeddings"):
+            cfg.tie_word_embeddings = False
+
+
 def pack_linears(model) -> int:
     """Replace every plain ``nn.Linear`` of a bf16 ``model`` on the CPU by a :class:`PackedLinear` (in place; a
     head tied to the input embedding is untied first). Layers inside peft adapters (their base layer and
     low-rank weights) stay as they are. Returns how many layers were packed (0 where packing does not work)."""
-    from lmwright.models.int8_linear import untie_head
-
     params = list(model.parameters())
     if not params or params[0].device.type != "cpu" or not packing_works(torch.bfloat16):
         return 0
