@@ -9,7 +9,8 @@ attention square) in fp32 and under bf16 autocast (two warm-ups each, then the t
 runs each) and keeps bf16 only when it is at least ``MIN_SPEEDUP`` faster: its numerics are coarser, so it has to
 pay clearly. On an AMD EPYC with avx512_bf16 (2026-12-01) it measured llama-tiny 0.77x, gpt-tiny 0.95-1.0x,
 llama-demo 1.17x (all fp32; whole training steps in bench/precision.py: 0.78x, -, 1.14x) and SmolLM2-135M
-with LoRA 1.54-1.60x (bf16; its LoRA training step: 1.67x). A model it cannot drive trains in fp32. The figures are logged and cached (``<lmwright cache>/precision.json``, keyed by CPU,
+with LoRA 1.54-1.60x (bf16; its LoRA training step: 1.67x). A model it cannot drive trains in fp32. The figures
+are logged and cached (``<lmwright cache>/precision.json``, keyed by CPU,
 torch, threads and the model's shape and trainable parameters), so the next run of the same model on the same
 machine decides at once, and every caller in a run (the engine, exact-match evaluation, rollouts) gets the
 same answer. The probe runs in eval mode under a forked RNG and leaves gradients as it found them.
@@ -194,8 +195,9 @@ def bf16_probe(model, tokens: int = PROBE_TOKENS) -> dict[str, Any]:
             return _memo[key]
         write_cache(key, {k: v for k, v in result.items() if k != "source"})
     _memo[key] = result
-    log.info("mixed_precision auto: %s on this CPU (avx512_bf16, no AMX): a forward+backward of %d tokens (rows of 128) took "
-             "%.3f s in fp32 and %.3f s in bf16 autocast (%.2fx; bf16 needs >= %.2fx) [%s]",
-             "bf16" if result["choice"] == "bf16" else "fp32", result["tokens"], result["fp32_s"], result["bf16_s"],
+    log.info("mixed_precision auto: %s on this CPU (avx512_bf16, no AMX): a forward+backward of %d tokens (rows of "
+             "%d) took %.3f s in fp32 and %.3f s in bf16 autocast (%.2fx; bf16 needs >= %.2fx) [%s]",
+             "bf16" if result["choice"] == "bf16" else "fp32", result["tokens"], ROW_TOKENS, result["fp32_s"],
+             result["bf16_s"],
              result["speedup"], MIN_SPEEDUP, result["source"])
     return result
