@@ -11,6 +11,8 @@ from lmwright.engine.sampling import SamplingParams
 from lmwright.serve.engine import LocalEngine
 from lmwright.serve.lean import LeanLlama, PrefixCache, Segment, common_prefix_len
 
+from .test_engine import _hf_greedy
+
 SYSTEM = "You are a careful assistant who answers in short plain sentences. Question: "
 QUESTIONS = ["Once upon a time", "The cat sat on the mat", "小猫在花园里", "A bird flew over the hill and"]
 
@@ -18,13 +20,6 @@ QUESTIONS = ["Once upon a time", "The cat sat on the mat", "小猫在花园里",
 def _greedy(eng, ids, n=12):
     params = SamplingParams(max_tokens=n, temperature=0, stop_token_ids=[])
     return [e.token_id for e in eng.generate_sync(ids, params) if e.token_id is not None]
-
-
-def _hf_greedy(model, ids, n):
-    with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                             eos_token_id=None)
-    return out[0, len(ids):].tolist()
 
 
 def test_common_prefix_len():
