@@ -81,11 +81,14 @@ class PackedLinear(nn.Module):
         """The weight, dense (a copy where it is held packed; the forward uses the packed one)."""
         return self._packed.to_dense() if self._packed is not None else self._dense
 
-    def unpack(self) -> None:
-        """Hold the weight dense from now on (for ``torch.compile``, whose inductor cannot lower the packed op)."""
+    def unpack(self) -> bool:
+        """Hold the weight dense from now on (for ``torch.compile``, whose inductor cannot lower the packed op).
+        True where it was packed."""
         self._may_pack = False
-        if self._packed is not None:
-            self._set(self.weight, pack=False)
+        if self._packed is None:
+            return False
+        self._set(self.weight, pack=False)
+        return True
 
     def _apply(self, fn, recurse: bool = True):
         """``.float()``, ``.to(...)``, ``.cuda()`` convert the weight too (packed only while bf16 on a CPU)."""
@@ -145,12 +148,8 @@ def pack_linears(model) -> int:
 
 
 def unpack_linears(model) -> int:
-    """Hold every packed weight of ``model`` (:class:`PackedLinear`, int8's packed bf16 copy) dense again: what
-    ``torch.compile`` needs (its CPU inductor fails to lower ``mkldnn._linear_pointwise``, torch 2.13). The
-    products stay bit-identical. Returns how many layers were unpacked."""
-    n = 0
-    for m in model.modules():
-        if getattr(m, "_packed", None) is not None and hasattr(m, "unpack"):
-            m.unpack()
-            n += 1
-    return n
+    """Hold every packed weight of ``model`` (:class:`PackedLinear`, int8's packed bf16 copy and blocked int8
+    weight) in its plain layout again: what ``torch.compile`` needs (its CPU inductor fails to lower
+    ``mkldnn._linear_pointwise``, torch 2.13, and cannot trace lmwright's own kernel). The bf16 products stay
+    bit-identical. Returns how many layers changed."""
+    return sum(1 for m in list(model.modules()) if callable(getattr(m, "unpack", None)) and m.unpack())

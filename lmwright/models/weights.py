@@ -202,7 +202,14 @@ def prepare_weights(model, weights: str | None, max_seqs: int = 8) -> str:
         quantize_int8(model)
         first = next(m for m in model.modules() if isinstance(m, Int8Linear))
         packed = " (packed for oneDNN)" if first._packed is not None else ""
-        note = (f"weights: int8 (weight-only, per-output-channel scales, bf16 activations; the int8 kernel for "
+        if first.int8_layout == "blocked":
+            kernel = "lmwright's int8 kernel (int16-quantized activation rows, exact int32 sums)"
+        else:
+            from lmwright.models import cpu_kernels
+
+            why = cpu_kernels.unavailable_reason()
+            kernel = "torch's int8 kernel" + (f" (lmwright's kernel {why})" if why else "")
+        note = (f"weights: int8 (weight-only, per-output-channel scales, bf16 activations; {kernel} for "
                 f"calls of up to {first.max_int8_rows} rows, bf16{packed} over the dequantized weights beyond; "
                 f"answers change slightly against the full-precision model; {_KEEP})")
     else:

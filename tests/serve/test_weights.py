@@ -81,21 +81,32 @@ def test_quantize_error_bound_and_zero_rows():
     assert torch.allclose(deq.float(), q.float() * scale.float()[:, None], rtol=2 ** -8, atol=0)
 
 
-def test_int8_paths_agree_and_dispatch_on_rows(monkeypatch):
+@pytest.mark.parametrize("kernel", ["torch", "lmwright"])
+def test_int8_paths_agree_and_dispatch_on_rows(monkeypatch, kernel):
+    from lmwright.models import cpu_kernels
+
+    if kernel == "lmwright" and cpu_kernels.kernels() is None:
+        pytest.skip(f"lmwright's CPU kernel: {cpu_kernels.unavailable_reason()}")
+    if kernel == "torch":
+        monkeypatch.setattr(cpu_kernels, "usable", lambda w: False)
     g = torch.Generator().manual_seed(1)
     lin = torch.nn.Linear(64, 40, bias=True)
     with torch.no_grad():
         lin.weight.copy_(torch.randn(40, 64, generator=g))
     mod = Int8Linear.from_linear(lin, max_int8_rows=4)
+    assert mod.int8_layout == ("blocked" if kernel == "lmwright" else "plain")
     x = torch.randn(3, 5, 64, generator=g).bfloat16()  # 15 rows: the bf16 path
     calls = []
-    real = torch._weight_int8pack_mm
-    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(1) or real(*a))
+    name, owner = ("matmul", cpu_kernels) if kernel == "lmwright" else ("_weight_int8pack_mm", torch)
+    real = getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *a: calls.append(1) or real(*a))
     many = mod(x)
     assert not calls
     few = torch.cat([mod(x[i, j:j + 1]) for i in range(3) for j in range(5)]).view(3, 5, 40)  # 1 row each: int8
     assert len(calls) == 15
-    exact = x.float() @ (mod.weight_int8.float() * mod.weight_scale.float()[:, None]).T + lin.bias.bfloat16().float()
+    q = mod.int8_weight()
+    assert q.dtype == torch.int8 and torch.equal(q, quantize_weight(lin.weight)[0])  # the plain layout back
+    exact = x.float() @ (q.float() * mod.weight_scale.float()[:, None]).T + lin.bias.bfloat16().float()
     for y in (many, few):
         assert y.shape == (3, 5, 40) and y.dtype == torch.bfloat16
         assert (y.float() - exact).abs().max() <= 0.02 * exact.abs().max()

@@ -1,0 +1,296 @@
+"""Hand-written CPU kernels for the products of decoding: few activation rows times a large int8 or bf16 weight.
+
+A decode step multiplies one row (one token) per stream by every weight of the model, so it is bound by how fast
+the weights stream from memory. torch's kernels for these shapes leave most of that bandwidth unused (measured on
+an AMD EPYC with avx512_bf16/avx512_vnni and no AMX, 1 thread, one row times a 49152 x 576 int8 weight:
+``torch._weight_int8pack_mm`` 3.7 ms, 7.6 GB/s, converts every weight to float; a plain streaming read of the same
+bytes runs at ~26 GB/s). The kernels here read each weight once, in the order it lies in memory:
+
+- the weight is stored **blocked**: ``(N/4, K/32, 4, 32)``, four output rows interleaved in chunks of 32 inputs,
+  so the kernel reads one sequential stream (rows read side by side from the plain ``(N, K)`` layout were
+  ~2x slower: several streams 576 bytes apart defeat the hardware prefetcher). Rows past the last full block of
+  4 stay plain after it;
+- **int8 weights**: each activation row is quantized to int16 (one scale per row, ``amax / 32767``: finer than
+  bf16's 8-bit mantissa for all but entries under 1/256 of the row's largest, whose absolute error is at most
+  ``amax / 65534``), products are summed exactly in int32 with ``vpdpwssd`` (AVX512-VNNI; ``vpmaddwd`` without
+  it), then scaled by both scales in fp32. The int8 weight values are the same as ``_weight_int8pack_mm``'s;
+- **bf16 weights**: ``vdpbf16ps`` (AVX512-BF16) sums bf16 pairs in fp32 (an fp32 FMA path without it);
+- every call handles any number of rows, four at a time per weight block while the block is in L1, so a
+  batch of decode rows reads the weights from memory once.
+
+The source is compiled once per machine by torch's own inductor C++ toolchain (the compiler ``torch.compile``
+uses on CPUs; cached on disk) and called through a thin Python binding: no build step, no new dependency. It is
+built only for CPUs with AVX-512 (F + BW); elsewhere, or where compiling fails, :func:`kernels` returns None (with
+the reason in :func:`unavailable_reason`) and callers keep torch's kernels. ``LMWRIGHT_CPU_KERNELS=0`` turns it
+off. A self-test against a float64 reference runs before first use.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+ROW_BLOCK = 4  # output rows interleaved per block (the kernel's R)
+K_CHUNK = 32  # inputs per chunk of a block row (one 512-bit load of int16 / bf16)
+
+SOURCE = r"""
+#include <cstdint>
+#include <cstring>
+#include <cmath>
+#include <vector>
+#include <limits>
+#include <immintrin.h>
+
+static inline float bf2f(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; std::memcpy(&f, &u, 4); return f; }
+static inline uint16_t f2bf(float f) {  // round to nearest even, as torch does
+    uint32_t u; std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    u += 0x7fffu + ((u >> 16) & 1u); return (uint16_t)(u >> 16);
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define HAVE_KERNEL 1
+constexpr int R = 4;       // rows per block
+constexpr int KC = 32;     // inputs per chunk
+constexpr int PF = 2048;   // prefetch distance in bytes along the weight stream
+
+// out[m * RR + r] = sum_k w_row(n0 + r)[k] * x[m * K + k], for MG activation rows (int16) and RR weight rows.
+// BLK: the RR rows are one interleaved block (n0 % 4 == 0); else plain rows.
+template <int MG, int RR, bool BLK>
+static inline void rows_i8(const int8_t* w, const int16_t* x, float* out, int64_t n0, int64_t K) {
+    for (int m = 0; m < MG; ++m) for (int r = 0; r < RR; ++r) out[m * RR + r] = 0.f;
+    const int64_t K32 = K - K % KC;
+    int64_t k = 0;
+    while (k < K32) {
+        const int64_t kend = k + 1024 < K32 ? k + 1024 : K32;  // int32 sums stay < 2^31: 1024 * 127 * 32767
+        __m512i acc[MG][RR];
+        for (int m = 0; m < MG; ++m) for (int r = 0; r < RR; ++r) acc[m][r] = _mm512_setzero_si512();
+        for (; k < kend; k += KC) {
+            __m512i xv[MG];
+            for (int m = 0; m < MG; ++m) xv[m] = _mm512_loadu_si512((const void*)(x + m * K + k));
+            if (BLK) _mm_prefetch((const char*)(w + n0 * K + k * RR) + PF, _MM_HINT_T0),
+                     _mm_prefetch((const char*)(w + n0 * K + k * RR) + PF + 64, _MM_HINT_T0);
+            for (int r = 0; r < RR; ++r) {
+                const int8_t* p = BLK ? w + n0 * K + k * RR + r * KC : w + (n0 + r) * K + k;
+                __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)p));
+                for (int m = 0; m < MG; ++m)
+#if defined(__AVX512VNNI__)
+                    acc[m][r] = _mm512_dpwssd_epi32(acc[m][r], wv, xv[m]);
+#else
+                    acc[m][r] = _mm512_add_epi32(acc[m][r], _mm512_madd_epi16(wv, xv[m]));
+#endif
+            }
+        }
+        for (int m = 0; m < MG; ++m) for (int r = 0; r < RR; ++r)  // each lane exact in int32, then fp32
+            out[m * RR + r] += _mm512_reduce_add_ps(_mm512_cvtepi32_ps(acc[m][r]));
+    }
+    for (; k < K; ++k)  // inputs past the last full chunk (only for plain rows: blocked weights need K % 32 == 0)
+        for (int r = 0; r < RR; ++r)
+            for (int m = 0; m < MG; ++m) out[m * RR + r] += (float)((int32_t)w[(n0 + r) * K + k] * (int32_t)x[m * K + k]);
+}
+
+template <int MG, int RR, bool BLK>
+static inline void rows_bf16(const uint16_t* w, const uint16_t* x, float* out, int64_t n0, int64_t K) {
+    __m512 acc[MG][RR];
+    for (int m = 0; m < MG; ++m) for (int r = 0; r < RR; ++r) acc[m][r] = _mm512_setzero_ps();
+    const int64_t K32 = K - K % KC;
+    int64_t k = 0;
+    for (; k < K32; k += KC) {
+        __m512i xv[MG];
+        for (int m = 0; m < MG; ++m) xv[m] = _mm512_loadu_si512((const void*)(x + m * K + k));
+        if (BLK) for (int r = 0; r < RR; ++r) _mm_prefetch((const char*)(w + n0 * K + k * RR + r * KC) + PF, _MM_HINT_T0);
+        for (int r = 0; r < RR; ++r) {
+            const uint16_t* p = BLK ? w + n0 * K + k * RR + r * KC : w + (n0 + r) * K + k;
+            __m512i wv = _mm512_loadu_si512((const void*)p);
+            for (int m = 0; m < MG; ++m) {
+#if defined(__AVX512BF16__)
+                acc[m][r] = _mm512_dpbf16_ps(acc[m][r], (__m512bh)wv, (__m512bh)xv[m]);
+#else
+                const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
+                __m512 wlo = _mm512_castsi512_ps(_mm512_slli_epi32(wv, 16)), whi = _mm512_castsi512_ps(_mm512_and_si512(wv, hi));
+                __m512 xlo = _mm512_castsi512_ps(_mm512_slli_epi32(xv[m], 16)), xhi = _mm512_castsi512_ps(_mm512_and_si512(xv[m], hi));
+                acc[m][r] = _mm512_fmadd_ps(whi, xhi, _mm512_fmadd_ps(wlo, xlo, acc[m][r]));
+#endif
+            }
+        }
+    }
+    for (int m = 0; m < MG; ++m) for (int r = 0; r < RR; ++r) out[m * RR + r] = _mm512_reduce_add_ps(acc[m][r]);
+    for (; k < K; ++k)
+        for (int r = 0; r < RR; ++r)
+            for (int m = 0; m < MG; ++m) out[m * RR + r] += bf2f(w[(n0 + r) * K + k]) * bf2f(x[m * K + k]);
+}
+
+// all M activation rows (in groups of 4, the weight rows staying in L1) against weight rows n0 .. n0 + RR - 1
+template <typename X, int RR, bool BLK, typename F>
+static inline void all_rows(const X* x, int64_t M, int64_t K, int64_t n0, float* acc, F rows) {
+    int64_t m0 = 0;
+    for (; m0 + 4 <= M; m0 += 4) rows.template operator()<4, RR, BLK>(x + m0 * K, acc + m0 * RR, n0);
+    switch (M - m0) {
+        case 3: rows.template operator()<3, RR, BLK>(x + m0 * K, acc + m0 * RR, n0); break;
+        case 2: rows.template operator()<2, RR, BLK>(x + m0 * K, acc + m0 * RR, n0); break;
+        case 1: rows.template operator()<1, RR, BLK>(x + m0 * K, acc + m0 * RR, n0); break;
+    }
+}
+
+// y (M, N) = x (M, K) @ w.T, w blocked (see the Python module); int8 w: times sx[m] * scale[n]
+template <typename X, typename F, typename S>
+static void gemm(const X* x, uint16_t* y, int64_t M, int64_t N, int64_t K, int64_t nt, F rows, S post) {
+    const int64_t nblocks = N / R;
+    #pragma omp parallel for num_threads(nt) schedule(static) if(nt > 1)
+    for (int64_t b = 0; b < nblocks; ++b) {
+        std::vector<float> acc(M * R);
+        all_rows<X, R, true>(x, M, K, b * R, acc.data(), rows);
+        for (int64_t m = 0; m < M; ++m)
+            for (int r = 0; r < R; ++r) y[m * N + b * R + r] = f2bf(post(acc[m * R + r], m, b * R + r));
+    }
+    std::vector<float> acc(M);
+    for (int64_t n = nblocks * R; n < N; ++n) {
+        all_rows<X, 1, false>(x, M, K, n, acc.data(), rows);
+        for (int64_t m = 0; m < M; ++m) y[m * N + n] = f2bf(post(acc[m], m, n));
+    }
+}
+#endif
+
+// wkind 0: int8 w with bf16 scale (N,); wkind 1: bf16 w (scale unused). x (M, K) bf16, y (M, N) bf16.
+// M == 0: a capability probe, y[0] = 1 where the kernel is built (AVX-512 F + BW), else 0.
+extern "C" void kernel(const void* w, const uint16_t* x, const uint16_t* scale, uint16_t* y,
+                       int64_t M, int64_t N, int64_t K, int64_t wkind, int64_t nt) {
+#ifdef HAVE_KERNEL
+    if (M == 0) { y[0] = 1; return; }
+    if (wkind == 0) {
+        const int8_t* q = (const int8_t*)w;
+        std::vector<int16_t> xq(M * K);
+        std::vector<float> sx(M);
+        for (int64_t m = 0; m < M; ++m) {
+            float amax = 0.f;
+            for (int64_t k = 0; k < K; ++k) amax = std::fmax(amax, std::fabs(bf2f(x[m * K + k])));
+            if (!std::isfinite(amax)) {  // inf / nan in the row: its outputs are nan, as the float product's would be
+                sx[m] = std::numeric_limits<float>::quiet_NaN();
+                for (int64_t k = 0; k < K; ++k) xq[m * K + k] = 0;
+                continue;
+            }
+            sx[m] = amax > 0.f ? amax / 32767.f : 1.f;
+            const float inv = 1.f / sx[m];
+            for (int64_t k = 0; k < K; ++k) xq[m * K + k] = (int16_t)std::nearbyint(bf2f(x[m * K + k]) * inv);
+        }
+        auto rows = [&]<int MG, int RR, bool BLK>(const int16_t* xm, float* out, int64_t n0) {
+            rows_i8<MG, RR, BLK>(q, xm, out, n0, K);
+        };
+        auto post = [&](float a, int64_t m, int64_t n) { return a * sx[m] * bf2f(scale[n]); };
+        gemm(xq.data(), y, M, N, K, nt, rows, post);
+    } else {
+        const uint16_t* b = (const uint16_t*)w;
+        auto rows = [&]<int MG, int RR, bool BLK>(const uint16_t* xm, float* out, int64_t n0) {
+            rows_bf16<MG, RR, BLK>(b, xm, out, n0, K);
+        };
+        auto post = [](float a, int64_t, int64_t) { return a; };
+        gemm(x, y, M, N, K, nt, rows, post);
+    }
+#else
+    if (M == 0) { y[0] = 0; return; }
+#endif
+}
+"""
+
+_ARGTYPES = ["const void*", "const uint16_t*", "const uint16_t*", "uint16_t*", "int64_t", "int64_t", "int64_t",
+             "int64_t", "int64_t"]
+_reason: list[str] = []
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`kernels` returned None (None when it did not, or has not been asked yet)."""
+    return _reason[0] if _reason else None
+
+
+@functools.cache
+def kernels():
+    """The compiled kernel entry (``kernel(w, x, scale, y, M, N, K, wkind, threads)``), or None where it cannot
+    be used here (see the module docstring); compiled and self-tested once per process."""
+    if os.environ.get("LMWRIGHT_CPU_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+        _reason.append("turned off by LMWRIGHT_CPU_KERNELS=0")
+        return None
+    try:
+        from torch._inductor.codecache import CppPythonBindingsCodeCache
+
+        fn = CppPythonBindingsCodeCache.load_pybinding(_ARGTYPES, SOURCE)
+    except Exception as e:  # noqa: BLE001 - no compiler, an older torch, ...: torch's kernels are used instead
+        _reason.append(f"could not be compiled ({type(e).__name__}: {str(e).strip().splitlines()[-1][:200]})")
+        return None
+    probe = torch.zeros(1, dtype=torch.bfloat16)
+    fn(probe, probe, probe, probe, 0, 0, 0, 0, 1)
+    if int(probe.view(torch.int16)[0]) != 1:  # the kernel writes the raw 16-bit value 1
+        _reason.append("this CPU (or compiler) has no AVX-512 F/BW")
+        return None
+    if (err := _self_test(fn)) is not None:
+        _reason.append(f"failed its self-test ({err})")
+        return None
+    return fn
+
+
+def _self_test(fn) -> str | None:
+    g = torch.Generator().manual_seed(0)
+    n, k = 4 * 5 + 3, 3 * K_CHUNK
+    w = torch.randn(n, k, generator=g)
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    scale = (torch.rand(n, generator=g) / 50).to(torch.bfloat16)
+    for m in (1, 3, 6):
+        x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+        for kind, weight in (("int8", q), ("bf16", w.to(torch.bfloat16))):
+            y = torch.empty(m, n, dtype=torch.bfloat16)
+            fn(block_rows(weight), x, scale, y, m, n, k, 0 if kind == "int8" else 1, 1)
+            ref = x.double() @ weight.double().T
+            if kind == "int8":
+                ref = ref * scale.double()
+            if not torch.allclose(y.double(), ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max())):
+                return f"{kind}, {m} rows: max error {float((y.double() - ref).abs().max()):.3g}"
+    return None
+
+
+def usable(weight: torch.Tensor) -> bool:
+    """True where the kernels run here and take ``weight`` (an int8 or bf16 (N, K) CPU tensor, K a multiple of
+    32): without the self-test's or compiler's cost for weights they could never take."""
+    return (weight.dim() == 2 and weight.device.type == "cpu" and weight.dtype in (torch.int8, torch.bfloat16)
+            and weight.shape[1] % K_CHUNK == 0 and weight.shape[1] > 0 and kernels() is not None)
+
+
+def block_rows(w: torch.Tensor) -> torch.Tensor:
+    """``w`` (N, K), K a multiple of 32, in the kernels' layout: each block of 4 rows as (K/32, 4, 32), the rows
+    past the last full block plain after them. Same shape (N, K) and bytes, another order."""
+    n, k = w.shape
+    if k % K_CHUNK:
+        raise ValueError(f"block_rows needs the inner size to be a multiple of {K_CHUNK}, got {k}")
+    full = n - n % ROW_BLOCK
+    out = w.detach().contiguous().clone()
+    out[:full] = (w[:full].reshape(full // ROW_BLOCK, ROW_BLOCK, k // K_CHUNK, K_CHUNK).permute(0, 2, 1, 3)
+                  .reshape(full, k))
+    return out
+
+
+def unblock_rows(b: torch.Tensor) -> torch.Tensor:
+    """The plain (N, K) weight back from :func:`block_rows`'s layout."""
+    n, k = b.shape
+    full = n - n % ROW_BLOCK
+    out = b.clone()
+    out[:full] = (b[:full].reshape(full // ROW_BLOCK, k // K_CHUNK, ROW_BLOCK, K_CHUNK).permute(0, 2, 1, 3)
+                  .reshape(full, k))
+    return out
+
+
+def matmul(x: torch.Tensor, blocked: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``x (..., K) bf16 @ w.T`` with ``w`` given in :func:`block_rows`'s layout, int8 (times ``scale`` (N,) bf16
+    per output) or bf16; returns bf16 (..., N). The caller checked :func:`usable`."""
+    n, k = blocked.shape
+    rows = x.numel() // k
+    x2 = x.reshape(rows, k)
+    if x2.dtype != torch.bfloat16:
+        x2 = x2.to(torch.bfloat16)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    y = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)
+    if blocked.dtype == torch.int8:
+        kernels()(blocked, x2, scale, y, rows, n, k, 0, torch.get_num_threads())
+    else:
+        kernels()(blocked, x2, x2, y, rows, n, k, 1, torch.get_num_threads())
+    return y

@@ -1,0 +1,119 @@
+"""lmwright's CPU decode kernels (lmwright.models.cpu_kernels) against float64 references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmwright.models import cpu_kernels as ck
+
+needs_kernel = pytest.mark.skipif(ck.kernels() is None, reason=f"lmwright's CPU kernel: {ck.unavailable_reason()}")
+
+
+def _int8_ref(x, q, scale):
+    return (x.double() @ q.double().T) * scale.double()
+
+
+@pytest.mark.parametrize("n", [4, 37, 128])
+@pytest.mark.parametrize("k", [32, 96, 1536])
+def test_block_rows_round_trip(n, k):
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    b = ck.block_rows(w)
+    assert b.shape == w.shape and b.dtype == w.dtype
+    assert torch.equal(b, w) == (k == 32)  # one chunk per row: the blocked order is the plain one
+    assert torch.equal(ck.unblock_rows(b), w)
+    assert torch.equal(b[n - n % 4:], w[n - n % 4:])  # rows past the last full block stay plain
+    with pytest.raises(ValueError, match="multiple of 32"):
+        ck.block_rows(torch.zeros(4, 40, dtype=torch.int8))
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 16])
+@pytest.mark.parametrize("n,k", [(4, 32), (23, 64), (131, 576), (40, 2080)])  # 2080: int32 sums in 1024-chunks
+def test_int8_matches_float64(rows, n, k):
+    g = torch.Generator().manual_seed(rows * 1000 + n + k)
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    scale = (torch.rand(n, generator=g) / 40 + 1e-3).to(torch.bfloat16)
+    x = (torch.randn(rows, k, generator=g) * torch.logspace(-3, 1, k)[torch.randperm(k, generator=g)]).bfloat16()
+    y = ck.matmul(x, ck.block_rows(q), scale)
+    ref = _int8_ref(x, q, scale)
+    assert y.shape == (rows, n) and y.dtype == torch.bfloat16
+    # within bf16 output rounding (2^-8 relative) plus the int16 activation rounding: at most amax / 65534 per
+    # entry, so sum_k |q[n, k]| * scale[n] * amax / 65534 per output
+    act_step = x.double().abs().amax(1, keepdim=True) / 65534  # (rows, 1)
+    tol = ref.abs() * 2**-8 + act_step * (q.double().abs().sum(1) * scale.double())[None, :] + 1e-9
+    assert ((y.double() - ref).abs() <= tol).all()
+    # torch's own int8 kernel gives the same answers to within one bf16 step
+    torch_y = torch._weight_int8pack_mm(x, q, scale).double()
+    assert ((y.double() - torch_y).abs() <= ref.abs() * 2**-7 + tol).all()
+
+
+@needs_kernel
+def test_int8_worst_case_sums_do_not_overflow():
+    k = 4096
+    q = torch.full((8, k), 127, dtype=torch.int8)
+    x = torch.full((2, k), 3.0).bfloat16()  # every activation at its row's max: int16 value 32767
+    y = ck.matmul(x, ck.block_rows(q), torch.ones(8, dtype=torch.bfloat16))
+    assert torch.allclose(y.double(), torch.full((2, 8), 127.0 * 3 * k, dtype=torch.float64), rtol=2**-8)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 3, 4, 7])
+def test_bf16_matches_f_linear(rows):
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(70, 192, generator=g).bfloat16()
+    x = torch.randn(2, rows, 192, generator=g).bfloat16()
+    y = ck.matmul(x, ck.block_rows(w))
+    ref = torch.nn.functional.linear(x.double(), w.double())
+    assert y.shape == (2, rows, 70) and ((y.double() - ref).abs() <= ref.abs() * 2**-7 + 1e-3).all()
+
+
+@needs_kernel
+def test_non_finite_rows_give_nan_and_leave_other_rows_alone():
+    q = torch.randint(-127, 128, (12, 64), dtype=torch.int8)
+    scale = torch.full((12,), 0.01, dtype=torch.bfloat16)
+    x = torch.randn(3, 64).bfloat16()
+    x[1, 5] = float("inf")
+    y = ck.matmul(x, ck.block_rows(q), scale)
+    assert torch.isnan(y[1]).all()
+    assert torch.isfinite(y[[0, 2]]).all()
+    assert torch.allclose(y[[0, 2]].double(), _int8_ref(x[[0, 2]], q, scale), rtol=2**-7, atol=1e-3)
+
+
+@needs_kernel
+def test_threads_give_the_same_answer():
+    q = torch.randint(-127, 128, (259, 320), dtype=torch.int8)
+    scale = torch.rand(259).bfloat16()
+    x = torch.randn(3, 320).bfloat16()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ck.matmul(x, ck.block_rows(q), scale)
+        torch.set_num_threads(2)
+        two = ck.matmul(x, ck.block_rows(q), scale)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)  # rows are split between threads, each output summed by one of them
+
+
+def test_turned_off_by_environment(monkeypatch):
+    monkeypatch.setenv("LMWRIGHT_CPU_KERNELS", "0")
+    ck.kernels.cache_clear()
+    ck._reason.clear()
+    try:
+        assert ck.kernels() is None and "LMWRIGHT_CPU_KERNELS" in ck.unavailable_reason()
+        assert not ck.usable(torch.zeros(8, 64, dtype=torch.int8))
+    finally:
+        ck.kernels.cache_clear()
+        ck._reason.clear()
+        monkeypatch.delenv("LMWRIGHT_CPU_KERNELS")
+        ck.kernels()
+
+
+def test_usable_only_for_shapes_it_takes():
+    if ck.kernels() is None:
+        assert not ck.usable(torch.zeros(8, 64, dtype=torch.int8))
+        return
+    assert ck.usable(torch.zeros(8, 64, dtype=torch.int8)) and ck.usable(torch.zeros(3, 32, dtype=torch.bfloat16))
+    assert not ck.usable(torch.zeros(8, 40, dtype=torch.int8))  # inner size not a multiple of 32
+    assert not ck.usable(torch.zeros(8, 64))  # fp32 weights: torch's kernels
