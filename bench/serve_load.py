@@ -348,7 +348,8 @@ def op_profile(engine, batch: int, steps: int, threads: int) -> dict:
         for e in p.key_averages():
             us = e.self_cpu_time_total / steps / 1e3
             total += us
-            if e.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int8pack_mm", "mkldnn::_linear_pointwise"):
+            if e.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int8pack_mm", "mkldnn::_linear_pointwise",
+                         "lmwright::cpu_kernels.matmul"):
                 kinds["linear"] += us
             elif "scaled_dot_product" in e.key or "flash_attention" in e.key:
                 kinds["attention"] += us

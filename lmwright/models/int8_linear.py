@@ -92,7 +92,7 @@ class Int8Linear(nn.Module):
         # packed into oneDNN's layout where that works on this CPU (faster from 3 rows on than the int8 kernel,
         # so that kernel then serves only 1-2 rows), else held dense
         self.bf16 = PackedLinear(dequantize_weight(q, self.weight_scale),
-                                 None if bias is None else bias.detach().to(torch.bfloat16))
+                                 None if bias is None else bias.detach().to(torch.bfloat16), few_rows_kernel=False)
         if self.bf16._packed is not None:
             self.max_int8_rows = min(max_int8_rows, INT8_MAX_ROWS_PACKED)
         self.int8_layout = "plain"

@@ -117,3 +117,31 @@ def test_usable_only_for_shapes_it_takes():
     assert ck.usable(torch.zeros(8, 64, dtype=torch.int8)) and ck.usable(torch.zeros(3, 32, dtype=torch.bfloat16))
     assert not ck.usable(torch.zeros(8, 40, dtype=torch.int8))  # inner size not a multiple of 32
     assert not ck.usable(torch.zeros(8, 64))  # fp32 weights: torch's kernels
+
+
+@needs_kernel
+def test_calls_show_in_profiles():
+    q = torch.randint(-127, 128, (8, 64), dtype=torch.int8)
+    with torch.profiler.profile() as prof:
+        ck.matmul(torch.randn(1, 64).bfloat16(), ck.block_rows(q), torch.ones(8, dtype=torch.bfloat16))
+    assert ck.PROFILE_NAME in {e.key for e in prof.key_averages()}
+
+
+@needs_kernel
+def test_packed_linear_sends_few_rows_to_the_kernel(monkeypatch):
+    from lmwright.models.packed_linear import FEW_ROWS, PackedLinear, packing_works
+
+    if not packing_works(torch.bfloat16):
+        pytest.skip("no oneDNN bf16 packing here")
+    mod = PackedLinear(torch.randn(48, 64).bfloat16())
+    no_copy = PackedLinear(torch.randn(48, 64).bfloat16(), few_rows_kernel=False)
+    assert mod._blocked is not None and no_copy._blocked is None
+    calls = []
+    real = ck.matmul
+    monkeypatch.setattr(ck, "matmul", lambda *a: calls.append(a[0].numel() // 64) or real(*a))
+    for rows in (1, FEW_ROWS, FEW_ROWS + 1, 16):
+        mod(torch.randn(rows, 64).bfloat16())
+        no_copy(torch.randn(rows, 64).bfloat16())
+    assert calls == [1, FEW_ROWS]
+    mod.unpack()  # torch.compile: plain layouts only
+    assert mod._blocked is None and mod._packed is None

@@ -25,9 +25,16 @@ def test_packed_linear_equals_f_linear_bit_for_bit():
         lin.weight.copy_(torch.randn(40, 96, generator=g))
     mod = PackedLinear.from_linear(lin)
     assert mod._packed is not None and mod._packed.is_mkldnn
-    for shape in ((1, 96), (4, 96), (2, 7, 96), (33, 96)):
+    for shape in ((4, 96), (2, 7, 96), (33, 96)):  # more than FEW_ROWS rows: the packed product
         x = torch.randn(*shape, generator=g).to(torch.bfloat16)
         assert torch.equal(mod(x), F.linear(x, lin.weight, lin.bias))
+    for shape in ((1, 96), (3, 96), (1, 1, 96)):  # lmwright's kernel where it runs: fp32 sums in another order
+        x = torch.randn(*shape, generator=g).to(torch.bfloat16)
+        ref = F.linear(x.double(), lin.weight.double(), lin.bias.double())
+        y = mod(x)
+        assert y.shape == ref.shape and ((y.double() - ref).abs() <= ref.abs() * 2**-7 + 2**-7).all()
+        if mod._blocked is None:
+            assert torch.equal(y, F.linear(x, lin.weight, lin.bias))
     assert torch.equal(mod.weight, lin.weight)  # a dense copy for inspection
     assert mod(torch.randn(2, 96)).dtype == torch.bfloat16  # fp32 input is cast to the weight's dtype
 
