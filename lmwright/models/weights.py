@@ -36,7 +36,7 @@ from lmwright.config import ConfigError
 
 WEIGHTS = ("auto", "float32", "bfloat16", "int8")
 BF16_MIN_SPEEDUP = 1.15  # bf16 must beat fp32 by this much at 1 row and at max_seqs rows to be chosen
-PROBE_VERSION = 2  # part of the cache key: bump when the probe measures something else (2: bf16 packed)
+PROBE_VERSION = 3  # part of the cache key: bump when the probe measures something else (2: bf16 packed, 3: kernel)
 _KEEP = "--weights float32 keeps the training precision"
 
 
@@ -76,14 +76,18 @@ def _prequantized(model) -> bool:
 # ------------------------------------------------------------------------------------------ the probe
 def _time_pass(weights: list, rows: int, reps: int, packed: bool = False) -> float:
     """Best ms of ``reps`` passes of F.linear over every weight at ``rows`` rows (after one warm-up pass);
-    ``packed``: the weights packed as the server holds bf16 ones (``lmwright.models.packed_linear``)."""
+    ``packed``: through the layers the server holds bf16 weights in (``lmwright.models.packed_linear``: oneDNN's
+    packed product, lmwright's kernel for few rows)."""
     import torch
     import torch.nn.functional as F
 
-    from lmwright.models.packed_linear import pack_weight, packed_linear
+    from lmwright.models.packed_linear import PackedLinear
 
     xs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype, device=w.device) for w in weights}
-    mats, fn = ([pack_weight(w) for w in weights], packed_linear) if packed else (weights, F.linear)
+    if packed:
+        mats, fn = [PackedLinear(w) for w in weights], (lambda x, layer: layer(x))
+    else:
+        mats, fn = weights, F.linear
     best = float("inf")
     for k in range(reps + 1):
         t0 = time.perf_counter()
