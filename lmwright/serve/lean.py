@@ -12,6 +12,10 @@ against its slot), so every prompt sees exactly what it would see alone.
 
 Used only for models whose attention is the stock SDPA Llama attention (``lean_supported``); every other
 model is served through ``model.forward`` with a ``DynamicCache``.
+
+Decode rows attend through lmwright's CPU kernel (``lmwright.models.cpu_kernels.decode_attention``: one call per
+layer instead of SDPA over a mask) where it runs: an fp32 cache on an AVX-512 CPU, and not under
+``torch.compile``, which cannot trace it.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from lmwright.models import cpu_kernels
 from lmwright.models.attention import FP32_NAME
 
 ATTENTION_CLASSES = ("LlamaAttention",)
@@ -150,6 +155,7 @@ class LeanLlama:
         self.v: list = []
         self._decode = self._decode_step
         self.grow(min(256, max_context))
+        self.attn_kernel = cpu_kernels.attention_usable(self.k[0], self.heads)  # grow() keeps the layout
 
     # ------------------------------------------------------------------ cache
     def grow(self, need: int) -> None:
@@ -214,6 +220,7 @@ class LeanLlama:
 
     def compile(self) -> None:
         """torch.compile the decode step (inductor); warm it up for batch 1 and batch >= 2 (dynamic)."""
+        self.attn_kernel = False  # dynamo cannot trace lmwright's kernel: SDPA, which inductor compiles
         self._decode = torch.compile(self._decode_step, dynamic=True)
         self.grow(64)
         for b in (1, 2)[:self.max_seqs]:  # the scratch writes land in columns no live row attends to
@@ -226,6 +233,8 @@ class LeanLlama:
 
     def _decode_attn(self, i: int, layer, q, k, v, rows, positions, ncols: int, mask, kc: list, vc: list):
         """Decode rows: write k, v (B, KV, 1, d) at each row's position; attend q (B, H, 1, d) to its columns."""
+        if self.attn_kernel:
+            return cpu_kernels.decode_attention(q, k, v, kc[i], vc[i], positions, layer.self_attn.scaling)
         b = q.shape[0]
         kc[i][rows, :, positions] = k[:, :, 0]
         vc[i][rows, :, positions] = v[:, :, 0]
@@ -233,6 +242,8 @@ class LeanLlama:
                                               scale=layer.self_attn.scaling, enable_gqa=self.gqa)
 
     def _decode_mask(self, positions, ncols: int):
+        if self.attn_kernel:  # the kernel attends to each row's columns <= position itself
+            return None
         return (torch.arange(ncols, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
 
     def _decode_step(self, tokens, positions, ncols: int, kc: list, vc: list):

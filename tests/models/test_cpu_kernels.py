@@ -145,3 +145,53 @@ def test_packed_linear_sends_few_rows_to_the_kernel(monkeypatch):
     assert calls == [1, FEW_ROWS]
     mod.unpack()  # torch.compile: plain layouts only
     assert mod._blocked is None and mod._packed is None
+
+
+needs_attention = pytest.mark.skipif(ck.attention_kernel() is None,
+                                     reason=f"lmwright's CPU kernel: {ck.attention_unavailable_reason()}")
+
+
+@needs_attention
+@pytest.mark.parametrize("heads,kv,d", [(4, 2, 16), (9, 3, 64), (8, 8, 128), (6, 1, 32)])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_decode_attention_matches_sdpa(heads, kv, d, rows):
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(heads * 100 + d + rows)
+    slots, cap = 6, 300
+    kc, vc = torch.randn(slots, kv, cap, d, generator=g), torch.randn(slots, kv, cap, d, generator=g)
+    q = torch.randn(rows, heads, 1, d, generator=g) * 3  # peaked softmax rows too
+    k, v = torch.randn(rows, kv, 1, d, generator=g), torch.randn(rows, kv, 1, d, generator=g)
+    positions = torch.randint(0, 290, (rows,), generator=g)
+    positions[0] = 0  # a row that sees only its own new column
+    ref_k, ref_v = kc.clone(), vc.clone()
+    ref_k[torch.arange(rows), :, positions] = k[:, :, 0]
+    ref_v[torch.arange(rows), :, positions] = v[:, :, 0]
+    ncols = int(positions.max()) + 1
+    mask = (torch.arange(ncols)[None, :] <= positions[:, None])[:, None, None, :]
+    ref = F.scaled_dot_product_attention(q, ref_k[:rows, :, :ncols], ref_v[:rows, :, :ncols], attn_mask=mask,
+                                         scale=d ** -0.5, enable_gqa=kv != heads)
+    assert ck.attention_usable(kc, heads)
+    out = ck.decode_attention(q, k, v, kc, vc, positions, d ** -0.5)
+    assert out.shape == (rows, heads, 1, d) and out.dtype == torch.float32
+    assert torch.equal(kc, ref_k) and torch.equal(vc, ref_v)  # the new keys and values, at each row's position
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    # threads split the (row, key/value head) pairs: same answer
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = ck.decode_attention(q, k, v, kc, vc, positions, d ** -0.5)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(two, out)
+
+
+def test_attention_usable_only_for_caches_it_takes():
+    if ck.attention_kernel() is None:
+        assert not ck.attention_usable(torch.zeros(2, 2, 8, 64), 4)
+        return
+    assert ck.attention_usable(torch.zeros(2, 2, 8, 64), 4)
+    assert not ck.attention_usable(torch.zeros(2, 2, 8, 64, dtype=torch.bfloat16), 4)  # bf16 cache: SDPA
+    assert not ck.attention_usable(torch.zeros(2, 2, 8, 40), 4)  # head size not a multiple of 16
+    assert not ck.attention_usable(torch.zeros(2, 3, 8, 64), 4)  # heads not a multiple of key/value heads
+    assert not ck.attention_usable(torch.zeros(2, 8, 2, 64).transpose(1, 2), 4)  # not contiguous
