@@ -29,9 +29,15 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, shift: bool 
 
     ``shift=True`` predicts token t+1 from position t (causal LMs). ``chunk_size`` > 0 computes the
     loss over row chunks so a float32 copy of the whole (B, T, V) logits never exists at once.
+
+    On CPUs with lmwright's kernel (``models.cpu_kernels.CrossEntropySum``: AVX-512) the loss and its gradient
+    are computed in one pass over the logits in their own dtype, without an fp32 copy or a saved log-softmax
+    (~6x faster than torch's path for SmolLM2's 49,152-word head); the same sum, to fp32 rounding.
     """
     import torch
     import torch.nn.functional as F
+
+    from lmwright.models import cpu_kernels
 
     if shift:
         logits = logits[:, :-1, :]
@@ -39,7 +45,11 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, shift: bool 
     V = logits.shape[-1]  # logits (B, T, V) with labels (B, T), or already flat: (N, V) with (N,)
     flat_logits = logits.reshape(-1, V)  # (B*T, V)
     flat_labels = labels.reshape(-1)  # (B*T,)
-    n = (flat_labels != IGNORE_INDEX).sum()
+    valid = flat_labels != IGNORE_INDEX
+    n = valid.sum()
+    if cpu_kernels.cross_entropy_usable(flat_logits) and bool(
+            ((flat_labels >= 0) & (flat_labels < V) | ~valid).all()):  # else F.cross_entropy names the bad label
+        return cpu_kernels.CrossEntropySum.apply(flat_logits, flat_labels), n
     if chunk_size and flat_logits.shape[0] > chunk_size:
         total = flat_logits.new_zeros((), dtype=torch.float32)
         for s in range(0, flat_logits.shape[0], chunk_size):

@@ -195,3 +195,65 @@ def test_attention_usable_only_for_caches_it_takes():
     assert not ck.attention_usable(torch.zeros(2, 2, 8, 40), 4)  # head size not a multiple of 16
     assert not ck.attention_usable(torch.zeros(2, 3, 8, 64), 4)  # heads not a multiple of key/value heads
     assert not ck.attention_usable(torch.zeros(2, 8, 2, 64).transpose(1, 2), 4)  # not contiguous
+
+
+needs_ce = pytest.mark.skipif(ck.cross_entropy_kernel() is None,
+                              reason=f"lmwright's CPU kernel: {ck.cross_entropy_unavailable_reason()}")
+
+
+@needs_ce
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,v", [(1, 16), (7, 100), (33, 4099)])
+def test_cross_entropy_matches_torch(dtype, n, v):
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(n + v)
+    x = (torch.randn(n, v, generator=g) * 5).to(dtype)
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[::3] = -100
+    a = x.clone().requires_grad_()
+    loss = ck.CrossEntropySum.apply(a, labels)
+    (loss * 0.7).backward()
+    b = x.clone().requires_grad_()
+    ref = F.cross_entropy(b.float(), labels, ignore_index=-100, reduction="sum")
+    (ref * 0.7).backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-4)
+    assert a.grad.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 2**-8
+    torch.testing.assert_close(a.grad.float(), b.grad.float(), rtol=tol, atol=tol)
+    assert (a.grad[::3] == 0).all()  # ignored rows get no gradient
+
+
+@needs_ce
+def test_cross_entropy_threads_and_extremes():
+    x = torch.tensor([[1000.0, -1000.0, 0.0, 3.0] * 8, [-50.0] * 32])  # a huge logit, a flat row
+    labels = torch.tensor([1, 5])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = ck.CrossEntropySum.apply(x, labels)
+    finally:
+        torch.set_num_threads(threads)
+    ref = torch.nn.functional.cross_entropy(x, labels, reduction="sum")
+    assert torch.isfinite(two) and torch.allclose(two, ref, rtol=1e-5)
+
+
+def test_token_cross_entropy_uses_the_kernel_and_keeps_torchs_errors(monkeypatch):
+    import torch.nn.functional as F
+
+    from lmwright.objectives.base import token_cross_entropy
+
+    logits = torch.randn(2, 6, 40).bfloat16()
+    labels = torch.randint(0, 40, (2, 6))
+    labels[0, :2] = -100
+    calls = []
+    real = ck.CrossEntropySum.apply
+    monkeypatch.setattr(ck.CrossEntropySum, "apply", lambda *a: calls.append(1) or real(*a))
+    loss, n = token_cross_entropy(logits, labels)
+    ref = F.cross_entropy(logits[:, :-1].float().reshape(-1, 40), labels[:, 1:].reshape(-1), reduction="sum")
+    assert int(n) == 9 and torch.allclose(loss, ref, rtol=1e-4)
+    assert calls == ([1] if ck.cross_entropy_kernel() is not None else [])
+    bad = labels.clone()
+    bad[1, 3] = 40  # out of the vocabulary: torch's error, not a silently ignored row
+    with pytest.raises((IndexError, RuntimeError)):
+        token_cross_entropy(logits, bad)

@@ -177,3 +177,33 @@ def test_bf16_packed_attention_runs_in_fp32_on_cpu():
                                                      is_causal=True, scale=0.5, enable_gqa=True) for s, e in segs[0]],
                      dim=2).transpose(1, 2).bfloat16()
     assert torch.equal(out, want)
+
+
+def test_packed_attention_backward_makes_no_whole_size_slice_gradients():
+    """Samples are split out of the row (one concatenation in backward), not sliced (a zero-filled tensor of the
+    whole row per sample and per q/k/v in backward); the gradients are those of per-sample SDPA."""
+    import torch.nn.functional as F
+
+    from lmwright.models.attention import packed_sdpa
+
+    class Attn(torch.nn.Module):
+        is_causal, num_key_value_groups = True, 2
+
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, 12, 8, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, 2, 12, 8, generator=g, requires_grad=True) for _ in range(2))
+    segs = [[(0, 5), (5, 9), (9, 12)], [(0, 12)]]
+    with torch.profiler.profile() as prof:
+        out, _ = packed_sdpa(Attn(), q, k, v, None, scaling=0.3, lmwright_segments=segs)
+        out.sum().backward()
+    names = {e.key for e in prof.key_averages()}
+    assert "aten::slice_backward" not in names
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    ref = torch.cat([torch.cat([F.scaled_dot_product_attention(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e],
+                                                                is_causal=True, scale=0.3, enable_gqa=True)
+                                for s, e in segs[b]], dim=2) for b in range(2)])
+    ref.transpose(1, 2).sum().backward()
+    for a, t in zip(grads, (q, k, v)):
+        torch.testing.assert_close(a, t.grad)
