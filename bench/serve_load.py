@@ -351,7 +351,7 @@ def op_profile(engine, batch: int, steps: int, threads: int) -> dict:
             if e.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int8pack_mm", "mkldnn::_linear_pointwise",
                          "lmwright::cpu_kernels.matmul"):
                 kinds["linear"] += us
-            elif "scaled_dot_product" in e.key or "flash_attention" in e.key:
+            elif "scaled_dot_product" in e.key or "flash_attention" in e.key or e.key == "lmwright::cpu_kernels.decode_attention":
                 kinds["attention"] += us
         return {"batch": batch, "profiled_ms_per_step": wall, "linear_ms": kinds["linear"],
                 "attention_ms": kinds["attention"], "other_ops_ms": total - sum(kinds.values()),

@@ -221,7 +221,11 @@ def prepare_weights(model, weights: str | None, max_seqs: int = 8) -> str:
         note = f"weights: {weights} (as requested" + ("" if weights == "float32" else f"; {_KEEP}") + ")"
     packed = _pack_bf16(model)
     if packed:
-        note = note[:-1] + f"; {packed} linear layers packed for oneDNN)"
+        from lmwright.models.packed_linear import FEW_ROWS, PackedLinear
+
+        few = any(getattr(m, "_blocked", None) is not None for m in model.modules() if isinstance(m, PackedLinear))
+        kernel = f", calls of up to {FEW_ROWS} rows through lmwright's bf16 kernel (weights held twice)" if few else ""
+        note = note[:-1] + f"; {packed} linear layers packed for oneDNN{kernel})"
     from lmwright.models.attention import use_fp32_attention
 
     if use_fp32_attention(model):

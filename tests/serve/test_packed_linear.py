@@ -78,9 +78,15 @@ def test_fp32_models_and_peft_layers_are_not_packed(tokenizer):
 def test_bf16_serving_packs_and_says_so(lm_dir):
     from lmwright.serve.api import load
 
+    from lmwright.models import cpu_kernels
+
     m = load(lm_dir, name="tiny", weights="bfloat16")
     assert "linear layers packed for oneDNN" in m.weights_note
     assert isinstance(m.model.model.layers[0].mlp.down_proj, PackedLinear)
+    kernel = cpu_kernels.kernels() is not None  # AVX-512 CPUs: few rows through lmwright's bf16 kernel, said so
+    assert ("lmwright's bf16 kernel" in m.weights_note) == kernel
+    assert (m.model.model.layers[0].mlp.gate_proj._blocked is not None) == kernel  # in 64: a multiple of 32
+    assert m.model.model.layers[0].mlp.down_proj._blocked is None  # in 176: not, packed product only
 
 
 def test_unpack_keeps_products_and_int8_row_limit(tokenizer):
