@@ -1,4 +1,8 @@
-"""Hand-written CPU kernels for the products of decoding: few activation rows times a large int8 or bf16 weight.
+"""lmwright's own CPU kernels (AVX-512), where torch's leave much of the machine unused:
+
+- :func:`matmul`: the products of decoding, few activation rows times a large int8 or bf16 weight (below);
+- :func:`decode_attention`: one decode step's attention on the serving engine's slot cache;
+- :class:`CrossEntropySum`: the training loss over the output head's logits, forward and backward.
 
 A decode step multiplies one row (one token) per stream by every weight of the model, so it is bound by how fast
 the weights stream from memory. torch's kernels for these shapes leave most of that bandwidth unused (measured on
@@ -18,7 +22,7 @@ bytes runs at ~26 GB/s). The kernels here read each weight once, in the order it
 - every call handles any number of rows, four at a time per weight block while the block is in L1, so a
   batch of decode rows reads the weights from memory once.
 
-The source is compiled once per machine by torch's own inductor C++ toolchain (the compiler ``torch.compile``
+Each source is compiled once per machine by torch's own inductor C++ toolchain (the compiler ``torch.compile``
 uses on CPUs; cached on disk) and called through a thin Python binding: no build step, no new dependency. It is
 built only for CPUs with AVX-512 (F + BW); elsewhere, or where compiling fails, :func:`kernels` returns None (with
 the reason in :func:`unavailable_reason`) and callers keep torch's kernels. ``LMWRIGHT_CPU_KERNELS=0`` turns it
@@ -177,11 +181,12 @@ static void gemm(const X* x, uint16_t* y, int64_t M, int64_t N, int64_t K, int64
 #endif
 
 // wkind 0: int8 w with bf16 scale (N,); wkind 1: bf16 w (scale unused). x (M, K) bf16, y (M, N) bf16.
-// M == 0: a capability probe, y[0] = 1 where the kernel is built (AVX-512 F + BW), else 0.
+// M < 0: a capability probe, y[0] = 1 where the kernel is built (AVX-512 F + BW), else 0. M == 0: nothing to do.
 extern "C" void kernel(const void* w, const uint16_t* x, const uint16_t* scale, uint16_t* y,
                        int64_t M, int64_t N, int64_t K, int64_t wkind, int64_t nt) {
 #ifdef HAVE_KERNEL
-    if (M == 0) { y[0] = 1; return; }
+    if (M < 0) { y[0] = 1; return; }
+    if (M == 0 || N == 0) return;
     if (wkind == 0) {
         const int8_t* q = (const int8_t*)w;
         std::vector<int16_t> xq(M * K);
@@ -212,7 +217,7 @@ extern "C" void kernel(const void* w, const uint16_t* x, const uint16_t* scale, 
         gemm(x, y, M, N, K, nt, rows, post);
     }
 #else
-    if (M == 0) { y[0] = 0; return; }
+    if (M < 0) { y[0] = 0; return; }
 #endif
 }
 """
@@ -238,7 +243,7 @@ def _build(source: str, argtypes: list[str], probe_args) -> tuple[object | None,
     except Exception as e:  # noqa: BLE001 - no compiler, an older torch, ...: torch's kernels are used instead
         return None, f"could not be compiled ({type(e).__name__}: {str(e).strip().splitlines()[-1][:200]})"
     probe = torch.zeros(1, dtype=torch.bfloat16)
-    fn(*probe_args(probe))  # a capability probe: writes the raw 16-bit value 1 where the kernel is built
+    fn(*probe_args(probe))  # a capability probe (a negative size): writes the raw 16-bit value 1 where it is built
     if int(probe.view(torch.int16)[0]) != 1:
         return None, "this CPU (or compiler) has no AVX-512 F/BW"
     return fn, None
@@ -248,7 +253,7 @@ def _build(source: str, argtypes: list[str], probe_args) -> tuple[object | None,
 def kernels():
     """The compiled kernel entry (``kernel(w, x, scale, y, M, N, K, wkind, threads)``), or None where it cannot
     be used here (see the module docstring); compiled and self-tested once per process."""
-    fn, why = _build(SOURCE, _ARGTYPES, lambda p: (p, p, p, p, 0, 0, 0, 0, 1))
+    fn, why = _build(SOURCE, _ARGTYPES, lambda p: (p, p, p, p, -1, 0, 0, 0, 1))
     if fn is not None and (err := _self_test(fn)) is not None:
         fn, why = None, f"failed its self-test ({err})"
     if why:
@@ -345,11 +350,17 @@ ATTENTION_SOURCE = _CPP_COMMON + r"""
 extern "C" void kernel(const float* q, const float* k, const float* v, float* kc, float* vc, const int64_t* pos,
                        float* out, int64_t B, int64_t H, int64_t KV, int64_t D, int64_t cap, float scale, int64_t nt) {
 #ifdef HAVE_KERNEL
-    if (B == 0) { ((uint16_t*)out)[0] = 1; return; }
+    if (B < 0) { ((uint16_t*)out)[0] = 1; return; }  // a capability probe
+    if (B == 0) return;
     const int64_t G = H / KV;  // query heads per key/value head
     #pragma omp parallel for num_threads(nt) schedule(static) if(nt > 1)
     for (int64_t bg = 0; bg < B * KV; ++bg) {
         const int64_t b = bg / KV, g = bg % KV, n = pos[b] + 1;
+        if (pos[b] < 0 || pos[b] >= cap) {  // outside the cache: no write; nan outputs, which sampling refuses
+            for (int64_t hh = 0; hh < G; ++hh)
+                for (int64_t d = 0; d < D; ++d) out[(b * H + g * G + hh) * D + d] = NAN;
+            continue;
+        }
         float* K = kc + (b * KV + g) * cap * D;
         float* V = vc + (b * KV + g) * cap * D;
         for (int64_t d = 0; d < D; ++d) {
@@ -388,7 +399,7 @@ extern "C" void kernel(const float* q, const float* k, const float* v, float* kc
         }
     }
 #else
-    if (B == 0) { ((uint16_t*)out)[0] = 0; return; }
+    if (B < 0) { ((uint16_t*)out)[0] = 0; return; }
 #endif
 }
 """
@@ -401,7 +412,7 @@ def attention_kernel():
     """The compiled decode-attention entry, or None where it cannot be used here (the reason in
     :func:`attention_unavailable_reason`); compiled and self-tested once per process."""
     fn, why = _build(ATTENTION_SOURCE, _ATTENTION_ARGTYPES,
-                     lambda p: (p, p, p, p, p, torch.zeros(1, dtype=torch.long), p, 0, 0, 0, 0, 0, 1.0, 1))
+                     lambda p: (p, p, p, p, p, torch.zeros(1, dtype=torch.long), p, -1, 0, 0, 0, 0, 1.0, 1))
     if fn is not None and (err := _attention_self_test(fn)) is not None:
         fn, why = None, f"failed its self-test ({err})"
     _attention_reason[:] = [why] if why else []
@@ -545,15 +556,16 @@ static void backward(const void* x, const int64_t* labels, const float* lse, con
 #endif
 
 // mode 0: forward (lse, nll); mode 1: backward (grad from lse and g, one float: the loss sum's gradient).
-// x (N, V) bf16 (kind 0) or fp32 (kind 1); labels (N,), negative = ignored. N == 0: a capability probe.
+// x (N, V) bf16 (kind 0) or fp32 (kind 1); labels (N,), negative = ignored. N < 0: a capability probe.
 extern "C" void kernel(const void* x, const int64_t* labels, float* lse, float* nll, const float* g, void* grad,
                        int64_t N, int64_t V, int64_t kind, int64_t mode, int64_t nt) {
 #ifdef HAVE_KERNEL
-    if (N == 0) { ((uint16_t*)nll)[0] = 1; return; }
+    if (N < 0) { ((uint16_t*)nll)[0] = 1; return; }
+    if (N == 0) return;
     if (mode == 0) { if (kind == 0) forward<true>(x, labels, lse, nll, N, V, nt); else forward<false>(x, labels, lse, nll, N, V, nt); }
     else { if (kind == 0) backward<true>(x, labels, lse, g, grad, N, V, nt); else backward<false>(x, labels, lse, g, grad, N, V, nt); }
 #else
-    if (N == 0) { ((uint16_t*)nll)[0] = 0; return; }
+    if (N < 0) { ((uint16_t*)nll)[0] = 0; return; }
 #endif
 }
 """
@@ -568,7 +580,7 @@ def cross_entropy_kernel():
     :func:`cross_entropy_unavailable_reason`); compiled and self-tested once per process."""
     def probe(p):
         z = torch.zeros(1, dtype=torch.long)
-        return p, z, p, p, p, p, 0, 0, 0, 0, 1
+        return p, z, p, p, p, p, -1, 0, 0, 0, 1
 
     fn, why = _build(CROSS_ENTROPY_SOURCE, _CROSS_ENTROPY_ARGTYPES, probe)
     if fn is not None and (err := _cross_entropy_self_test(fn)) is not None:

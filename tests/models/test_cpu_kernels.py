@@ -257,3 +257,32 @@ def test_token_cross_entropy_uses_the_kernel_and_keeps_torchs_errors(monkeypatch
     bad[1, 3] = 40  # out of the vocabulary: torch's error, not a silently ignored row
     with pytest.raises((IndexError, RuntimeError)):
         token_cross_entropy(logits, bad)
+
+
+@needs_kernel
+def test_empty_inputs_are_no_work():
+    """Zero rows (a batch with no decode rows, a validation batch without targets) return empty or zero results;
+    zero sizes were once the kernels' capability probe, which wrote into the empty output (a segfault)."""
+    q = ck.block_rows(torch.randint(-127, 128, (8, 64), dtype=torch.int8))
+    y = ck.matmul(torch.zeros(0, 64).bfloat16(), q, torch.ones(8, dtype=torch.bfloat16))
+    assert y.shape == (0, 8)
+    assert ck.matmul(torch.zeros(2, 0, 64).bfloat16(), q, torch.ones(8, dtype=torch.bfloat16)).shape == (2, 0, 8)
+    if ck.cross_entropy_kernel() is not None:
+        logits = torch.zeros(0, 50, requires_grad=True)
+        loss = ck.CrossEntropySum.apply(logits, torch.zeros(0, dtype=torch.long))
+        loss.backward()
+        assert float(loss) == 0.0 and logits.grad.shape == (0, 50)
+    if ck.attention_kernel() is not None:
+        kc = torch.zeros(2, 1, 8, 16)
+        out = ck.decode_attention(torch.zeros(0, 2, 1, 16), torch.zeros(0, 1, 1, 16), torch.zeros(0, 1, 1, 16), kc,
+                                  kc.clone(), torch.zeros(0, dtype=torch.long), 0.25)
+        assert out.shape == (0, 2, 1, 16)
+
+
+@needs_attention
+def test_decode_attention_positions_outside_the_cache_give_nan_not_a_write():
+    kc, vc = torch.zeros(2, 1, 8, 16), torch.zeros(2, 1, 8, 16)
+    q, k, v = torch.ones(2, 2, 1, 16), torch.ones(2, 1, 1, 16), torch.ones(2, 1, 1, 16)
+    out = ck.decode_attention(q, k, v, kc, vc, torch.tensor([3, 8]), 0.25)  # row 1 at column 8 of 8
+    assert torch.isfinite(out[0]).all() and torch.isnan(out[1]).all()
+    assert kc[1].abs().sum() == 0 and kc[0, :, 3].abs().sum() == 16  # row 0 wrote its column, row 1 nothing
