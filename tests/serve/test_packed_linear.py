@@ -76,9 +76,8 @@ def test_fp32_models_and_peft_layers_are_not_packed(tokenizer):
 
 
 def test_bf16_serving_packs_and_says_so(lm_dir):
-    from lmwright.serve.api import load
-
     from lmwright.models import cpu_kernels
+    from lmwright.serve.api import load
 
     m = load(lm_dir, name="tiny", weights="bfloat16")
     assert "linear layers packed for oneDNN" in m.weights_note
