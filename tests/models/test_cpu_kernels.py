@@ -286,3 +286,17 @@ def test_decode_attention_positions_outside_the_cache_give_nan_not_a_write():
     out = ck.decode_attention(q, k, v, kc, vc, torch.tensor([3, 8]), 0.25)  # row 1 at column 8 of 8
     assert torch.isfinite(out[0]).all() and torch.isnan(out[1]).all()
     assert kc[1].abs().sum() == 0 and kc[0, :, 3].abs().sum() == 16  # row 0 wrote its column, row 1 nothing
+
+
+@needs_ce
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
+def test_cross_entropy_self_test_passes_without_autograd(context):
+    """The kernel is built and self-tested at its first use, which may be a validation pass under no_grad (the
+    self-test's torch reference then failed: 'does not require grad', found by the CI run)."""
+    ctx = torch.no_grad() if context == "no_grad" else torch.inference_mode()
+    with ctx:
+        assert ck._cross_entropy_self_test(ck.cross_entropy_kernel()) is None
+        logits = torch.randn(3, 40)
+        loss = ck.CrossEntropySum.apply(logits, torch.tensor([1, -100, 39]))
+    assert torch.allclose(loss, torch.nn.functional.cross_entropy(logits, torch.tensor([1, -100, 39]),
+                                                                  reduction="sum"))
