@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from lmwright.config import ConfigError, opt
+from lmwright.models.attention import saved_name
 from lmwright.models.introspect import (
     FAMILIES,
     TASK_CLASSES,
@@ -249,7 +250,7 @@ def save_trained(model: Any, cfg: Any, out_dir: str | Path, tokenizer: Any = Non
             "num_labels": getattr(config, "num_labels", None),
             "quantize": _quantize_of(model), "quantize_embeddings": _embeddings_quantized(model),
             # the attention kernel it trained with: the base reloads with it (Gemma-2 has no SDPA)
-            "attn_implementation": getattr(config, "_attn_implementation", None)}
+            "attn_implementation": saved_name(getattr(config, "_attn_implementation", None))}
     write_meta(out, meta, config=config)  # + id2label of a classification/reward head
     return out
 
@@ -545,8 +546,8 @@ def load_trained(path: str | Path, task: str | None = None, **kwargs: Any) -> tu
         if meta.get("id2label"):
             kwargs["id2label"] = {int(k): v for k, v in meta["id2label"].items()}
             kwargs["label2id"] = {v: int(k) for k, v in meta["id2label"].items()}
-    if meta.get("attn_implementation") and "attn_implementation" not in kwargs:
-        kwargs["attn_implementation"] = meta["attn_implementation"]
+    if meta.get("attn_implementation") and "attn_implementation" not in kwargs:  # (folders saved before saved_name)
+        kwargs["attn_implementation"] = saved_name(meta["attn_implementation"])
     m = folder_method(p)
     if m is not None:
         base = base or m.base_of(p)

@@ -102,6 +102,13 @@ def register(name: str = NAME) -> None:
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
+def saved_name(name: str | None) -> str | None:
+    """The attention implementation to write into a saved model's metadata (and to reload with): ``sdpa`` for
+    lmwright's own names, which switch a model on ``sdpa`` for training or serving and are registered only in the
+    process that switched it (an adapter saved with ``lmwright_packed`` failed to reload in a fresh process)."""
+    return "sdpa" if name in (NAME, FP32_NAME) else name
+
+
 def _switch(model, name: str) -> bool:
     """Switch a model that uses ``sdpa`` to the attention implementation ``name``; False (left alone) for a model
     on eager, flash or flex attention, or an encoder-decoder."""

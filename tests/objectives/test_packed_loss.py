@@ -207,3 +207,30 @@ def test_packed_attention_backward_makes_no_whole_size_slice_gradients():
     ref.transpose(1, 2).sum().backward()
     for a, t in zip(grads, (q, k, v)):
         torch.testing.assert_close(a, t.grad)
+
+
+def test_adapter_saved_while_packed_reloads_with_sdpa(tokenizer, tmp_path):
+    """An adapter saved from a model switched to lmwright's packed attention records ``sdpa`` in lmwright.json:
+    ``lmwright_packed`` is registered only in the training process, so `lmwright eval --model <run>` in a fresh
+    process could not reload the demo's LoRA run (found by running the demo's printed next commands)."""
+    import json
+
+    from lmwright.methods import MethodConfig, apply_method
+    from lmwright.methods.base import load_trained, save_trained
+    from lmwright.models import ModelConfig, build_model
+    from lmwright.models.attention import FP32_NAME, saved_name
+
+    base = build_model(ModelConfig(name="llama-tiny"), task="causal-lm", tokenizer=tokenizer, seed=0)
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    model = apply_method(base, MethodConfig(name="lora", r=4, alpha=8.0), "causal-lm")
+    assert use_packed_attention(model)
+    save_trained(model, MethodConfig(name="lora", r=4, alpha=8.0), tmp_path / "adapter", tokenizer,
+                 base_path=tmp_path / "base")
+    meta = json.loads((tmp_path / "adapter" / "lmwright.json").read_text())
+    assert meta["attn_implementation"] == "sdpa"
+    meta["attn_implementation"] = NAME  # a folder saved before the fix still loads
+    (tmp_path / "adapter" / "lmwright.json").write_text(json.dumps(meta))
+    loaded, _ = load_trained(tmp_path / "adapter")
+    assert loaded.config._attn_implementation == "sdpa"
+    assert saved_name(NAME) == saved_name(FP32_NAME) == "sdpa" and saved_name("eager") == "eager"
