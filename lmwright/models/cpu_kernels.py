@@ -256,8 +256,7 @@ def kernels():
     fn, why = _build(SOURCE, _ARGTYPES, lambda p: (p, p, p, p, -1, 0, 0, 0, 1))
     if fn is not None and (err := _self_test(fn)) is not None:
         fn, why = None, f"failed its self-test ({err})"
-    if why:
-        _reason.append(why)
+    _reason[:] = [why] if why else []
     return fn
 
 
@@ -322,13 +321,18 @@ def matmul(x: torch.Tensor, blocked: torch.Tensor, scale: torch.Tensor | None = 
         x2 = x2.contiguous()
     y = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)
     int8 = blocked.dtype == torch.int8
-    args = (blocked, x2, scale if int8 else x2, y, rows, n, k, 0 if int8 else 1, torch.get_num_threads())
-    if torch.autograd.profiler._is_profiler_enabled:  # a named span in profiles (not an aten op otherwise)
-        with torch.profiler.record_function(PROFILE_NAME):
-            kernels()(*args)
-    else:
-        kernels()(*args)
+    _call(kernels(), PROFILE_NAME,
+          (blocked, x2, scale if int8 else x2, y, rows, n, k, 0 if int8 else 1, torch.get_num_threads()))
     return y
+
+
+def _call(fn, name: str, args: tuple) -> None:
+    """Run a kernel entry; under a torch profiler as a span named ``name`` (it is not an aten op otherwise)."""
+    if torch.autograd.profiler._is_profiler_enabled:
+        with torch.profiler.record_function(name):
+            fn(*args)
+    else:
+        fn(*args)
 
 
 # ------------------------------------------------------------------------------------------ decode attention
@@ -445,12 +449,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torc
     positions = positions.contiguous()
     out = torch.empty(b, 1, h, d)  # (B, 1, H, D) memory: the engine's next reshape to (B, 1, H * D) is free
     o = out.transpose(1, 2)
-    args = (q, k, v, kc, vc, positions, out, b, h, kv, d, cap, float(scale), torch.get_num_threads())
-    if torch.autograd.profiler._is_profiler_enabled:
-        with torch.profiler.record_function(ATTENTION_PROFILE_NAME):
-            attention_kernel()(*args)
-    else:
-        attention_kernel()(*args)
+    _call(attention_kernel(), ATTENTION_PROFILE_NAME,
+          (q, k, v, kc, vc, positions, out, b, h, kv, d, cap, float(scale), torch.get_num_threads()))
     return o
 
 
