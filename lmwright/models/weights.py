@@ -205,16 +205,18 @@ def prepare_weights(model, weights: str | None, max_seqs: int = 8) -> str:
 
         quantize_int8(model)
         first = next(m for m in model.modules() if isinstance(m, Int8Linear))
-        packed = " (packed for oneDNN)" if first._packed is not None else ""
-        if first.int8_layout == "blocked":
-            kernel = "lmwright's int8 kernel (int16-quantized activation rows, exact int32 sums)"
+        if first.int8_layout == "tiles":
+            paths = ("lmwright's int8 kernel for every call (activations quantized to int8 per block of 32 inputs, "
+                     "exact int32 sums; no bf16 copy)")
         else:
             from lmwright.models import cpu_kernels
 
-            why = cpu_kernels.unavailable_reason()
-            kernel = "torch's int8 kernel" + (f" (lmwright's kernel {why})" if why else "")
-        note = (f"weights: int8 (weight-only, per-output-channel scales, bf16 activations; {kernel} for "
-                f"calls of up to {first.max_int8_rows} rows, bf16{packed} over the dequantized weights beyond; "
+            why = cpu_kernels.q8_unavailable_reason()
+            packed = " (packed for oneDNN)" if first._packed is not None else ""
+            paths = ("torch's int8 kernel" + (f" (lmwright's kernel {why})" if why else "") + f" for calls of up to "
+                     f"{first.max_int8_rows} rows with bf16 activations, bf16{packed} over the dequantized weights "
+                     f"beyond")
+        note = (f"weights: int8 (weight-only, per-output-channel scales; {paths}; "
                 f"answers change slightly against the full-precision model; {_KEEP})")
     else:
         model.to(resolve_dtype(weights))

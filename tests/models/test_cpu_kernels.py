@@ -10,8 +10,12 @@ from lmwright.models import cpu_kernels as ck
 needs_kernel = pytest.mark.skipif(ck.kernels() is None, reason=f"lmwright's CPU kernel: {ck.unavailable_reason()}")
 
 
-def _int8_ref(x, q, scale):
-    return (x.double() @ q.double().T) * scale.double()
+needs_q8 = pytest.mark.skipif(ck.q8_kernel() is None, reason=f"lmwright's int8 kernel: {ck.q8_unavailable_reason()}")
+
+
+def _wide_range_rows(rows, k, g):
+    """Activation rows whose entries span four orders of magnitude (as a model's do)."""
+    return (torch.randn(rows, k, generator=g) * torch.logspace(-3, 1, k)[torch.randperm(k, generator=g)]).bfloat16()
 
 
 @pytest.mark.parametrize("n", [4, 37, 128])
@@ -27,34 +31,88 @@ def test_block_rows_round_trip(n, k):
         ck.block_rows(torch.zeros(4, 40, dtype=torch.int8))
 
 
-@needs_kernel
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 16])
-@pytest.mark.parametrize("n,k", [(4, 32), (23, 64), (131, 576), (40, 2080)])  # 2080: int32 sums in 1024-chunks
-def test_int8_matches_float64(rows, n, k):
+@pytest.mark.parametrize("n,k", [(16, 32), (48, 96), (160, 576), (32, 1536), (20, 176), (3, 7)])
+def test_q8_tiles_round_trip(n, k):
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    t = ck.q8_tiles(q)
+    assert t.dtype == torch.int8 and t.shape == (-(-n // 16) * 16, -(-k // 32) * 32)  # padded to whole tiles
+    assert torch.equal(ck.q8_untile(t, n, k), q)
+    # tile 0, inputs 0..3 of outputs 0..15: the first 64 bytes, as q + 128 (unsigned); padding is q = 0
+    first = t.view(torch.uint8).reshape(-1)[:64].reshape(16, 4).int()
+    assert torch.equal(first[:min(n, 16), :min(k, 4)], q[:16, :4].int() + 128)
+    assert (first[min(n, 16):] == 128).all() and (first[:, min(k, 4):] == 128).all()
+
+
+@needs_q8
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 9, 16, 33])
+@pytest.mark.parametrize("n,k", [(16, 32), (48, 96), (160, 576), (32, 1536), (40, 176), (5, 7)])
+def test_q8_matches_its_definition_and_float64(rows, n, k):
     g = torch.Generator().manual_seed(rows * 1000 + n + k)
     q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
     scale = (torch.rand(n, generator=g) / 40 + 1e-3).to(torch.bfloat16)
-    x = (torch.randn(rows, k, generator=g) * torch.logspace(-3, 1, k)[torch.randperm(k, generator=g)]).bfloat16()
-    y = ck.matmul(x, ck.block_rows(q), scale)
-    ref = _int8_ref(x, q, scale)
+    x = _wide_range_rows(rows, k, g)
+    y = ck.q8_matmul(x, ck.q8_tiles(q), scale)
     assert y.shape == (rows, n) and y.dtype == torch.bfloat16
-    # within bf16 output rounding (2^-8 relative) plus the int16 activation rounding: at most amax / 65534 per
-    # entry, so sum_k |q[n, k]| * scale[n] * amax / 65534 per output
-    act_step = x.double().abs().amax(1, keepdim=True) / 65534  # (rows, 1)
-    tol = ref.abs() * 2**-8 + act_step * (q.double().abs().sum(1) * scale.double())[None, :] + 1e-9
-    assert ((y.double() - ref).abs() <= tol).all()
-    # torch's own int8 kernel gives the same answers to within one bf16 step
-    torch_y = torch._weight_int8pack_mm(x, q, scale).double()
-    assert ((y.double() - torch_y).abs() <= ref.abs() * 2**-7 + tol).all()
+    # the defined arithmetic (int8 activation blocks, exact int32 block sums, fp32 scaling): within bf16 rounding
+    ref = ck.q8_reference(x, q, scale)
+    assert ((y.double() - ref).abs() <= ref.abs() * 2**-8 + 1e-6 * float(ref.abs().max())).all()
+    # against the unquantized product: each activation is off by at most half its block's step (amax / 254)
+    exact = (x.double() @ q.double().T) * scale.double()
+    kp = -(-k // 32) * 32  # the last block partial where k is not a multiple of 32
+    blocks = torch.nn.functional.pad(x.double(), (0, kp - k)).reshape(rows, kp // 32, 32)
+    step = blocks.abs().amax(-1) / 254  # (rows, blocks)
+    qsum = torch.nn.functional.pad(q.double().abs(), (0, kp - k)).reshape(n, kp // 32, 32).sum(-1)
+    bound = torch.einsum("rb,nb->rn", step, qsum) * scale.double()
+    assert ((y.double() - exact).abs() <= exact.abs() * 2**-8 + bound * 1.001 + 1e-9).all()
 
 
-@needs_kernel
-def test_int8_worst_case_sums_do_not_overflow():
+@needs_q8
+def test_q8_sums_are_exact_at_the_extremes():
+    """Every weight at -127 or 127 and every activation at its block's max: the unsigned offset (q + 128) and its
+    correction must cancel exactly, the int32 block sums must not overflow."""
     k = 4096
-    q = torch.full((8, k), 127, dtype=torch.int8)
-    x = torch.full((2, k), 3.0).bfloat16()  # every activation at its row's max: int16 value 32767
-    y = ck.matmul(x, ck.block_rows(q), torch.ones(8, dtype=torch.bfloat16))
-    assert torch.allclose(y.double(), torch.full((2, 8), 127.0 * 3 * k, dtype=torch.float64), rtol=2**-8)
+    q = torch.full((32, k), 127, dtype=torch.int8)
+    q[16:] = -127
+    x = torch.full((3, k), 3.0).bfloat16()
+    x[1] = -3.0
+    y = ck.q8_matmul(x, ck.q8_tiles(q), torch.ones(32, dtype=torch.bfloat16))
+    sign = torch.tensor([1.0, -1.0, 1.0])[:, None] * torch.cat([torch.ones(16), -torch.ones(16)])[None, :]
+    assert torch.equal(y.float(), (sign * 127 * 3 * k).bfloat16().float())
+
+
+@needs_q8
+def test_q8_non_finite_rows_give_nan_and_zero_rows_give_zero():
+    q = torch.randint(-127, 128, (16, 64), dtype=torch.int8)
+    scale = torch.full((16,), 0.01, dtype=torch.bfloat16)
+    x = torch.randn(4, 64).bfloat16()
+    x[1, 5] = float("inf")
+    x[2] = 0
+    y = ck.q8_matmul(x, ck.q8_tiles(q), scale)
+    assert torch.isnan(y[1]).all() and (y[2] == 0).all()
+    assert torch.isfinite(y[[0, 3]]).all()
+    ref = ck.q8_reference(x[[0, 3]], q, scale)
+    assert torch.allclose(y[[0, 3]].double(), ref, rtol=2**-7, atol=1e-3)
+
+
+@needs_q8
+def test_q8_rows_do_not_depend_on_the_batch_or_threads():
+    """A row's result is the same bits alone, in any batch and with any thread count: a served stream's answer does
+    not depend on the other streams decoded with it."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randint(-127, 128, (272, 320), generator=g, dtype=torch.int8)
+    scale = torch.rand(272, generator=g).bfloat16()
+    t = ck.q8_tiles(q)
+    x = _wide_range_rows(19, 320, g)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = torch.cat([ck.q8_matmul(x[i:i + 1], t, scale) for i in range(19)])
+        batch = ck.q8_matmul(x, t, scale)
+        torch.set_num_threads(2)
+        two = ck.q8_matmul(x, t, scale)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(alone, batch) and torch.equal(batch, two)
 
 
 @needs_kernel
@@ -69,28 +127,15 @@ def test_bf16_matches_f_linear(rows):
 
 
 @needs_kernel
-def test_non_finite_rows_give_nan_and_leave_other_rows_alone():
-    q = torch.randint(-127, 128, (12, 64), dtype=torch.int8)
-    scale = torch.full((12,), 0.01, dtype=torch.bfloat16)
-    x = torch.randn(3, 64).bfloat16()
-    x[1, 5] = float("inf")
-    y = ck.matmul(x, ck.block_rows(q), scale)
-    assert torch.isnan(y[1]).all()
-    assert torch.isfinite(y[[0, 2]]).all()
-    assert torch.allclose(y[[0, 2]].double(), _int8_ref(x[[0, 2]], q, scale), rtol=2**-7, atol=1e-3)
-
-
-@needs_kernel
 def test_threads_give_the_same_answer():
-    q = torch.randint(-127, 128, (259, 320), dtype=torch.int8)
-    scale = torch.rand(259).bfloat16()
+    w = torch.randn(259, 320).bfloat16()
     x = torch.randn(3, 320).bfloat16()
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = ck.matmul(x, ck.block_rows(q), scale)
+        one = ck.matmul(x, ck.block_rows(w))
         torch.set_num_threads(2)
-        two = ck.matmul(x, ck.block_rows(q), scale)
+        two = ck.matmul(x, ck.block_rows(w))
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)  # rows are split between threads, each output summed by one of them
@@ -99,32 +144,47 @@ def test_threads_give_the_same_answer():
 def test_turned_off_by_environment(monkeypatch):
     monkeypatch.setenv("LMWRIGHT_CPU_KERNELS", "0")
     ck.kernels.cache_clear()
-    ck._reason.clear()
+    ck.q8_kernel.cache_clear()
     try:
         assert ck.kernels() is None and "LMWRIGHT_CPU_KERNELS" in ck.unavailable_reason()
-        assert not ck.usable(torch.zeros(8, 64, dtype=torch.int8))
+        assert ck.q8_kernel() is None and "LMWRIGHT_CPU_KERNELS" in ck.q8_unavailable_reason()
+        assert not ck.usable(torch.zeros(8, 64, dtype=torch.bfloat16))
+        assert not ck.q8_usable(torch.zeros(16, 64, dtype=torch.int8))
     finally:
         ck.kernels.cache_clear()
-        ck._reason.clear()
+        ck.q8_kernel.cache_clear()
         monkeypatch.delenv("LMWRIGHT_CPU_KERNELS")
         ck.kernels()
+        ck.q8_kernel()
 
 
 def test_usable_only_for_shapes_it_takes():
     if ck.kernels() is None:
-        assert not ck.usable(torch.zeros(8, 64, dtype=torch.int8))
-        return
-    assert ck.usable(torch.zeros(8, 64, dtype=torch.int8)) and ck.usable(torch.zeros(3, 32, dtype=torch.bfloat16))
-    assert not ck.usable(torch.zeros(8, 40, dtype=torch.int8))  # inner size not a multiple of 32
-    assert not ck.usable(torch.zeros(8, 64))  # fp32 weights: torch's kernels
+        assert not ck.usable(torch.zeros(8, 64, dtype=torch.bfloat16))
+    else:
+        assert ck.usable(torch.zeros(3, 32, dtype=torch.bfloat16))
+        assert not ck.usable(torch.zeros(8, 40, dtype=torch.bfloat16))  # inner size not a multiple of 32
+        assert not ck.usable(torch.zeros(8, 64))  # fp32 weights: torch's kernels
+        assert not ck.usable(torch.zeros(8, 64, dtype=torch.int8))  # int8: q8_matmul
+    if ck.q8_kernel() is None:
+        assert not ck.q8_usable(torch.zeros(16, 64, dtype=torch.int8))
+    else:
+        assert ck.q8_usable(torch.zeros(16, 64, dtype=torch.int8)) and ck.q8_usable(torch.zeros(20, 48, dtype=torch.int8))
+        assert not ck.q8_usable(torch.zeros(16, 64, dtype=torch.bfloat16))
+        assert not ck.q8_usable(torch.zeros(0, 64, dtype=torch.int8))
 
 
 @needs_kernel
 def test_calls_show_in_profiles():
-    q = torch.randint(-127, 128, (8, 64), dtype=torch.int8)
+    w = torch.randn(8, 64).bfloat16()
     with torch.profiler.profile() as prof:
-        ck.matmul(torch.randn(1, 64).bfloat16(), ck.block_rows(q), torch.ones(8, dtype=torch.bfloat16))
+        ck.matmul(torch.randn(1, 64).bfloat16(), ck.block_rows(w))
     assert ck.PROFILE_NAME in {e.key for e in prof.key_averages()}
+    if ck.q8_kernel() is not None:
+        q = torch.randint(-127, 128, (16, 64), dtype=torch.int8)
+        with torch.profiler.profile() as prof:
+            ck.q8_matmul(torch.randn(1, 64).bfloat16(), ck.q8_tiles(q), torch.ones(16, dtype=torch.bfloat16))
+        assert ck.PROFILE_NAME in {e.key for e in prof.key_averages()}
 
 
 @needs_kernel
@@ -263,10 +323,14 @@ def test_token_cross_entropy_uses_the_kernel_and_keeps_torchs_errors(monkeypatch
 def test_empty_inputs_are_no_work():
     """Zero rows (a batch with no decode rows, a validation batch without targets) return empty or zero results;
     zero sizes were once the kernels' capability probe, which wrote into the empty output (a segfault)."""
-    q = ck.block_rows(torch.randint(-127, 128, (8, 64), dtype=torch.int8))
-    y = ck.matmul(torch.zeros(0, 64).bfloat16(), q, torch.ones(8, dtype=torch.bfloat16))
-    assert y.shape == (0, 8)
-    assert ck.matmul(torch.zeros(2, 0, 64).bfloat16(), q, torch.ones(8, dtype=torch.bfloat16)).shape == (2, 0, 8)
+    w = ck.block_rows(torch.randn(8, 64).bfloat16())
+    assert ck.matmul(torch.zeros(0, 64).bfloat16(), w).shape == (0, 8)
+    assert ck.matmul(torch.zeros(2, 0, 64).bfloat16(), w).shape == (2, 0, 8)
+    if ck.q8_kernel() is not None:
+        t = ck.q8_tiles(torch.randint(-127, 128, (16, 64), dtype=torch.int8))
+        one = torch.ones(16, dtype=torch.bfloat16)
+        assert ck.q8_matmul(torch.zeros(0, 64).bfloat16(), t, one).shape == (0, 16)
+        assert ck.q8_matmul(torch.zeros(2, 0, 64).bfloat16(), t, one).shape == (2, 0, 16)
     if ck.cross_entropy_kernel() is not None:
         logits = torch.zeros(0, 50, requires_grad=True)
         loss = ck.CrossEntropySum.apply(logits, torch.zeros(0, dtype=torch.long))
