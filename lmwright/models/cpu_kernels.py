@@ -73,6 +73,22 @@ static inline __m512 exp512(__m512 x) {  // every caller passes x <= 0 (a value 
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
     return _mm512_scalef_ps(p, n);
 }
+// 16 floats to bf16, rounded to nearest even as f2bf (nan stays nan)
+static inline __m256i f2bf16(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                                     _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    r = _mm512_srli_epi32(r, 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+    return _mm512_cvtepi32_epi16(r);
+}
+// 16 bf16 (or fp32) values from memory as fp32
+static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 load16(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+static inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+static inline void store16(uint16_t* p, __m512 v) { _mm256_storeu_si256((__m256i*)p, f2bf16(v)); }
 #endif
 """
 
@@ -298,16 +314,6 @@ constexpr int KB = 32;   // inputs per activation block (one scale each)
 constexpr int G = 8;     // activation rows per group (multiplied by a tile together)
 constexpr int PF = 1024; // prefetch distance in bytes along a tile's weight stream
 
-// 16 floats to bf16, rounded to nearest even as f2bf (nan stays nan)
-static inline __m256i f2bf16(__m512 v) {
-    const __m512i u = _mm512_castps_si512(v);
-    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
-                                                     _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
-    r = _mm512_srli_epi32(r, 16);
-    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
-    return _mm512_cvtepi32_epi16(r);
-}
-
 // MG (<= 8) rows of one group against one tile of 16 outputs. w: the tile's (Kp/4, 16, 4) bytes q + 128;
 // xg: the group's int8 activations as (blocks, 8 quads, 8 rows, 4 inputs); sg: its block scales (blocks, 8 rows);
 // cg: 128 x each block's sum of xq (blocks, 8 rows). out[m] = sum over blocks of s_b * sum_k q * xq, each block's
@@ -515,40 +521,60 @@ ATTENTION_SOURCE = _CPP_COMMON + r"""
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define HAVE_KERNEL 1
-#endif
+// four vectors' sums, each 128-bit quarter i holding (sum of a's quarter i, b's, c's, d's)
+static inline __m512 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+    const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  // a0+a2 b0+b2 a1+a3 b1+b3
+    const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+    return _mm512_add_ps(_mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));
+}
+// lane c = the sum of v[c]'s 16 lanes, for 16 vectors (a transpose-and-add tree: ~45 ops instead of 16 reductions)
+static inline __m512 sum16(const __m512* v) {
+    const __m512 p0 = sum4(v[0], v[1], v[2], v[3]), p1 = sum4(v[4], v[5], v[6], v[7]);
+    const __m512 p2 = sum4(v[8], v[9], v[10], v[11]), p3 = sum4(v[12], v[13], v[14], v[15]);
+    const __m512 y01 = _mm512_add_ps(_mm512_shuffle_f32x4(p0, p1, _MM_SHUFFLE(1, 0, 1, 0)),
+                                     _mm512_shuffle_f32x4(p0, p1, _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 y23 = _mm512_add_ps(_mm512_shuffle_f32x4(p2, p3, _MM_SHUFFLE(1, 0, 1, 0)),
+                                     _mm512_shuffle_f32x4(p2, p3, _MM_SHUFFLE(3, 2, 3, 2)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(y01, y23, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(y01, y23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
 
 // q (B, H, D), k and v (B, KV, D) the step's new ones, kc and vc (S, KV, cap, D) the cache (row b = slot b),
-// pos (B,) each row's position; out (B, H, D). D % 16 == 0.
-extern "C" void kernel(const float* q, const float* k, const float* v, float* kc, float* vc, const int64_t* pos,
-                       float* out, int64_t B, int64_t H, int64_t KV, int64_t D, int64_t cap, float scale, int64_t nt) {
-#ifdef HAVE_KERNEL
-    if (B < 0) { ((uint16_t*)out)[0] = 1; return; }  // a capability probe
-    if (B == 0) return;
+// pos (B,) each row's position; out (B, H, D). D % 16 == 0. T: float, or uint16_t for bf16 (q, k, v, the cache and
+// out; the arithmetic is fp32 either way, out rounded to bf16 once at the end).
+template <typename T>
+static void attend(const T* q, const T* k, const T* v, T* kc, T* vc, const int64_t* pos, T* out, int64_t B,
+                   int64_t H, int64_t KV, int64_t D, int64_t cap, float scale, int64_t nt) {
     const int64_t G = H / KV;  // query heads per key/value head
     #pragma omp parallel for num_threads(nt) schedule(static) if(nt > 1)
     for (int64_t bg = 0; bg < B * KV; ++bg) {
         const int64_t b = bg / KV, g = bg % KV, n = pos[b] + 1;
         if (pos[b] < 0 || pos[b] >= cap) {  // outside the cache: no write; nan outputs, which sampling refuses
             for (int64_t hh = 0; hh < G; ++hh)
-                for (int64_t d = 0; d < D; ++d) out[(b * H + g * G + hh) * D + d] = NAN;
+                for (int64_t d = 0; d < D; d += 16) store16(out + (b * H + g * G + hh) * D + d, _mm512_set1_ps(NAN));
             continue;
         }
-        float* K = kc + (b * KV + g) * cap * D;
-        float* V = vc + (b * KV + g) * cap * D;
-        for (int64_t d = 0; d < D; ++d) {
-            K[pos[b] * D + d] = k[(b * KV + g) * D + d];
-            V[pos[b] * D + d] = v[(b * KV + g) * D + d];
-        }
+        T* K = kc + (b * KV + g) * cap * D;
+        T* V = vc + (b * KV + g) * cap * D;
+        std::memcpy(K + pos[b] * D, k + (b * KV + g) * D, D * sizeof(T));
+        std::memcpy(V + pos[b] * D, v + (b * KV + g) * D, D * sizeof(T));
         std::vector<float> s((n + 15) / 16 * 16);
         for (int64_t hh = 0; hh < G; ++hh) {
             const int64_t h = g * G + hh;
-            const float* qh = q + (b * H + h) * D;
-            float* o = out + (b * H + h) * D;
-            __m512 mx = _mm512_set1_ps(-INFINITY);
-            for (int64_t j = 0; j < n; ++j) {
+            const T* qh = q + (b * H + h) * D;
+            int64_t j = 0;
+            for (; j + 16 <= n; j += 16) {  // 16 columns at a time: their 16 partial-sum vectors reduced together
+                __m512 acc[16];
+                for (int c = 0; c < 16; ++c) acc[c] = _mm512_setzero_ps();
+                for (int64_t d = 0; d < D; d += 16) {
+                    const __m512 qv = load16(qh + d);
+                    for (int c = 0; c < 16; ++c) acc[c] = _mm512_fmadd_ps(qv, load16(K + (j + c) * D + d), acc[c]);
+                }
+                _mm512_storeu_ps(&s[j], _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale)));
+            }
+            for (; j < n; ++j) {
                 __m512 acc = _mm512_setzero_ps();
-                for (int64_t d = 0; d < D; d += 16)
-                    acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d), _mm512_loadu_ps(K + j * D + d), acc);
+                for (int64_t d = 0; d < D; d += 16) acc = _mm512_fmadd_ps(load16(qh + d), load16(K + j * D + d), acc);
                 s[j] = _mm512_reduce_add_ps(acc) * scale;
             }
             float m = -INFINITY;
@@ -564,19 +590,34 @@ extern "C" void kernel(const float* q, const float* k, const float* v, float* kc
             const float inv = 1.f / _mm512_reduce_add_ps(lsum);
             for (int64_t d = 0; d < D; d += 16) {
                 __m512 acc = _mm512_setzero_ps();
-                for (int64_t j = 0; j < n; ++j)
-                    acc = _mm512_fmadd_ps(_mm512_set1_ps(s[j]), _mm512_loadu_ps(V + j * D + d), acc);
-                _mm512_storeu_ps(o + d, _mm512_mul_ps(acc, _mm512_set1_ps(inv)));
+                for (int64_t j = 0; j < n; ++j) acc = _mm512_fmadd_ps(_mm512_set1_ps(s[j]), load16(V + j * D + d), acc);
+                store16(out + (b * H + h) * D + d, _mm512_mul_ps(acc, _mm512_set1_ps(inv)));
             }
         }
     }
+}
+#endif
+
+// bf16 != 0: q, k, v, kc, vc and out hold bf16, else fp32. B < 0: a capability probe.
+extern "C" void kernel(const void* q, const void* k, const void* v, void* kc, void* vc, const int64_t* pos,
+                       void* out, int64_t B, int64_t H, int64_t KV, int64_t D, int64_t cap, float scale, int64_t nt,
+                       int64_t bf16) {
+#ifdef HAVE_KERNEL
+    if (B < 0) { ((uint16_t*)out)[0] = 1; return; }
+    if (B == 0) return;
+    if (bf16)
+        attend((const uint16_t*)q, (const uint16_t*)k, (const uint16_t*)v, (uint16_t*)kc, (uint16_t*)vc, pos,
+               (uint16_t*)out, B, H, KV, D, cap, scale, nt);
+    else
+        attend((const float*)q, (const float*)k, (const float*)v, (float*)kc, (float*)vc, pos, (float*)out, B, H,
+               KV, D, cap, scale, nt);
 #else
     if (B < 0) { ((uint16_t*)out)[0] = 0; return; }
 #endif
 }
 """
-_ATTENTION_ARGTYPES = ["const float*", "const float*", "const float*", "float*", "float*", "const int64_t*", "float*",
-                       "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "float", "int64_t"]
+_ATTENTION_ARGTYPES = ["const void*", "const void*", "const void*", "void*", "void*", "const int64_t*", "void*",
+                       "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "float", "int64_t", "int64_t"]
 
 
 @functools.cache
@@ -584,7 +625,7 @@ def attention_kernel():
     """The compiled decode-attention entry, or None where it cannot be used here (the reason in
     :func:`attention_unavailable_reason`); compiled and self-tested once per process."""
     fn, why = _build(ATTENTION_SOURCE, _ATTENTION_ARGTYPES,
-                     lambda p: (p, p, p, p, p, torch.zeros(1, dtype=torch.long), p, -1, 0, 0, 0, 0, 1.0, 1))
+                     lambda p: (p, p, p, p, p, torch.zeros(1, dtype=torch.long), p, -1, 0, 0, 0, 0, 1.0, 1, 0))
     if fn is not None and (err := _attention_self_test(fn)) is not None:
         fn, why = None, f"failed its self-test ({err})"
     _attention_reason[:] = [why] if why else []
@@ -599,26 +640,30 @@ def attention_unavailable_reason() -> str | None:
 
 
 def attention_usable(kc: torch.Tensor, heads: int) -> bool:
-    """True where :func:`decode_attention` takes this cache (fp32, contiguous, on the CPU, head size a multiple of
-    16, whole query heads per key/value head) and the kernel runs here."""
-    return (kc.dtype == torch.float32 and kc.device.type == "cpu" and kc.dim() == 4 and kc.is_contiguous()
-            and kc.shape[3] % 16 == 0 and heads % kc.shape[1] == 0 and attention_kernel() is not None)
+    """True where :func:`decode_attention` takes this cache (fp32 or bf16, contiguous, on the CPU, head size a
+    multiple of 16, whole query heads per key/value head) and the kernel runs here."""
+    return (kc.dtype in (torch.float32, torch.bfloat16) and kc.device.type == "cpu" and kc.dim() == 4
+            and kc.is_contiguous() and kc.shape[3] % 16 == 0 and heads % kc.shape[1] == 0
+            and attention_kernel() is not None)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
                      positions: torch.Tensor, scale: float) -> torch.Tensor:
     """Rows 0..B-1 of the slot cache ``kc``/``vc`` (S, KV, cap, D) take ``k``/``v`` (B, KV, 1, D) at ``positions``
     (B,), then ``q`` (B, H, 1, D) attends to each row's columns 0..position: what the engine's
-    ``scaled_dot_product_attention`` over the causal mask gives, as (B, H, 1, D) fp32. The caller checked
-    :func:`attention_usable`."""
+    ``scaled_dot_product_attention`` over the causal mask gives, computed in fp32, as (B, H, 1, D) in the cache's
+    dtype (fp32, or bf16: rounded once at the end). ``q``, ``k``, ``v`` are taken in the cache's dtype. The caller
+    checked :func:`attention_usable`."""
     b, h, _, d = q.shape
     kv, cap = kc.shape[1], kc.shape[2]
-    q, k, v = q.reshape(b, h, d).contiguous(), k.reshape(b, kv, d).contiguous(), v.reshape(b, kv, d).contiguous()
+    dt = kc.dtype
+    q, k, v = (t.reshape(b, n, d).to(dt).contiguous() for t, n in ((q, h), (k, kv), (v, kv)))
     positions = positions.contiguous()
-    out = torch.empty(b, 1, h, d)  # (B, 1, H, D) memory: the engine's next reshape to (B, 1, H * D) is free
+    out = torch.empty(b, 1, h, d, dtype=dt)  # (B, 1, H, D) memory: the engine's next reshape to (B, 1, H * D) is free
     o = out.transpose(1, 2)
     _call(attention_kernel(), ATTENTION_PROFILE_NAME,
-          (q, k, v, kc, vc, positions, out, b, h, kv, d, cap, float(scale), torch.get_num_threads()))
+          (q, k, v, kc, vc, positions, out, b, h, kv, d, cap, float(scale), torch.get_num_threads(),
+           int(dt == torch.bfloat16)))
     return o
 
 
@@ -626,25 +671,26 @@ ATTENTION_PROFILE_NAME = "lmwright::cpu_kernels.decode_attention"
 
 
 def _attention_self_test(fn) -> str | None:
-
     g = torch.Generator().manual_seed(0)
     s, kv, h, cap, d = 3, 2, 6, 40, 32
-    kc, vc = torch.randn(s, kv, cap, d, generator=g), torch.randn(s, kv, cap, d, generator=g)
-    q, k, v = (torch.randn(2, n, 1, d, generator=g) for n in (h, kv, kv))
-    pos = torch.tensor([5, 31])
-    ref_k, ref_v = kc.clone(), vc.clone()
-    ref_k[torch.arange(2), :, pos] = k[:, :, 0]
-    ref_v[torch.arange(2), :, pos] = v[:, :, 0]
-    mask = (torch.arange(32)[None, :] <= pos[:, None])[:, None, None, :]
-    ref = F.scaled_dot_product_attention(q, ref_k[:2, :, :32], ref_v[:2, :, :32], attn_mask=mask, scale=0.2,
-                                         enable_gqa=True)
-    out = torch.empty(2, 1, h, d)
-    fn(q.reshape(2, h, d).contiguous(), k.reshape(2, kv, d).contiguous(), v.reshape(2, kv, d).contiguous(), kc, vc,
-       pos, out, 2, h, kv, d, cap, 0.2, 1)
-    if not (torch.equal(kc, ref_k) and torch.equal(vc, ref_v)):
-        return "cache writes differ"
-    if not torch.allclose(out.transpose(1, 2), ref, atol=1e-5, rtol=1e-4):
-        return f"max error {float((out.transpose(1, 2) - ref).abs().max()):.3g}"
+    for dt in (torch.float32, torch.bfloat16):
+        kc, vc = torch.randn(s, kv, cap, d, generator=g).to(dt), torch.randn(s, kv, cap, d, generator=g).to(dt)
+        q, k, v = (torch.randn(2, n, 1, d, generator=g).to(dt) for n in (h, kv, kv))
+        pos = torch.tensor([5, 31])  # 6 columns (one at a time) and 32 (two blocks of 16)
+        ref_k, ref_v = kc.clone(), vc.clone()
+        ref_k[torch.arange(2), :, pos] = k[:, :, 0]
+        ref_v[torch.arange(2), :, pos] = v[:, :, 0]
+        mask = (torch.arange(32)[None, :] <= pos[:, None])[:, None, None, :]
+        ref = F.scaled_dot_product_attention(q.float(), ref_k[:2, :, :32].float(), ref_v[:2, :, :32].float(),
+                                             attn_mask=mask, scale=0.2, enable_gqa=True)
+        out = torch.empty(2, 1, h, d, dtype=dt)
+        fn(q.reshape(2, h, d).contiguous(), k.reshape(2, kv, d).contiguous(), v.reshape(2, kv, d).contiguous(), kc,
+           vc, pos, out, 2, h, kv, d, cap, 0.2, 1, int(dt == torch.bfloat16))
+        if not (torch.equal(kc, ref_k) and torch.equal(vc, ref_v)):
+            return f"{dt}: cache writes differ"
+        tol = 1e-4 if dt == torch.float32 else 2**-7
+        if not torch.allclose(out.transpose(1, 2).float(), ref, atol=tol, rtol=tol):
+            return f"{dt}: max error {float((out.transpose(1, 2).float() - ref).abs().max()):.3g}"
     return None
 
 

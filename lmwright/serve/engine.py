@@ -32,6 +32,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -93,6 +94,35 @@ class TokenEvent:
     error: str | None = None
 
 
+_together = threading.local()  # per thread: {event loop: [(queue, event), ...]} while deliver_together() runs
+
+
+@contextmanager
+def deliver_together():
+    """Events that this thread puts on async streams inside the block reach each event loop in one call at its end,
+    in the order they were put: one wake-up of the server's loop per engine step instead of one per stream (measured
+    at 16 HTTP streams of SmolLM2-135M on 2 cores: ~0.2 ms of the engine thread per event, most of it handing the
+    GIL to the woken loop thread)."""
+    if getattr(_together, "events", None) is not None:  # nested: the outer block delivers
+        yield
+        return
+    _together.events = {}
+    try:
+        yield
+    finally:
+        pending, _together.events = _together.events, None
+        for loop, items in pending.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the consumer's loop is gone (client went away during shutdown)
+                pass
+
+
+def _put_all(items: list) -> None:
+    for q, event in items:
+        q.put_nowait(event)
+
+
 class RequestStream:
     """The events of one request, iterable with ``async for`` (server) or ``for`` (CLI, Python API).
 
@@ -114,6 +144,10 @@ class RequestStream:
         if event is not None and self.first_token_at is None and event.token_id is not None:
             self.first_token_at = time.perf_counter()
         if self._loop is not None:
+            pending = getattr(_together, "events", None)
+            if pending is not None:  # inside deliver_together(): sent with the step's other events
+                pending.setdefault(self._loop, []).append((self._aq, event))
+                return
             try:
                 self._loop.call_soon_threadsafe(self._aq.put_nowait, event)
             except RuntimeError:  # the consumer's loop is gone (client went away during shutdown)
@@ -361,14 +395,15 @@ class LocalEngine:
                         self._cv.wait(timeout=0.5)
                     if self._stopped and not self._busy():
                         return
-                try:
-                    self._expire_and_cancel()
-                    self._admit()
-                    if self._active:
-                        self._step()
-                except Exception as e:  # noqa: BLE001 - one bad batch must not kill the server
-                    log.exception("engine step failed")
-                    self._fail_all(f"{type(e).__name__}: {e}")
+                with deliver_together():  # the step's tokens reach the server's event loop in one call
+                    try:
+                        self._expire_and_cancel()
+                        self._admit()
+                        if self._active:
+                            self._step()
+                    except Exception as e:  # noqa: BLE001 - one bad batch must not kill the server
+                        log.exception("engine step failed")
+                        self._fail_all(f"{type(e).__name__}: {e}")
 
     def _emit(self, seq: _Sequence, text: str, token: TokenChoice | None) -> None:
         r = seq.owner

@@ -150,12 +150,18 @@ class LeanLlama:
         # a bf16 model served on a CPU attends in fp32 (``lmwright.models.attention.FP32_NAME``, set on the model so
         # that its own forward and generate() do the same): the KV cache holds the bf16 projections' values in fp32
         self.attn_dtype = torch.float32 if cfg._attn_implementation == FP32_NAME else self.dtype
+        # The slot cache holds the model's own dtype where lmwright's decode-attention kernel runs: a bf16 model's
+        # keys and values are bf16 numbers, so a bf16 cache holds them exactly (half the bytes that every decode
+        # step reads) and the kernel attends in fp32 on it; else (SDPA) the cache is in the attention's dtype.
         self.capacity = 0
         self.k: list = []
         self.v: list = []
         self._decode = self._decode_step
+        self.cache_dtype = self.dtype
         self.grow(min(256, max_context))
         self.attn_kernel = cpu_kernels.attention_usable(self.k[0], self.heads)  # grow() keeps the layout
+        if not self.attn_kernel and self.cache_dtype != self.attn_dtype:
+            self._set_cache_dtype(self.attn_dtype)
 
     # ------------------------------------------------------------------ cache
     def grow(self, need: int) -> None:
@@ -164,13 +170,19 @@ class LeanLlama:
             return
         cap = max(need, min(self.max_context, max(64, 2 * self.capacity)))
         shape = (self.max_seqs, self.kv_heads, cap, self.head_dim)
-        k = [torch.zeros(shape, dtype=self.attn_dtype, device=self.device) for _ in self.layers]
-        v = [torch.zeros(shape, dtype=self.attn_dtype, device=self.device) for _ in self.layers]
+        k = [torch.zeros(shape, dtype=self.cache_dtype, device=self.device) for _ in self.layers]
+        v = [torch.zeros(shape, dtype=self.cache_dtype, device=self.device) for _ in self.layers]
         if self.capacity:
             for i in range(len(self.layers)):
                 k[i][:, :, :self.capacity] = self.k[i]
                 v[i][:, :, :self.capacity] = self.v[i]
         self.k, self.v, self.capacity = k, v, cap
+
+    def _set_cache_dtype(self, dtype) -> None:
+        """Hold the slot cache in ``dtype`` from now on (its values converted)."""
+        self.cache_dtype = dtype
+        self.k = [t.to(dtype) for t in self.k]
+        self.v = [t.to(dtype) for t in self.v]
 
     def new_buffer(self, length: int) -> list[tuple[Any, Any]]:
         shape = (1, self.kv_heads, length, self.head_dim)
@@ -196,8 +208,9 @@ class LeanLlama:
             self.v[i][dst, :, :length] = self.v[i][src, :, :length]
 
     # ------------------------------------------------------------------ forward
-    def _attn_in(self, layer, x, n_tokens: int, pos):
-        """Norm, q/k/v projections and rotary for ``x`` (B, T, D) -> q (B, H, T, d), k, v (B, KV, T, d)."""
+    def _attn_in(self, layer, x, n_tokens: int, pos, convert: bool = True):
+        """Norm, q/k/v projections and rotary for ``x`` (B, T, D) -> q (B, H, T, d), k, v (B, KV, T, d), in the
+        attention's dtype (``convert=False``: in the model's)."""
         b, t = x.shape[0], n_tokens
         a = layer.self_attn
         h = layer.input_layernorm(x)
@@ -205,7 +218,7 @@ class LeanLlama:
         k = a.k_proj(h).view(b, t, -1, self.head_dim).transpose(1, 2)
         v = a.v_proj(h).view(b, t, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, *pos)
-        if self.attn_dtype != self.dtype:
+        if convert and self.attn_dtype != self.dtype:
             return q.to(self.attn_dtype), k.to(self.attn_dtype), v.to(self.attn_dtype)
         return q, k, v
 
@@ -221,6 +234,7 @@ class LeanLlama:
     def compile(self) -> None:
         """torch.compile the decode step (inductor); warm it up for batch 1 and batch >= 2 (dynamic)."""
         self.attn_kernel = False  # dynamo cannot trace lmwright's kernel: SDPA, which inductor compiles
+        self._set_cache_dtype(self.attn_dtype)
         self._decode = torch.compile(self._decode_step, dynamic=True)
         self.grow(64)
         for b in (1, 2)[:self.max_seqs]:  # the scratch writes land in columns no live row attends to
@@ -232,9 +246,12 @@ class LeanLlama:
         return self._decode(tokens, positions, ncols, self.k, self.v)
 
     def _decode_attn(self, i: int, layer, q, k, v, rows, positions, ncols: int, mask, kc: list, vc: list):
-        """Decode rows: write k, v (B, KV, 1, d) at each row's position; attend q (B, H, 1, d) to its columns."""
+        """Decode rows: write k, v (B, KV, 1, d) at each row's position; attend q (B, H, 1, d) to its columns.
+        With the kernel, q, k, v come in the model's dtype (the kernel takes them in the cache's, attends in fp32)."""
         if self.attn_kernel:
             return cpu_kernels.decode_attention(q, k, v, kc[i], vc[i], positions, layer.self_attn.scaling)
+        if q.dtype != self.attn_dtype:
+            q, k, v = q.to(self.attn_dtype), k.to(self.attn_dtype), v.to(self.attn_dtype)
         b = q.shape[0]
         kc[i][rows, :, positions] = k[:, :, 0]
         vc[i][rows, :, positions] = v[:, :, 0]
@@ -253,7 +270,7 @@ class LeanLlama:
         rows = torch.arange(b, device=self.device)
         mask = self._decode_mask(positions, ncols)
         for i, layer in enumerate(self.layers):
-            q, k, v = self._attn_in(layer, x, 1, rope)
+            q, k, v = self._attn_in(layer, x, 1, rope, convert=False)
             x = self._attn_out(layer, x, self._decode_attn(i, layer, q, k, v, rows, positions, ncols, mask, kc, vc))
         return self._logits(x)[:, -1]
 
@@ -283,18 +300,18 @@ class LeanLlama:
             offsets.append(o)
             o += len(s.ids)
         for i, layer in enumerate(self.layers):
-            q, k, v = self._attn_in(layer, x, len(all_ids), rope)  # (1, heads, B + T, d)
+            q, k, v = self._attn_in(layer, x, len(all_ids), rope, convert=False)  # (1, heads, B + T, d)
             outs = []
             if b:  # the decode rows, in the decode step's (B, heads, 1, d) layout and back
                 od = self._decode_attn(i, layer, q[0, :, :b].transpose(0, 1)[:, :, None],
                                        k[0, :, :b].transpose(0, 1)[:, :, None],
                                        v[0, :, :b].transpose(0, 1)[:, :, None], rows, positions, ncols, mask,
                                        self.k, self.v)
-                outs.append(od[:, :, 0].transpose(0, 1)[None])
+                outs.append(od[:, :, 0].transpose(0, 1)[None].to(self.dtype))
             for s, off in zip(segments, offsets):
                 n, end = len(s.ids), s.start + len(s.ids)
                 kb, vb = s.buf[i]
-                kb[:, :, s.start:end] = k[:, :, off:off + n]
+                kb[:, :, s.start:end] = k[:, :, off:off + n]  # in the buffer's (the attention's) dtype
                 vb[:, :, s.start:end] = v[:, :, off:off + n]
                 if s.start == 0:
                     smask, causal = None, True
@@ -302,8 +319,8 @@ class LeanLlama:
                     cols = torch.arange(end, device=self.device)
                     smask, causal = cols[None, :] <= (s.start + torch.arange(n, device=self.device))[:, None], False
                 outs.append(F.scaled_dot_product_attention(
-                    q[:, :, off:off + n], kb[:, :, :end], vb[:, :, :end], attn_mask=smask, is_causal=causal,
-                    scale=layer.self_attn.scaling, enable_gqa=self.gqa))
+                    q[:, :, off:off + n].to(self.attn_dtype), kb[:, :, :end], vb[:, :, :end], attn_mask=smask,
+                    is_causal=causal, scale=layer.self_attn.scaling, enable_gqa=self.gqa).to(self.dtype))
             x = self._attn_out(layer, x, outs[0] if len(outs) == 1 else torch.cat(outs, dim=2))
         last = torch.tensor(list(range(b)) + [off + len(s.ids) - 1 for s, off in zip(segments, offsets)],
                             device=self.device)

@@ -246,12 +246,32 @@ def test_decode_attention_matches_sdpa(heads, kv, d, rows):
     assert torch.equal(two, out)
 
 
+@needs_attention
+@pytest.mark.parametrize("rows", [1, 7])
+def test_decode_attention_on_a_bf16_cache_is_the_fp32_arithmetic(rows):
+    """A bf16 model's keys and values are bf16 numbers: a bf16 cache holds them exactly, and the kernel attends in
+    fp32 on it, so its output is the fp32-cache output rounded to bf16, bit for bit (half the cache's bytes)."""
+    g = torch.Generator().manual_seed(rows)
+    slots, kv, heads, cap, d = 8, 3, 9, 200, 64
+    kc = torch.randn(slots, kv, cap, d, generator=g).bfloat16()
+    vc = torch.randn(slots, kv, cap, d, generator=g).bfloat16()
+    q = (torch.randn(rows, heads, 1, d, generator=g) * 3).bfloat16()
+    k, v = torch.randn(rows, kv, 1, d, generator=g).bfloat16(), torch.randn(rows, kv, 1, d, generator=g).bfloat16()
+    positions = torch.randint(0, 190, (rows,), generator=g)
+    kc32, vc32 = kc.float(), vc.float()
+    ref = ck.decode_attention(q.float(), k.float(), v.float(), kc32, vc32, positions, 0.125)
+    out = ck.decode_attention(q, k, v, kc, vc, positions, 0.125)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref.bfloat16())
+    assert torch.equal(kc.float(), kc32) and torch.equal(vc.float(), vc32)  # the same writes
+
+
 def test_attention_usable_only_for_caches_it_takes():
     if ck.attention_kernel() is None:
         assert not ck.attention_usable(torch.zeros(2, 2, 8, 64), 4)
         return
     assert ck.attention_usable(torch.zeros(2, 2, 8, 64), 4)
-    assert not ck.attention_usable(torch.zeros(2, 2, 8, 64, dtype=torch.bfloat16), 4)  # bf16 cache: SDPA
+    assert ck.attention_usable(torch.zeros(2, 2, 8, 64, dtype=torch.bfloat16), 4)  # a bf16 cache, fp32 arithmetic
+    assert not ck.attention_usable(torch.zeros(2, 2, 8, 64, dtype=torch.float16), 4)
     assert not ck.attention_usable(torch.zeros(2, 2, 8, 40), 4)  # head size not a multiple of 16
     assert not ck.attention_usable(torch.zeros(2, 3, 8, 64), 4)  # heads not a multiple of key/value heads
     assert not ck.attention_usable(torch.zeros(2, 8, 2, 64).transpose(1, 2), 4)  # not contiguous

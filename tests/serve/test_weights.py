@@ -47,7 +47,8 @@ def test_engine_greedy_equals_hf_generate_at_the_same_precision(lm_prec):
         assert eng._lean is not None
         # bf16 activations attend in fp32 on a CPU, in generate() (the model's attention) as in the engine
         assert m.config._attn_implementation == FP32_NAME and eng._lean.attn_dtype == torch.float32
-        assert eng._lean.k[0].dtype == torch.float32
+        # the slot cache: bf16 where lmwright's decode-attention kernel runs (bf16 values held exactly, fp32 arithmetic)
+        assert eng._lean.k[0].dtype == (torch.bfloat16 if eng._lean.attn_kernel else torch.float32)
         one = [_run(eng, [i], 12)[0] for i in ids[:2]]
         if int8 and int8[0].int8_layout != "tiles":  # torch's int8 kernel decodes 1-2 rows, more go through
             # bf16 over q * scale (rounded to bf16): batched rows take the other path than generate()'s batch of 1,
@@ -250,3 +251,20 @@ def test_cli_weights_flag(capsys):
         weights, model = "bfloat16", "m"
 
     assert "weights=bfloat16" in _overrides(Args())
+
+
+def test_bf16_slot_cache_only_with_the_kernel(lm_prec, monkeypatch):
+    """The lean path's slot cache is bf16 only while lmwright's decode-attention kernel attends on it; compiling the
+    decode step (SDPA, fp32 attention) converts it back to fp32."""
+    from lmwright.models import cpu_kernels
+    from lmwright.serve.lean import LeanLlama
+
+    lean = LeanLlama(lm_prec.model, max_seqs=2, max_context=64)
+    kernel = cpu_kernels.attention_kernel() is not None
+    assert lean.attn_kernel == kernel and lean.attn_dtype == torch.float32
+    assert lean.k[0].dtype == lean.cache_dtype == (torch.bfloat16 if kernel else torch.float32)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # what matters is the switch, not inductor
+    lean.compile()
+    assert lean.attn_kernel is False and lean.k[0].dtype == lean.v[-1].dtype == torch.float32
+    lean.grow(lean.capacity + 1)
+    assert lean.k[0].dtype == torch.float32
