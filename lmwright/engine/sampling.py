@@ -141,6 +141,12 @@ def draw(probs, generator=None) -> int:
     return min(int(torch.searchsorted(cdf, u * total, right=True)), probs.shape[0] - 1)
 
 
+def _plain_temperature(params: SamplingParams) -> bool:
+    """Sampling at a temperature and nothing else (no top-k/top-p cut, no penalty, no log-probabilities)."""
+    return (not params.greedy and params.top_k <= 0 and params.top_p >= 1.0 and params.repetition_penalty == 1.0
+            and not (params.logprobs or params.top_logprobs))
+
+
 def sample_next(logits, params: SamplingParams, generator=None, prev_ids=None) -> TokenChoice:
     """Pick the next token from one row of raw logits ``(V,)``.
 
@@ -149,6 +155,15 @@ def sample_next(logits, params: SamplingParams, generator=None, prev_ids=None) -
     """
     import torch
 
+    from lmwright.models import cpu_kernels
+
+    if _plain_temperature(params) and cpu_kernels.sampling_usable(logits):
+        # lmwright's sampling kernel: the same inverse-CDF draw on one uniform number, in one pass over the row
+        u = float(torch.rand((), generator=generator, dtype=torch.float64))
+        token = cpu_kernels.sample_row(logits, params.temperature, u)
+        if token < 0:
+            raise RuntimeError("cannot sample: the logits are not finite")
+        return TokenChoice(token)
     processed = process_logits(logits, params, prev_ids)
     if params.greedy:
         token = int(torch.argmax(processed))
