@@ -1,32 +1,30 @@
 """lmwright's own CPU kernels (AVX-512), where torch's leave much of the machine unused:
 
-- :func:`matmul`: the products of decoding, few activation rows times a large int8 or bf16 weight (below);
-- :func:`decode_attention`: one decode step's attention on the serving engine's slot cache;
+- :func:`q8_matmul`: every product of an int8 layer (``--weights int8`` serving), any row count (section below);
+- :func:`matmul`: the products of decoding, few activation rows times a large bf16 weight (below);
+- :func:`decode_attention`: one decode step's attention on the serving engine's slot cache (fp32 or bf16);
+- :func:`sample_row`: plain temperature sampling of one row of logits;
 - :class:`CrossEntropySum`: the training loss over the output head's logits, forward and backward.
 
 A decode step multiplies one row (one token) per stream by every weight of the model, so it is bound by how fast
 the weights stream from memory. torch's kernels for these shapes leave most of that bandwidth unused (measured on
 an AMD EPYC with avx512_bf16/avx512_vnni and no AMX, 1 thread, one row times a 49152 x 576 int8 weight:
 ``torch._weight_int8pack_mm`` 3.7 ms, 7.6 GB/s, converts every weight to float; a plain streaming read of the same
-bytes runs at ~26 GB/s). The kernels here read each weight once, in the order it lies in memory:
+bytes runs at ~26 GB/s). The bf16 few-rows kernel reads each weight once, in the order it lies in memory:
 
 - the weight is stored **blocked**: ``(N/4, K/32, 4, 32)``, four output rows interleaved in chunks of 32 inputs,
   so the kernel reads one sequential stream (rows read side by side from the plain ``(N, K)`` layout were
   ~2x slower: several streams 576 bytes apart defeat the hardware prefetcher). Rows past the last full block of
   4 stay plain after it;
-- **int8 weights**: each activation row is quantized to int16 (one scale per row, ``amax / 32767``: finer than
-  bf16's 8-bit mantissa for all but entries under 1/256 of the row's largest, whose absolute error is at most
-  ``amax / 65534``), products are summed exactly in int32 with ``vpdpwssd`` (AVX512-VNNI; ``vpmaddwd`` without
-  it), then scaled by both scales in fp32. The int8 weight values are the same as ``_weight_int8pack_mm``'s;
-- **bf16 weights**: ``vdpbf16ps`` (AVX512-BF16) sums bf16 pairs in fp32 (an fp32 FMA path without it);
+- ``vdpbf16ps`` (AVX512-BF16) sums bf16 pairs in fp32 (an fp32 FMA path without it);
 - every call handles any number of rows, four at a time per weight block while the block is in L1, so a
   batch of decode rows reads the weights from memory once.
 
 Each source is compiled once per machine by torch's own inductor C++ toolchain (the compiler ``torch.compile``
 uses on CPUs; cached on disk) and called through a thin Python binding: no build step, no new dependency. It is
-built only for CPUs with AVX-512 (F + BW); elsewhere, or where compiling fails, :func:`kernels` returns None (with
-the reason in :func:`unavailable_reason`) and callers keep torch's kernels. ``LMWRIGHT_CPU_KERNELS=0`` turns it
-off. A self-test against a float64 reference runs before first use.
+built only for CPUs with AVX-512 (F + BW; the int8 kernel also VNNI); elsewhere, or where compiling fails, the
+kernel's accessor returns None (with the reason beside it) and callers keep torch's kernels.
+``LMWRIGHT_CPU_KERNELS=0`` turns them all off. A self-test against a reference runs before first use.
 """
 
 from __future__ import annotations
@@ -38,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 ROW_BLOCK = 4  # output rows interleaved per block (the kernel's R)
-K_CHUNK = 32  # inputs per chunk of a block row (one 512-bit load of int16 / bf16)
+K_CHUNK = 32  # inputs per chunk of a block row (one 512-bit load of bf16)
 PROFILE_NAME = "lmwright::cpu_kernels.matmul"  # the span a torch profiler sees for each call
 
 # C++ shared by the kernels below: bf16 <-> fp32 (round to nearest even, as torch) and, with AVX-512, a vectorized
