@@ -261,3 +261,44 @@ def test_generic_path_for_non_llama_models(tokenizer):
         eng.shutdown(drain_timeout_s=1)
     for i, g in zip(ids, got):
         assert g == generate(model, tokenizer, i, params).token_ids
+
+
+def test_a_step_delivers_its_events_in_one_call_per_event_loop(monkeypatch):
+    """Events put inside deliver_together() reach the consumer's event loop in one call at the end of the block (one
+    wake-up per engine step, not one per stream), each stream's events in the order they were put, the end marker
+    last; outside the block each put is its own call."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from lmwright.serve.engine import RequestStream, deliver_together
+
+    loop = asyncio.new_event_loop()
+    calls = []
+    real = loop.call_soon_threadsafe
+    monkeypatch.setattr(loop, "call_soon_threadsafe", lambda *a: calls.append(a) or real(*a))
+
+    async def make():
+        return [RequestStream("a"), RequestStream("b")]
+
+    streams = loop.run_until_complete(make())
+
+    def engine_thread():
+        with deliver_together():
+            for i in range(3):
+                for s in streams:
+                    s.put(SimpleNamespace(token_id=i, tag=f"{s.request_id}{i}"))
+            with deliver_together():  # nested: still one delivery, by the outer block
+                streams[0].put(None)
+        streams[1].put(None)  # outside: delivered on its own
+
+    t = threading.Thread(target=engine_thread)
+    t.start()
+    t.join()
+
+    async def drain(s):
+        return [ev.tag async for ev in s]
+
+    got = loop.run_until_complete(asyncio.gather(*(drain(s) for s in streams)))
+    loop.close()
+    assert got == [["a0", "a1", "a2"], ["b0", "b1", "b2"]]
+    assert len(calls) == 2  # the step's seven events in one call, the late end marker in another
