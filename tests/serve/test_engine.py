@@ -298,7 +298,10 @@ def test_a_step_delivers_its_events_in_one_call_per_event_loop(monkeypatch):
     async def drain(s):
         return [ev.tag async for ev in s]
 
-    got = loop.run_until_complete(asyncio.gather(*(drain(s) for s in streams)))
+    async def drain_all():
+        return await asyncio.gather(*(drain(s) for s in streams))
+
+    got = loop.run_until_complete(drain_all())
     loop.close()
     assert got == [["a0", "a1", "a2"], ["b0", "b1", "b2"]]
     assert len(calls) == 2  # the step's seven events in one call, the late end marker in another
