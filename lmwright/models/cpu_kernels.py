@@ -205,15 +205,22 @@ def _build(source: str, argtypes: list[str], probe_args, needs: str = "AVX-512 F
     return fn, None
 
 
+def _compiled(source: str, argtypes: list[str], probe_args, self_test, reason: list[str],
+              needs: str = "AVX-512 F/BW"):
+    """A kernel's entry, built by :func:`_build` and passed through its ``self_test`` (an error text or None), or
+    None; why not is kept in ``reason`` (what the kernel's ``*_unavailable_reason`` returns)."""
+    fn, why = _build(source, argtypes, probe_args, needs)
+    if fn is not None and (err := self_test(fn)) is not None:
+        fn, why = None, f"failed its self-test ({err})"
+    reason[:] = [why] if why else []
+    return fn
+
+
 @functools.cache
 def kernels():
     """The compiled bf16 kernel entry (``kernel(w, x, y, M, N, K, threads)``), or None where it cannot be used
     here (see the module docstring); compiled and self-tested once per process."""
-    fn, why = _build(SOURCE, _ARGTYPES, lambda p: (p, p, p, -1, 0, 0, 1))
-    if fn is not None and (err := _self_test(fn)) is not None:
-        fn, why = None, f"failed its self-test ({err})"
-    _reason[:] = [why] if why else []
-    return fn
+    return _compiled(SOURCE, _ARGTYPES, lambda p: (p, p, p, -1, 0, 0, 1), _self_test, _reason)
 
 
 def _self_test(fn) -> str | None:
@@ -429,12 +436,8 @@ _q8_reason: list[str] = []
 def q8_kernel():
     """The compiled int8 entry (``kernel(tiles, x, scale, y, M, N, K, threads)``), or None where it cannot be used
     here (the reason in :func:`q8_unavailable_reason`); compiled and self-tested once per process."""
-    fn, why = _build(Q8_SOURCE, _Q8_ARGTYPES, lambda p: (p.view(torch.int8), p, p, p, -1, 0, 0, 1),
-                     needs="AVX-512 F/BW/VNNI")
-    if fn is not None and (err := _q8_self_test(fn)) is not None:
-        fn, why = None, f"failed its self-test ({err})"
-    _q8_reason[:] = [why] if why else []
-    return fn
+    return _compiled(Q8_SOURCE, _Q8_ARGTYPES, lambda p: (p.view(torch.int8), p, p, p, -1, 0, 0, 1), _q8_self_test,
+                     _q8_reason, needs="AVX-512 F/BW/VNNI")
 
 
 def q8_unavailable_reason() -> str | None:
@@ -624,12 +627,9 @@ _ATTENTION_ARGTYPES = ["const void*", "const void*", "const void*", "void*", "vo
 def attention_kernel():
     """The compiled decode-attention entry, or None where it cannot be used here (the reason in
     :func:`attention_unavailable_reason`); compiled and self-tested once per process."""
-    fn, why = _build(ATTENTION_SOURCE, _ATTENTION_ARGTYPES,
-                     lambda p: (p, p, p, p, p, torch.zeros(1, dtype=torch.long), p, -1, 0, 0, 0, 0, 1.0, 1, 0))
-    if fn is not None and (err := _attention_self_test(fn)) is not None:
-        fn, why = None, f"failed its self-test ({err})"
-    _attention_reason[:] = [why] if why else []
-    return fn
+    return _compiled(ATTENTION_SOURCE, _ATTENTION_ARGTYPES,
+                     lambda p: (p, p, p, p, p, torch.zeros(1, dtype=torch.long), p, -1, 0, 0, 0, 0, 1.0, 1, 0),
+                     _attention_self_test, _attention_reason)
 
 
 _attention_reason: list[str] = []
@@ -795,11 +795,8 @@ def cross_entropy_kernel():
         z = torch.zeros(1, dtype=torch.long)
         return p, z, p, p, p, p, -1, 0, 0, 0, 1
 
-    fn, why = _build(CROSS_ENTROPY_SOURCE, _CROSS_ENTROPY_ARGTYPES, probe)
-    if fn is not None and (err := _cross_entropy_self_test(fn)) is not None:
-        fn, why = None, f"failed its self-test ({err})"
-    _cross_entropy_reason[:] = [why] if why else []
-    return fn
+    return _compiled(CROSS_ENTROPY_SOURCE, _CROSS_ENTROPY_ARGTYPES, probe, _cross_entropy_self_test,
+                     _cross_entropy_reason)
 
 
 def cross_entropy_unavailable_reason() -> str | None:
@@ -949,11 +946,8 @@ _sample_reason: list[str] = []
 def sampling_kernel():
     """The compiled sampling entry, or None where it cannot be used here (the reason in
     :func:`sampling_unavailable_reason`); compiled and self-tested once per process."""
-    fn, why = _build(SAMPLE_SOURCE, _SAMPLE_ARGTYPES, lambda p: (p, 1.0, 0, p, -1, 0))
-    if fn is not None and (err := _sample_self_test(fn)) is not None:
-        fn, why = None, f"failed its self-test ({err})"
-    _sample_reason[:] = [why] if why else []
-    return fn
+    return _compiled(SAMPLE_SOURCE, _SAMPLE_ARGTYPES, lambda p: (p, 1.0, 0, p, -1, 0), _sample_self_test,
+                     _sample_reason)
 
 
 def sampling_unavailable_reason() -> str | None:
