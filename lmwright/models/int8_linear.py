@@ -104,8 +104,7 @@ class Int8Linear(nn.Module):
         """torch's int8 kernel for few rows, a bf16 copy of the same quantized weight for many: the copy is a
         PackedLinear, packed into oneDNN's layout where that works on this CPU (faster from 3 rows on than the
         int8 kernel, so that kernel then serves only 1-2 rows), else held dense."""
-        if self.int8_layout == "tiles":
-            self.weight_int8 = cpu_kernels.q8_untile(self.weight_int8, self.out_features, self.in_features)
+        self.weight_int8 = self.int8_weight()
         self.int8_layout = "plain"
         self.bf16 = PackedLinear(dequantize_weight(self.weight_int8, self.weight_scale), self.bias,
                                  few_rows_kernel=False)
@@ -131,7 +130,9 @@ class Int8Linear(nn.Module):
 
     def int8_weight(self) -> torch.Tensor:
         """The int8 weight ``q`` (out, in) in the plain layout (a copy where it is held tiled)."""
-        return cpu_kernels.q8_untile(self.weight_int8, self.out_features, self.in_features) if self.int8_layout == "tiles" else self.weight_int8
+        if self.int8_layout == "tiles":
+            return cpu_kernels.q8_untile(self.weight_int8, self.out_features, self.in_features)
+        return self.weight_int8
 
     def unpack(self) -> bool:
         """Plain layouts only (torch's int8 kernel, a dense bf16 copy): for ``torch.compile``, which can trace

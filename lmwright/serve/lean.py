@@ -14,8 +14,9 @@ Used only for models whose attention is the stock SDPA Llama attention (``lean_s
 model is served through ``model.forward`` with a ``DynamicCache``.
 
 Decode rows attend through lmwright's CPU kernel (``lmwright.models.cpu_kernels.decode_attention``: one call per
-layer instead of SDPA over a mask) where it runs: an fp32 cache on an AVX-512 CPU, and not under
-``torch.compile``, which cannot trace it.
+layer instead of SDPA over a mask) where it runs: an AVX-512 CPU, and not under ``torch.compile``, which cannot
+trace it. There the slot cache is in the model's dtype (bf16 keys and values held exactly, fp32 arithmetic); with
+SDPA it is in the attention's dtype.
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ class LeanLlama:
         w = self.inner.embed_tokens.weight
         self.dtype, self.device = w.dtype, w.device
         # a bf16 model served on a CPU attends in fp32 (``lmwright.models.attention.FP32_NAME``, set on the model so
-        # that its own forward and generate() do the same): the KV cache holds the bf16 projections' values in fp32
+        # that its own forward and generate() do the same); prefill buffers hold the bf16 projections' values in fp32
         self.attn_dtype = torch.float32 if cfg._attn_implementation == FP32_NAME else self.dtype
         # The slot cache holds the model's own dtype where lmwright's decode-attention kernel runs: a bf16 model's
         # keys and values are bf16 numbers, so a bf16 cache holds them exactly (half the bytes that every decode
@@ -208,9 +209,9 @@ class LeanLlama:
             self.v[i][dst, :, :length] = self.v[i][src, :, :length]
 
     # ------------------------------------------------------------------ forward
-    def _attn_in(self, layer, x, n_tokens: int, pos, convert: bool = True):
+    def _attn_in(self, layer, x, n_tokens: int, pos):
         """Norm, q/k/v projections and rotary for ``x`` (B, T, D) -> q (B, H, T, d), k, v (B, KV, T, d), in the
-        attention's dtype (``convert=False``: in the model's)."""
+        model's dtype (each attention path takes them in its own)."""
         b, t = x.shape[0], n_tokens
         a = layer.self_attn
         h = layer.input_layernorm(x)
@@ -218,8 +219,6 @@ class LeanLlama:
         k = a.k_proj(h).view(b, t, -1, self.head_dim).transpose(1, 2)
         v = a.v_proj(h).view(b, t, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, *pos)
-        if convert and self.attn_dtype != self.dtype:
-            return q.to(self.attn_dtype), k.to(self.attn_dtype), v.to(self.attn_dtype)
         return q, k, v
 
     def _attn_out(self, layer, x, o):
@@ -270,7 +269,7 @@ class LeanLlama:
         rows = torch.arange(b, device=self.device)
         mask = self._decode_mask(positions, ncols)
         for i, layer in enumerate(self.layers):
-            q, k, v = self._attn_in(layer, x, 1, rope, convert=False)
+            q, k, v = self._attn_in(layer, x, 1, rope)
             x = self._attn_out(layer, x, self._decode_attn(i, layer, q, k, v, rows, positions, ncols, mask, kc, vc))
         return self._logits(x)[:, -1]
 
@@ -300,7 +299,7 @@ class LeanLlama:
             offsets.append(o)
             o += len(s.ids)
         for i, layer in enumerate(self.layers):
-            q, k, v = self._attn_in(layer, x, len(all_ids), rope, convert=False)  # (1, heads, B + T, d)
+            q, k, v = self._attn_in(layer, x, len(all_ids), rope)  # (1, heads, B + T, d)
             outs = []
             if b:  # the decode rows, in the decode step's (B, heads, 1, d) layout and back
                 od = self._decode_attn(i, layer, q[0, :, :b].transpose(0, 1)[:, :, None],
