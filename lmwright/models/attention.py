@@ -11,7 +11,10 @@ then each sample's own slice runs SDPA with ``is_causal=True``: exactly the atte
 mask (the same keys, causal order and scale). Without that argument (padded batches, a KV cache, generation,
 evaluation) the call goes to transformers' own ``sdpa_attention_forward`` unchanged, as do sliding windows,
 soft-capping and requested attention weights. The mask function is sdpa's, and ``_attn_implementation`` is
-not written into ``config.json``.
+not written into ``config.json``. On a CPU with bf16 q, k, v (bf16 autocast casts them, as it does for SDPA) and
+a head size that is a multiple of 32, every sample and head of the batch runs in one call of lmwright's own
+kernel, forward and backward (``models/cpu_attention.py``); otherwise per sample through torch's SDPA, in fp32
+on a CPU.
 
 ``lmwright_sdpa_fp32`` (:func:`fp32_sdpa`, :func:`use_fp32_attention`) is transformers' sdpa over fp32 upcasts of
 q, k and v, for bf16 models served on a CPU: torch's CPU SDPA is ~8x slower in bf16 than in fp32 (a decode step
@@ -61,6 +64,12 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     if plain:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    if not (dropout and module.training):
+        from lmwright.models import cpu_attention
+
+        q, k, v = cpu_attention.autocast_inputs(query, key, value)
+        if cpu_attention.usable(q, k, v):  # bf16 on a CPU: one kernel for every sample and head
+            return cpu_attention.packed_attention(q, k, v, segs_per_row, scaling), None
     B = query.shape[0]
     groups = getattr(module, "num_key_value_groups", 1)
     out_dtype = query.dtype

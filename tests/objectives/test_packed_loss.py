@@ -157,8 +157,9 @@ def test_head_runs_only_on_target_positions(tokenizer):
 
 
 def test_bf16_packed_attention_runs_in_fp32_on_cpu():
-    """Under bf16 autocast on a CPU the per-sample SDPA runs over exact fp32 upcasts of the bf16 q, k, v (torch's
-    CPU kernel is slower in bf16, its backward ~1.7x on SmolLM2's shapes) and returns bf16, as sdpa would."""
+    """Under bf16 autocast on a CPU, where lmwright's attention kernel does not take the shape (head size 8 here,
+    not a multiple of 32), the per-sample SDPA runs over exact fp32 upcasts of the bf16 q, k, v (torch's CPU
+    kernel is slower in bf16, its backward ~1.7x on SmolLM2's shapes) and returns bf16, as sdpa would."""
     import torch.nn.functional as F
 
     from lmwright.models.attention import packed_sdpa
