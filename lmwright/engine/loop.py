@@ -35,7 +35,7 @@ from lmwright.engine.checkpoint import (
 from lmwright.engine.config import TrainConfig
 from lmwright.engine.run import Run
 from lmwright.engine.schedule import lr_factor
-from lmwright.objectives.base import LossOutput
+from lmwright.objectives.base import LossOutput, keeps_output_dtype
 from lmwright.utils.logging import get_logger
 
 log = get_logger("lmwright.engine")
@@ -277,6 +277,7 @@ def train(model: torch.nn.Module, train_data: Sequence, collate: Callable, objec
         if cfg.compile:
             model = getattr(model, "_orig_mod", model)
 
+    native_forward = _native_forward(fwd_model) if keeps_output_dtype(objective) else None
     peak = None
     if flops_per_token:
         from lmwright.utils.hardware import peak_flops
@@ -336,7 +337,7 @@ def train(model: torch.nn.Module, train_data: Sequence, collate: Callable, objec
                 ntok = count_tokens(batch)
                 sync = micro == cfg.grad_accum - 1
                 ctx = acc.no_sync(fwd_model) if (world > 1 and not sync) else _null()
-                with ctx, acc.autocast():
+                with ctx, acc.autocast(), _forward_as(fwd_model, native_forward):
                     out = objective(fwd_model, batch)
                     acc.backward(out.loss_sum.float())
                 step_loss += out.loss_sum.detach().float()
@@ -455,6 +456,35 @@ def train(model: torch.nn.Module, train_data: Sequence, collate: Callable, objec
     run.write_info(final_step=step, best_step=best_step, best_metric=best, interrupted=result.interrupted,
                    stopped_early=result.stopped_early, train_seconds=result.train_seconds)
     return result
+
+
+def _native_forward(fwd_model):
+    """The forward under accelerate's mixed-precision wrapper (autocast + a cast of every output to fp32), or
+    None where there is none (no mixed precision). The training step runs the objective under ``acc.autocast()``
+    itself, so for an objective that keeps the outputs' dtype (``objectives.base.keeps_output_dtype``) the bare
+    forward computes the same thing without the fp32 copy of the logits."""
+    bare = getattr(fwd_model, "module", fwd_model)  # DDP wraps the module whose forward accelerate patched
+    return bare.__dict__.get("_original_forward")
+
+
+class _forward_as:
+    """Within the block, ``fwd_model``'s (inner) module runs ``forward`` instead of its own (None: unchanged)."""
+
+    def __init__(self, fwd_model, forward) -> None:
+        self.bare, self.forward, self.saved = getattr(fwd_model, "module", fwd_model), forward, None
+
+    def __enter__(self):
+        if self.forward is not None:
+            self.saved = self.bare.__dict__.get("forward")
+            self.bare.forward = self.forward
+
+    def __exit__(self, *exc):
+        if self.forward is not None:
+            if self.saved is None:
+                del self.bare.forward
+            else:
+                self.bare.forward = self.saved
+        return False
 
 
 class _null:

@@ -15,7 +15,7 @@ from typing import Any
 from lmwright.config import ConfigError
 from lmwright.models.introspect import model_type
 from lmwright.models.presets import CAUSAL_MODEL_TYPES
-from lmwright.objectives.base import IGNORE_INDEX, LossOutput, causal_lm_loss
+from lmwright.objectives.base import IGNORE_INDEX, LossOutput, causal_lm_loss, output_dtype_kept
 from lmwright.stages.common import resolve_tokenizer
 from lmwright.utils.hardware import choose_mixed_precision
 from lmwright.utils.logging import get_logger
@@ -147,6 +147,7 @@ def make_rows(samples: list[tuple[list[int], list[int]]], seq_len: int, packing:
     return [{"input_ids": i, "labels": lab} for i, lab in samples], partial(collate_padded, pad_id=pad_id)
 
 
+@output_dtype_kept
 def sft_loss(model, batch: dict) -> LossOutput:
     """Next-token loss on the labelled tokens (a sum over target tokens, as the engine expects)."""
     return causal_lm_loss(model, batch)

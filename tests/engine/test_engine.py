@@ -202,3 +202,32 @@ def test_sigint_saves_and_exits_cleanly(tmp_path, tokenizer, rows):
                 on_log=on_log)
     assert res.interrupted and res.step == 3
     assert [p.name for p in list_checkpoints(tmp_path / "int" / "checkpoints")] == ["step-3"]
+
+
+def test_bf16_objective_that_keeps_output_dtype_skips_the_fp32_logits_copy(tmp_path, tokenizer, rows):
+    """accelerate's mixed precision casts every forward output to fp32; an objective marked
+    ``output_dtype_kept`` (causal_lm_loss, sft_loss: they compute in fp32 from any dtype) gets the autocast
+    dtype instead, an unmarked one still gets fp32, and after training the model's forward is accelerate's again
+    (the same loss either way, to bf16 rounding of nothing: the logits are bf16 numbers in both)."""
+    from functools import partial
+
+    from lmwright.objectives.base import keeps_output_dtype, output_dtype_kept
+
+    seen = []
+
+    def plain(model, batch):
+        seen.append(model(input_ids=batch["input_ids"]).logits.dtype)
+        return causal_lm_loss(model, batch)
+
+    kept = output_dtype_kept(lambda model, batch: plain(model, batch))
+    assert keeps_output_dtype(causal_lm_loss) and keeps_output_dtype(partial(causal_lm_loss, chunk_size=8))
+    assert not keeps_output_dtype(plain) and keeps_output_dtype(kept)
+    for name, objective in (("plain", plain), ("kept", kept)):
+        seen.clear()
+        c = cfg(tmp_path, run_name=name, max_steps=2, mixed_precision="bf16")
+        model = make_model(tokenizer)
+        train(model, rows, collate, objective, c, Run.create(c.output_dir, name, "test"))
+        assert set(seen) == {torch.float32 if name == "plain" else torch.bfloat16}
+        with torch.no_grad():  # accelerate's forward (autocast + fp32 outputs) is back after the loop
+            assert model(input_ids=torch.tensor([rows[0]["input_ids"]])).logits.dtype == torch.float32
+    assert losses(tmp_path / "plain")[0] == pytest.approx(losses(tmp_path / "kept")[0], rel=1e-3)
