@@ -179,3 +179,41 @@ def test_autocast_hands_fp32_inputs_to_the_kernel_as_bf16_like_sdpa():
     assert torch.equal(out, ca.packed_attention(q.detach(), k.detach(), v.detach(), segs, 0.4))
     out.backward(go)
     assert qf.grad.dtype == torch.float32 and torch.isfinite(qf.grad).all() and k.grad.dtype == torch.bfloat16
+
+
+def test_reference_grads_are_autograds():
+    """The self-test's autograd-free reference gradients equal autograd's through the SDPA reference."""
+    segs = [[(0, 7), (7, 30)]]
+    q, k, v, go = _inputs(1, 4, 2, 30, 32, seed=11)
+    ref = ca.reference(q, k, v, segs, scale=0.3)
+    ref.backward(go.float())
+    for got, x in zip(ca.reference_grads(q, k, v, segs, go, scale=0.3), (q, k, v)):
+        torch.testing.assert_close(got.float(), x.grad.float(), atol=2e-2, rtol=2e-2)
+
+
+@needs_kernel
+def test_first_use_inside_a_gradient_checkpointed_forward(monkeypatch):
+    """The kernel is built and self-tested at first use, which may be inside a gradient-checkpointed layer: the
+    self-test must save nothing for backward there (it ran an autograd pass of its own, and the recomputation then
+    saved fewer tensors than the forward: CheckpointError in the SmolLM2 LoRA run with gradient checkpointing)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from lmwright.models import cpu_kernels
+
+    segs = [[(0, 10), (10, 40)]]
+    q, k, v, go = _inputs(1, 4, 2, 40, 32, seed=13)
+
+    calls = []
+
+    def layer(q, k, v):
+        if not calls:  # as in a fresh process: the forward's call builds and self-tests, the recomputation's not
+            ca.kernel.cache_clear()
+            cpu_kernels.cross_entropy_kernel.cache_clear()
+            assert cpu_kernels.cross_entropy_kernel() is not None
+        calls.append(1)
+        return ca.packed_attention(q * 1.0, k * 1.0, v * 1.0, segs)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = checkpoint(layer, q, k, v, use_reentrant=False)
+    out.backward(go)
+    assert len(calls) == 2 and ca.kernel() is not None and all(torch.isfinite(x.grad).all() for x in (q, k, v))
