@@ -26,6 +26,7 @@ later stage; the file's digest is remembered per (path, size, mtime) so a reuse 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -178,6 +179,40 @@ def _umask_mode(folder: Path) -> None:
             f.chmod(0o666 & ~mask)
 
 
+@contextlib.contextmanager
+def shared_gguf_readers():
+    """Within the block, every ``gguf.GGUFReader`` of one file is parsed once and shared.
+
+    transformers parses the whole file again for the config, the tokenizer and the weights (three times per
+    import); gguf's reader is pure Python over the metadata, ~3.3 s per parse of SmolLM2's 49,152-token
+    vocabulary on one CPU core (import 26 s -> 19 s with one parse). The readers are read-only memory maps, so
+    sharing them changes nothing they return; they are dropped when the block ends.
+    """
+    import gguf
+
+    real = gguf.GGUFReader
+    cache: dict[tuple[str, str], Any] = {}
+
+    class Shared(real):  # a subclass: isinstance checks against gguf.GGUFReader still hold
+        def __new__(cls, path, mode="r"):
+            key = (os.path.realpath(os.fspath(path)), mode)
+            if key not in cache:
+                cache[key] = super().__new__(cls)
+                cache[key]._lmwright_parsed = False
+            return cache[key]
+
+        def __init__(self, path, mode="r"):
+            if not self._lmwright_parsed:
+                super().__init__(path, mode)
+                self._lmwright_parsed = True
+
+    gguf.GGUFReader = Shared
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = real
+
+
 def _convert(path: Path, out: Path, dtype: str, log, checked: tuple | None = None) -> dict[str, Any]:
     """Load ``path`` with transformers, fix what it leaves out, save into ``out``; ``checked``: check_gguf's answer."""
     import torch
@@ -193,9 +228,11 @@ def _convert(path: Path, out: Path, dtype: str, log, checked: tuple | None = Non
     quiet_transformers()
     kw = dict(gguf_file=path.name, local_files_only=True)
     try:
-        tok = AutoTokenizer.from_pretrained(str(path.parent), **kw)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch.float32, trust_remote_code=False,
-                                                     quantization_config=GgufConfig(dequantize=True), **kw)
+        with shared_gguf_readers():
+            tok = AutoTokenizer.from_pretrained(str(path.parent), **kw)
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch.float32,
+                                                         trust_remote_code=False,
+                                                         quantization_config=GgufConfig(dequantize=True), **kw)
     except (ValueError, KeyError, OSError) as e:
         raise ConfigError(f"transformers {transformers.__version__} could not load {path} as a causal LM: "
                           f"{type(e).__name__}: {e}") from None

@@ -79,6 +79,26 @@ def test_import_cli_tiny_round_trip(tiny_dir, tiny_gguf, tmp_path, capsys):
     assert main(["models", "import", str(tiny_gguf.parent), "--out", str(out), "--overwrite"]) == 0
 
 
+def test_import_parses_the_file_once(tiny_gguf, tmp_path, monkeypatch):
+    """transformers parses a GGUF once for the config, the tokenizer and the weights; the import shares one
+    parse (gguf's reader is pure Python: ~3.3 s per parse of SmolLM2's vocabulary) and puts the reader back."""
+    import gguf
+
+    from lmwright.models.gguf_import import import_gguf, shared_gguf_readers
+
+    parses = []
+    real_init = gguf.GGUFReader.__init__
+    monkeypatch.setattr(gguf.GGUFReader, "__init__", lambda self, *a, **k: (parses.append(a[0]), real_init(self, *a, **k))[1])
+    with shared_gguf_readers():
+        a, b = gguf.GGUFReader(str(tiny_gguf)), gguf.GGUFReader(tiny_gguf)
+        assert a is b and isinstance(a, gguf.GGUFReader) and len(parses) == 1
+        assert a.fields["general.architecture"].contents() == "llama"
+    assert gguf.GGUFReader.__name__ == "GGUFReader" and gguf.GGUFReader(tiny_gguf) is not a  # put back
+    parses.clear()
+    import_gguf(tiny_gguf, tmp_path / "once", log=lambda _m: None)
+    assert len(parses) == 1, parses  # was 3: config, tokenizer, weights
+
+
 def test_gguf_file_as_model_name(tiny_dir, tiny_gguf, gguf_cache):
     """model.name=<file>.gguf: converted once into the cache, then every loader and stage helper takes it."""
     from lmwright.models import ModelConfig, gguf_import, load_model, load_tokenizer, resolve_model_path

@@ -57,6 +57,7 @@ def test_lora_sft_on_smollm2_and_alpaca_en_demo_trains_answers_only_and_serves(s
     assert main(["train", "sft", "-c", "configs/sft/lora.yaml", f"model.name={smollm2_dir}", f"data.path=[{data}]",
                  "data.val_fraction=0.1", "seq_len=128", "method.r=8", "method.alpha=16", "eval_generate=0",
                  "train.max_steps=30", "train.micro_batch_size=2", "train.lr=5e-4", "train.warmup_steps=3",
+                 "train.mixed_precision=bf16",
                  "train.eval_every=0", f"train.output_dir={tmp_path}", "train.run_name=smol"]) == 0
     run = tmp_path / "smol"
     info = json.loads((run / "run.json").read_text())
