@@ -180,6 +180,7 @@ def worker_lmwright(spec: dict) -> dict:
     from lmwright.engine.config import TrainConfig
     from lmwright.methods import MethodConfig, apply_method
     from lmwright.models.attention import use_packed_attention
+    from lmwright.models.cpu_fused import fuse_for_training
     from lmwright.objectives.base import causal_lm_loss
     from lmwright.stages.sft import sft_loss
 
@@ -191,6 +192,7 @@ def worker_lmwright(spec: dict) -> dict:
         micro = spec["packed_micro"]
         r = spec.get("lora_r") or 8
         use_packed_attention(model)  # as the sft stage's model builder does: packed rows attend per sample
+        fuse_for_training(model)  # and fused RMSNorm / SwiGLU in training forwards (bf16 on a CPU)
         model = apply_method(model, MethodConfig(name=spec["method"], r=r, alpha=2.0 * r), "causal-lm")
         if mp == "bf16" and spec["method"] != "full":  # as stages/_sft.hold_base_in_bf16 does (model.dtype auto)
             import torch

@@ -143,8 +143,10 @@ def run(cfg: PretrainConfig) -> Path:
     model = build_model(cfg.model, task=obj.task, tokenizer=tokenizer, seed=cfg.train.seed)
     if obj.task == "causal-lm":
         from lmwright.models.attention import use_packed_attention
+        from lmwright.models.cpu_fused import fuse_for_training
 
         use_packed_attention(model)  # packed rows attend per sample (same results as the block-diagonal mask)
+        fuse_for_training(model)  # RMSNorm and SwiGLU as one kernel each in training forwards on a CPU (bf16)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if hasattr(obj, "prepare_model"):
