@@ -256,8 +256,11 @@ MALFORMED = [  # (request bytes, acceptable outcomes): h11 refuses bad HTTP with
      b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n", {400}),  # request smuggling shape
     (b"POST /v1/chat/completions HTTP/1.1\r\n" + _H + _JSON + b"Transfer-Encoding: chunked\r\n\r\n"
      b"zz\r\n{}\r\n0\r\n\r\n", {400, "closed"}),
-    # a 70 KB header: refused if it reaches h11 in pieces (its 16 KB bound on an incomplete head), else read
-    (b"POST /v1/chat/completions HTTP/1.1\r\n" + _H + b"X-Big: " + b"a" * 70_000 + b"\r\n\r\n", {400, 415, 431}),
+    # a 70 KB header: refused if it reaches h11 in pieces (its 16 KB bound on an incomplete head), else read.
+    # "closed": the refusal closes the socket with the rest of the header unread, and the kernel's RST can drop the
+    # 431 before the client reads it (seen once in CI under load); either way the server neither hangs nor serves
+    (b"POST /v1/chat/completions HTTP/1.1\r\n" + _H + b"X-Big: " + b"a" * 70_000 + b"\r\n\r\n",
+     {400, 415, 431, "closed"}),
     # 2000 small headers (~20 KB) arriving at once: h11 bounds only *incomplete* heads, so this is served
     (b"GET /health HTTP/1.1\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(2000)) + _H + b"\r\n", {200, 400, 431}),
     (b"GET /health HTTP/1.1\r\n" + _H + b"Bad Header\r\n\r\n", {400}),
