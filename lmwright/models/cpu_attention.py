@@ -112,16 +112,23 @@ template <typename F> static inline void by_chunks(int64_t D, F f) {  // 64 colu
     }
 }
 
+// fn(b, s0, L, g) for every span (row b, start s0, length L > 0) of segs (n, 3) and key/value head g, in parallel
+template <typename F>
+static void each_span_head(const int64_t* segs, int64_t nseg, int64_t KV, int64_t nt, F fn) {
+    #pragma omp parallel for num_threads(nt) schedule(dynamic, 1) collapse(2) if(nt > 1)
+    for (int64_t si = 0; si < nseg; ++si)
+        for (int64_t g = 0; g < KV; ++g) {
+            const int64_t b = segs[si * 3], s0 = segs[si * 3 + 1], L = segs[si * 3 + 2] - s0;
+            if (L > 0) fn(b, s0, L, g);
+        }
+}
+
 // q (B, T, H, D), k and v (B, T, KV, D), out (B, T, H, D): bf16. lse (B, H, T) fp32. segs (n, 3): b, start, end.
 static void forward(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out, float* lse,
                     const int64_t* segs, int64_t nseg, int64_t T, int64_t H, int64_t KV, int64_t D, float scale,
                     int64_t nt) {
     const int64_t G = H / KV, P = D / 2;
-    #pragma omp parallel for num_threads(nt) schedule(dynamic, 1) collapse(2) if(nt > 1)
-    for (int64_t si = 0; si < nseg; ++si)
-    for (int64_t g = 0; g < KV; ++g) {
-        const int64_t b = segs[si * 3], s0 = segs[si * 3 + 1], L = segs[si * 3 + 2] - s0;
-        if (L <= 0) continue;
+    each_span_head(segs, nseg, KV, nt, [&](int64_t b, int64_t s0, int64_t L, int64_t g) {
         const int64_t NB = (L + 15) / 16, W = NB * 16;
         std::vector<uint32_t> kt, vp;
         std::vector<float> sb(4 * W);
@@ -180,7 +187,7 @@ static void forward(const uint16_t* q, const uint16_t* k, const uint16_t* v, uin
                 });
             }
         }
-    }
+    });
 }
 
 // the gradients dq (B, T, H, D), dk and dv (B, T, KV, D), bf16, from dout (B, T, H, D) and forward's out and lse
@@ -189,11 +196,7 @@ static void backward(const uint16_t* q, const uint16_t* k, const uint16_t* v, co
                      const int64_t* segs, int64_t nseg, int64_t T, int64_t H, int64_t KV, int64_t D, float scale,
                      int64_t nt) {
     const int64_t G = H / KV, P = D / 2;
-    #pragma omp parallel for num_threads(nt) schedule(dynamic, 1) collapse(2) if(nt > 1)
-    for (int64_t si = 0; si < nseg; ++si)
-    for (int64_t g = 0; g < KV; ++g) {
-        const int64_t b = segs[si * 3], s0 = segs[si * 3 + 1], L = segs[si * 3 + 2] - s0;
-        if (L <= 0) continue;
+    each_span_head(segs, nseg, KV, nt, [&](int64_t b, int64_t s0, int64_t L, int64_t g) {
         const int64_t NB = (L + 15) / 16, L4 = (L + 3) / 4 * 4;
         std::vector<uint32_t> kt, vt, kp, qp, op, pp(L4 / 2 * 16), sp(L4 / 2 * 16);
         std::vector<uint16_t> sb(L4 * 16);
@@ -284,7 +287,7 @@ static void backward(const uint16_t* q, const uint16_t* k, const uint16_t* v, co
                 dkg[j * KV * D + d] = f2bf(dka[at] * scale);
                 dvg[j * KV * D + d] = f2bf(dva[at]);
             }
-    }
+    });
 }
 #endif
 
