@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # Which installed versions differ from the tested set: when a test fails on a fresh machine, these moved.
 python scripts/versions.py --against constraints.txt | sed 's/^/versions: /' || true
-# Tests marked `heavy` (the SIGKILL fuzz of resume, the lossless f32 GGUF round trip: ~2.3 min) run only with
+# Tests marked `heavy` (the SIGKILL fuzz of resume, the f32 and f16 GGUF round trips: ~3 min) run only with
 # LMWRIGHT_HEAVY=1: CI has 20 minutes for set-up and tests on a 2-core machine.
 heavy='not heavy'
 if [ "${LMWRIGHT_HEAVY:-0}" = "1" ]; then heavy='heavy or not heavy'; fi
