@@ -42,16 +42,6 @@ SOURCE = _CPP_COMMON + r"""
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define HAVE_KERNEL 1
-// acc + a.lo * b.lo + a.hi * b.hi in each 32-bit lane of bf16 pairs
-static inline __m512 dot2(__m512 acc, __m512i a, __m512i b) {
-#if defined(__AVX512BF16__)
-    return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
-#else
-    const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
-    acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(a, 16)), _mm512_castsi512_ps(_mm512_slli_epi32(b, 16)), acc);
-    return _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(a, hi)), _mm512_castsi512_ps(_mm512_and_si512(b, hi)), acc);
-#endif
-}
 static inline __m512i pair(const uint16_t* p) { int32_t v; std::memcpy(&v, p, 4); return _mm512_set1_epi32(v); }
 static inline __m512i lanes() { return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
 

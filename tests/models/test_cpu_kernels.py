@@ -247,21 +247,31 @@ def test_decode_attention_matches_sdpa(heads, kv, d, rows):
 
 
 @needs_attention
+@pytest.mark.parametrize("heads,kv", [(9, 3), (12, 2)])
+@pytest.mark.parametrize("d", [64, 48])
 @pytest.mark.parametrize("rows", [1, 7])
-def test_decode_attention_on_a_bf16_cache_is_the_fp32_arithmetic(rows):
+def test_decode_attention_on_a_bf16_cache_is_the_fp32_arithmetic(rows, d, heads, kv):
     """A bf16 model's keys and values are bf16 numbers: a bf16 cache holds them exactly, and the kernel attends in
-    fp32 on it, so its output is the fp32-cache output rounded to bf16, bit for bit (half the cache's bytes)."""
+    fp32 on it, so its output is the fp32-cache output rounded to bf16 (half the cache's bytes). Where the head size
+    is a multiple of 32 the scores sum bf16 pair products (exact) in another order than the fp32 path: an output
+    may then land one bf16 step away; else bit for bit."""
     g = torch.Generator().manual_seed(rows)
-    slots, kv, heads, cap, d = 8, 3, 9, 200, 64
+    slots, cap = 8, 200
     kc = torch.randn(slots, kv, cap, d, generator=g).bfloat16()
     vc = torch.randn(slots, kv, cap, d, generator=g).bfloat16()
     q = (torch.randn(rows, heads, 1, d, generator=g) * 3).bfloat16()
     k, v = torch.randn(rows, kv, 1, d, generator=g).bfloat16(), torch.randn(rows, kv, 1, d, generator=g).bfloat16()
     positions = torch.randint(0, 190, (rows,), generator=g)
     kc32, vc32 = kc.float(), vc.float()
-    ref = ck.decode_attention(q.float(), k.float(), v.float(), kc32, vc32, positions, 0.125)
+    ref = ck.decode_attention(q.float(), k.float(), v.float(), kc32, vc32, positions, 0.125).bfloat16().float()
     out = ck.decode_attention(q, k, v, kc, vc, positions, 0.125)
-    assert out.dtype == torch.bfloat16 and torch.equal(out, ref.bfloat16())
+    assert out.dtype == torch.bfloat16
+    diff = (out.float() - ref).abs()
+    if d % 32:
+        assert torch.equal(diff, torch.zeros_like(diff))
+    else:
+        assert bool((diff <= ref.abs() * 2**-7).all())  # at most one bf16 step
+        assert float((diff == 0).float().mean()) > 0.995
     assert torch.equal(kc.float(), kc32) and torch.equal(vc.float(), vc32)  # the same writes
 
 
