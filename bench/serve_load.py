@@ -274,9 +274,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def http_load(engine, tokens: int, levels: list[int], rpc: int, first: int) -> list[dict]:
+_PER_STEP = ("wall_ms_per_step", "forward_ms_per_step", "sample_emit_ms_per_step", "prefill_ms_per_step",
+             "outside_scheduler_ms_per_step")
+_SUMMED = ("requests", "tokens", "seconds", "prompt_tokens", "prefix_hit_tokens", "engine_steps")
+
+
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One row from the rows of the same level measured in several rounds: tokens/s over all of them (total tokens
+    / total seconds), TTFT percentiles over every request, per-step and per-token figures weighted by steps and
+    tokens; each round's tokens/s kept in ``rounds_tokens_per_s``."""
+    if len(rounds) == 1:
+        return dict(rounds[0], rounds_tokens_per_s=[rounds[0]["tokens_per_s"]])
+    ttft = [t for r in rounds for t in r["_ttft"]]
+    steps = sum(r["engine_steps"] for r in rounds)
+    tokens = sum(r["tokens"] for r in rounds)
+    out = dict(rounds[0])
+    out.update({k: sum(r[k] for r in rounds) for k in _SUMMED})
+    out.update({k: sum(r[k] * r["engine_steps"] for r in rounds) / steps for k in _PER_STEP})
+    out.update({k: sum(r[k] * r["tokens"] for r in rounds) / max(1, tokens) for k in rounds[0]
+                if k.startswith("cpu_ms_per_token")})
+    if "server_ttft_mean_s" in out:
+        out["server_ttft_mean_s"] = sum(r["server_ttft_mean_s"] * r["requests"] for r in rounds) / out["requests"]
+    out.update({"tokens_per_s": out["tokens"] / out["seconds"], "ttft_p50_s": statistics.median(ttft),
+                "ttft_mean_s": statistics.mean(ttft), "ttft_p95_s": _percentile(ttft, 0.95), "_ttft": ttft,
+                "rounds_tokens_per_s": [r["tokens_per_s"] for r in rounds]})
+    return out
+
+
+def http_load(engine, tokens: int, levels: list[int], rpc: int, first: int, rounds: int = 1) -> list[dict]:
     """The engine behind the real server; each level's clients run in a fresh load-generator process, asking
-    questions ``first``, ``first + 1``, ... (none asked before)."""
+    questions ``first``, ``first + 1``, ... (none asked before). With ``rounds`` > 1 the levels take turns
+    (1, 16, 1, 16, ...) and each level's row merges its rounds (:func:`merge_rounds`): on a shared machine a slow
+    spell then falls on every level alike instead of on whichever ran during it, so the ratios between levels
+    read the code rather than the neighbours."""
     import uvicorn
 
     from lmwright.serve.http import ServeConfig, create_app
@@ -294,7 +324,8 @@ def http_load(engine, tokens: int, levels: list[int], rpc: int, first: int) -> l
             h = app.state.metrics.hist.get("lmwright_time_to_first_token_seconds|chat", {"sum": 0.0, "n": 0})
             return h["sum"], h["n"]
 
-        for c in levels:
+        measured: dict[int, list[dict]] = {c: [] for c in levels}
+        for c in [c for _ in range(rounds) for c in levels]:
             before, (s0, n0) = engine.stats(), ttft_sum()
             cpu_http, cpu_all = _thread_cpu_s(t.native_id), _thread_cpu_s()
             cmd = [sys.executable, __file__, "--client", f"http://127.0.0.1:{port}", "--tokens", str(tokens),
@@ -312,9 +343,10 @@ def http_load(engine, tokens: int, levels: list[int], rpc: int, first: int) -> l
             # (scheduler + torch's OpenMP workers), the load generator process
             cpu = {"cpu_ms_per_token_http": cpu_http / n * 1e3, "cpu_ms_per_token_engine": (cpu_all - cpu_http) / n * 1e3,
                    "cpu_ms_per_token_client": out["cpu_s"] / n * 1e3}
-            rows.append(_row("http", c, rpc, out["tokens"], out["seconds"], out["ttft"],
-                             _stats_delta(engine, before, out["seconds"]), server_ttft_mean_s=(s1 - s0) / max(1, n1 - n0),
-                             **cpu))
+            measured[c].append(_row("http", c, rpc, out["tokens"], out["seconds"], out["ttft"],
+                                    _stats_delta(engine, before, out["seconds"]),
+                                    server_ttft_mean_s=(s1 - s0) / max(1, n1 - n0), _ttft=out["ttft"], **cpu))
+        rows = [{k: v for k, v in merge_rounds(measured[c]).items() if k != "_ttft"} for c in levels]
     finally:
         server.should_exit = True
         t.join(timeout=30)
@@ -414,6 +446,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tokens", type=int, default=None, help="new tokens per request (default 64; 8 with --smoke)")
     ap.add_argument("--levels", default=None, help="comma-separated client counts (default 1,4,16)")
     ap.add_argument("--requests-per-client", type=int, default=None, help="sequential requests per client (2)")
+    ap.add_argument("--rounds", type=int, default=None, help="HTTP rounds: the levels take turns this many times and "
+                                                              "each level's figures merge them (default 3 with "
+                                                              "--model, else 1)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for generate() and the engine "
                                                                "(default: 1 on <= 4 cores, else all cores)")
     ap.add_argument("--variants", default=None, help="engine variants: eager,compiled (torch.compile of the "
@@ -454,6 +489,7 @@ def main(argv: list[str] | None = None) -> dict:
                                if args.model else "") + ("" if args.weights == "float32" else f"_{args.weights}")
         args.out = str(Path(__file__).parent / "results" / f"{name}.json")
     rpc = args.requests_per_client or (1 if args.smoke or args.model else 2)
+    rounds = args.rounds or (3 if args.model else 1)
     vocab = 512 if args.smoke else 4096
     variants = (args.variants or "eager").split(",")
 
@@ -493,7 +529,7 @@ def main(argv: list[str] | None = None) -> dict:
                 for c in levels:  # every measured request asks a question not asked before (see prompt_for)
                     vrows.append(engine_load(engine, chat_ids, tokens, c, rpc, first))
                     first += c * rpc
-                vrows += http_load(engine, tokens, levels, rpc, first)
+                vrows += http_load(engine, tokens, levels, rpc, first, rounds)
                 for r in vrows:
                     r["variant"] = variant
                 rows += vrows
@@ -548,7 +584,7 @@ def main(argv: list[str] | None = None) -> dict:
                 met[llama_key] = v >= LLAMA_CPP_TARGET
     result = {
         "bench": "serve_load", "preset": preset, "params": n_params, "new_tokens_per_request": tokens,
-        "requests_per_client": rpc, "prefix_cache_mb": args.prefix_cache_mb,
+        "requests_per_client": rpc, "http_rounds": rounds, "prefix_cache_mb": args.prefix_cache_mb,
         "prompt_tokens_generate": len(ids), "engine_path": "lean llama" if engine._lean else "generic transformers",
         "variants": variants,
         "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", ""), "weights": args.weights,
@@ -588,7 +624,9 @@ def main(argv: list[str] | None = None) -> dict:
               + f"   prompt tokens {r['prompt_tokens']}, {r['prefix_hit_tokens']} from the prefix cache;"
               + (f" TTFT mean {r['ttft_mean_s'] * 1000:.0f}ms, in the server {r['server_ttft_mean_s'] * 1000:.0f}ms;"
                  f" CPU ms/token: engine {r['cpu_ms_per_token_engine']:.2f}, HTTP {r['cpu_ms_per_token_http']:.2f},"
-                 f" clients {r['cpu_ms_per_token_client']:.2f}" if "server_ttft_mean_s" in r else ""))
+                 f" clients {r['cpu_ms_per_token_client']:.2f}" if "server_ttft_mean_s" in r else "")
+              + (" rounds " + " / ".join(f"{x:.1f}" for x in r["rounds_tokens_per_s"]) + " tok/s"
+                 if len(r.get("rounds_tokens_per_s", [])) > 1 else ""))
     for o in result["decode_step_profile"]:
         print(f"{o['variant']} decode step at batch {o['batch']}: {o['profiled_ms_per_step']:.2f} ms = linear {o['linear_ms']:.2f} "
               f"+ attention {o['attention_ms']:.2f} + other ops {o['other_ops_ms']:.2f} + python "

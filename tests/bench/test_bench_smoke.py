@@ -50,5 +50,27 @@ def test_serve_load_smoke(tmp_path):
     if not (BENCH / "serve_load.py").exists():
         pytest.skip("bench/serve_load.py not present")
     mod = _script("serve_load")
-    out = mod.main(["--smoke", "--out", str(tmp_path / "serve.json")])
-    assert out
+    out = mod.main(["--smoke", "--rounds", "2", "--out", str(tmp_path / "serve.json")])
+    assert out["http_rounds"] == 2
+    http = [r for r in out["serving"] if r["mode"] == "http"]
+    assert sorted(r["concurrency"] for r in http) == [1, 4]  # one merged row per level
+    for r in http:
+        assert len(r["rounds_tokens_per_s"]) == 2 and r["requests"] == 2 * r["concurrency"]
+        assert r["tokens"] == r["requests"] * out["new_tokens_per_request"] and "_ttft" not in r
+
+
+def test_serve_load_merges_rounds_by_totals():
+    mod = _script("serve_load")
+
+    def row(tokens, seconds, steps, ttft, fwd):
+        return {"mode": "http", "concurrency": 2, "requests": 2, "tokens": tokens, "seconds": seconds,
+                "tokens_per_s": tokens / seconds, "prompt_tokens": 10, "prefix_hit_tokens": 4, "engine_steps": steps,
+                "wall_ms_per_step": fwd + 1, "forward_ms_per_step": fwd, "sample_emit_ms_per_step": 0.5,
+                "prefill_ms_per_step": 0.1, "outside_scheduler_ms_per_step": 0.4, "server_ttft_mean_s": ttft[0],
+                "cpu_ms_per_token_http": 1.0, "_ttft": ttft}
+
+    m = mod.merge_rounds([row(100, 1.0, 50, [0.1, 0.2], 10.0), row(100, 3.0, 150, [0.3, 0.4], 20.0)])
+    assert m["tokens"] == 200 and m["seconds"] == 4.0 and m["tokens_per_s"] == 50.0  # not the mean of 100 and 33
+    assert m["rounds_tokens_per_s"] == [100.0, 100 / 3] and m["requests"] == 4 and m["engine_steps"] == 200
+    assert m["forward_ms_per_step"] == 17.5  # weighted by steps
+    assert m["ttft_p50_s"] == 0.25 and m["ttft_mean_s"] == 0.25

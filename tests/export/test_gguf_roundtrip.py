@@ -33,15 +33,14 @@ LLAMA_CPP_TOL = {"f32": (1e-4, 1e-5, 1.0), "f16": (2e-2, 2e-3, 0.95), "q8_0": (0
 
 
 @pytest.fixture(scope="module")
-def tuned(tmp_path_factory):
-    """(original gguf, folder): SmolLM2 imported, then a few weight matrices nudged and saved."""
+def tuned(tmp_path_factory, smollm2_imported):
+    """(original gguf, folder): SmolLM2 imported (once for the run), copied, a few weight matrices nudged and saved."""
     from lmwright.models import load_model
-    from lmwright.models.gguf_import import import_gguf
 
-    f = require_smollm2()
+    f, imported = smollm2_imported
     root = tmp_path_factory.mktemp("smol-roundtrip")
-    import_gguf(f, root / "imported", log=lambda _m: None)
-    shutil.copytree(root / "imported", root / "tuned")
+    (root / "imported").symlink_to(imported, target_is_directory=True)  # read only: the untouched weights
+    shutil.copytree(imported, root / "tuned")
     model = load_model(root / "tuned")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():

