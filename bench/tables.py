@@ -77,9 +77,11 @@ def render(path: Path) -> str:
                       if d.get("baseline_generate_b1_all_cores") else "")
                    + (f"; compile + warm-up at engine start {d['compile_warmup_s']:.1f} s"
                       if d.get("compile_warmup_s") else ""))
-        out += ["", common.markdown_table(d["serving"], ["variant", "mode", "concurrency", "requests", "tokens_per_s",
-                                                        "ratio_vs_generate_b1", "ttft_p50_s", "ttft_p95_s",
-                                                        "server_ttft_mean_s"]),
+        serving = [{**r, "rounds_tokens_per_s": " / ".join(common.fmt(x) for x in r.get("rounds_tokens_per_s", []))
+                    if len(r.get("rounds_tokens_per_s", [])) > 1 else ""} for r in d["serving"]]
+        out += ["", common.markdown_table(serving, ["variant", "mode", "concurrency", "requests", "tokens_per_s",
+                                                   "rounds_tokens_per_s", "ratio_vs_generate_b1", "ttft_p50_s",
+                                                   "ttft_p95_s", "server_ttft_mean_s"]),
                 "", "Per decode step (ms) and CPU per generated token (ms):", "",
                 common.markdown_table(d["serving"], ["variant", "mode", "concurrency", "wall_ms_per_step",
                                                      "forward_ms_per_step", "sample_emit_ms_per_step",
