@@ -294,10 +294,15 @@ class LeanLlama:
             rows, mask = torch.arange(b, device=self.device), self._decode_mask(positions, ncols)
         x = self.inner.embed_tokens(all_ids[None])
         rope = self.inner.rotary_emb(x, all_pos[None])
-        offsets, o = [], b
+        offsets, masks, o = [], [], b
         for s in segments:
             offsets.append(o)
             o += len(s.ids)
+            # a later chunk (after earlier chunks or a cached prefix): its queries see those columns and themselves,
+            # causally; the same mask in every layer, made once
+            n, end = len(s.ids), s.start + len(s.ids)
+            masks.append(None if s.start == 0 else torch.arange(end, device=self.device)[None, :]
+                         <= (s.start + torch.arange(n, device=self.device))[:, None])
         for i, layer in enumerate(self.layers):
             q, k, v = self._attn_in(layer, x, len(all_ids), rope)  # (1, heads, B + T, d)
             outs = []
@@ -306,20 +311,18 @@ class LeanLlama:
                                        k[0, :, :b].transpose(0, 1)[:, :, None],
                                        v[0, :, :b].transpose(0, 1)[:, :, None], rows, positions, ncols, mask,
                                        self.k, self.v)
-                outs.append(od[:, :, 0].transpose(0, 1)[None].to(self.dtype))
-            for s, off in zip(segments, offsets):
-                n, end = len(s.ids), s.start + len(s.ids)
+                outs.append(od[:, :, 0].transpose(0, 1)[None].to(self.attn_dtype))
+            # the prompt tokens' queries, keys and values in the attention's dtype: one conversion per layer
+            qa, ka, va = (t[:, :, b:].to(self.attn_dtype) for t in (q, k, v))
+            for s, off, smask in zip(segments, offsets, masks):
+                n, end, off = len(s.ids), s.start + len(s.ids), off - b
                 kb, vb = s.buf[i]
-                kb[:, :, s.start:end] = k[:, :, off:off + n]  # in the buffer's (the attention's) dtype
-                vb[:, :, s.start:end] = v[:, :, off:off + n]
-                if s.start == 0:
-                    smask, causal = None, True
-                else:  # a later chunk: its queries see the earlier chunks and themselves, causally
-                    cols = torch.arange(end, device=self.device)
-                    smask, causal = cols[None, :] <= (s.start + torch.arange(n, device=self.device))[:, None], False
+                kb[:, :, s.start:end] = ka[:, :, off:off + n]
+                vb[:, :, s.start:end] = va[:, :, off:off + n]
                 outs.append(F.scaled_dot_product_attention(
-                    q[:, :, off:off + n].to(self.attn_dtype), kb[:, :, :end], vb[:, :, :end], attn_mask=smask,
-                    is_causal=causal, scale=layer.self_attn.scaling, enable_gqa=self.gqa).to(self.dtype))
+                    qa[:, :, off:off + n], kb[:, :, :end], vb[:, :, :end], attn_mask=smask, is_causal=smask is None,
+                    scale=layer.self_attn.scaling, enable_gqa=self.gqa))
+            # one concatenation in the attention's dtype; _attn_out converts to the model's once
             x = self._attn_out(layer, x, outs[0] if len(outs) == 1 else torch.cat(outs, dim=2))
         last = torch.tensor(list(range(b)) + [off + len(s.ids) - 1 for s, off in zip(segments, offsets)],
                             device=self.device)
