@@ -58,8 +58,17 @@ static void pair_tiles(const uint16_t* x, int64_t rs, int64_t L, int64_t D, std:
 // row pairs with the columns in lanes: t[n * D + d] = (x[2n][d], x[2n + 1][d]), rows past L zero, n < rows / 2
 static void row_pairs(const uint16_t* x, int64_t rs, int64_t L, int64_t rows, int64_t D, std::vector<uint32_t>& t) {
     t.assign(rows / 2 * D, 0u);
-    for (int64_t j = 0; j < L; ++j)
-        for (int64_t d = 0; d < D; ++d) t[(j / 2) * D + d] |= (uint32_t)x[j * rs + d] << (16 * (j % 2));
+    const __m256i zero = _mm256_setzero_si256();
+    for (int64_t n = 0; 2 * n < L; ++n) {  // 16 columns at a time: row 2n in the low halves, row 2n + 1 in the high
+        const uint16_t* lo = x + 2 * n * rs;
+        const uint16_t* hi = 2 * n + 1 < L ? lo + rs : nullptr;
+        for (int64_t d = 0; d < D; d += 16) {
+            const __m256i a = _mm256_loadu_si256((const __m256i*)(lo + d));
+            const __m256i b = hi ? _mm256_loadu_si256((const __m256i*)(hi + d)) : zero;
+            _mm512_storeu_si512((void*)&t[n * D + d], _mm512_or_si512(_mm512_cvtepu16_epi32(a),
+                                                                      _mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)));
+        }
+    }
 }
 // 16 lanes of bf16 pairs (lo[c], hi[c]), each rounded to nearest even
 static inline __m512i bf16_pairs(__m512 lo, __m512 hi) {
@@ -67,19 +76,23 @@ static inline __m512i bf16_pairs(__m512 lo, __m512 hi) {
 }
 
 // scores of 4 query rows (q rows at qr[r]) against key blocks jb (and jb + 1 where TWO): s[r][c] (+16)
+// (the sums live in local variables, every loop over them unrolled, so that they stay in registers: through the
+// caller's arrays GCC kept them in memory, a store and a load per product)
 template <bool TWO>
 static inline void scores4(const uint16_t* const* qr, const uint32_t* t0, int64_t P, __m512* a0, __m512* a1) {
-    for (int r = 0; r < 4; ++r) { a0[r] = _mm512_setzero_ps(); a1[r] = _mm512_setzero_ps(); }
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0, u0 = s0, u1 = s0, u2 = s0, u3 = s0;
+    const uint16_t *q0 = qr[0], *q1 = qr[1], *q2 = qr[2], *q3 = qr[3];
     for (int64_t p = 0; p < P; ++p) {
         const __m512i k0 = _mm512_loadu_si512((const void*)(t0 + p * 16));
-        __m512i k1;
-        if (TWO) k1 = _mm512_loadu_si512((const void*)(t0 + (P + p) * 16));
-        for (int r = 0; r < 4; ++r) {
-            const __m512i qb = pair(qr[r] + 2 * p);
-            a0[r] = dot2(a0[r], qb, k0);
-            if (TWO) a1[r] = dot2(a1[r], qb, k1);
+        const __m512i b0 = pair(q0 + 2 * p), b1 = pair(q1 + 2 * p), b2 = pair(q2 + 2 * p), b3 = pair(q3 + 2 * p);
+        s0 = dot2(s0, b0, k0); s1 = dot2(s1, b1, k0); s2 = dot2(s2, b2, k0); s3 = dot2(s3, b3, k0);
+        if (TWO) {
+            const __m512i k1 = _mm512_loadu_si512((const void*)(t0 + (P + p) * 16));
+            u0 = dot2(u0, b0, k1); u1 = dot2(u1, b1, k1); u2 = dot2(u2, b2, k1); u3 = dot2(u3, b3, k1);
         }
     }
+    a0[0] = s0; a0[1] = s1; a0[2] = s2; a0[3] = s3;
+    a1[0] = u0; a1[1] = u1; a1[2] = u2; a1[3] = u3;
 }
 
 // acc[x][r] += sum over pairs m < n of w_r[2m, 2m + 1] . t[m][x * 16 ..]: 4 rows of bf16 weights (row r at
@@ -87,14 +100,26 @@ static inline void scores4(const uint16_t* const* qr, const uint32_t* t0, int64_
 template <int NV>
 static inline void pair_weighted4(const uint16_t* w, int64_t ws, const uint32_t* t, int64_t D, int64_t n,
                                   __m512 (*acc)[4]) {
+    __m512 c[NV][4];
+#pragma GCC unroll 16
+    for (int x = 0; x < NV; ++x)
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; ++r) c[x][r] = acc[x][r];
     for (int64_t m = 0; m < n; ++m) {
         __m512i tv[NV];
+#pragma GCC unroll 16
         for (int x = 0; x < NV; ++x) tv[x] = _mm512_loadu_si512((const void*)(t + m * D + x * 16));
+#pragma GCC unroll 4
         for (int r = 0; r < 4; ++r) {
             const __m512i wb = pair(w + r * ws + 2 * m);
-            for (int x = 0; x < NV; ++x) acc[x][r] = dot2(acc[x][r], wb, tv[x]);
+#pragma GCC unroll 16
+            for (int x = 0; x < NV; ++x) c[x][r] = dot2(c[x][r], wb, tv[x]);
         }
     }
+#pragma GCC unroll 16
+    for (int x = 0; x < NV; ++x)
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; ++r) acc[x][r] = c[x][r];
 }
 template <typename F> static inline void by_chunks(int64_t D, F f) {  // 64 columns at a time, then 32
     for (int64_t dc = 0; dc < D; dc += 64) {
