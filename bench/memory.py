@@ -162,7 +162,26 @@ def worker_weights(spec: dict) -> dict:
             "base_weight_mb": total / 2**20, "block_linear_mb": linear / 2**20, "peak_rss_mb": common.peak_rss_mb()}
 
 
-WORKERS = {"train": worker_train, "weights": worker_weights}
+LOADS = (("none", "float16", False), ("int8", "float16", False), ("nf4", "float16", False), ("nf4", "float32", False),
+         ("nf4", "float16", True))
+
+
+def worker_weights_all(spec: dict) -> dict:
+    """:func:`worker_weights` for every load of ``spec["loads"]`` in one process (the byte counts do not depend on
+    the process; starting one per load cost ~5 s each). Their peak RSS is the process's over all of them, so it is
+    left out of the rows."""
+    import gc
+
+    rows = []
+    for q, dtype, qe in spec["loads"]:
+        row = worker_weights({"base": spec["base"], "quantize": q, "dtype": dtype, "quantize_embeddings": qe})
+        row.pop("peak_rss_mb", None)
+        rows.append(row)
+        gc.collect()
+    return {"rows": rows}
+
+
+WORKERS = {"train": worker_train, "weights": worker_weights, "weights_all": worker_weights_all}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -222,12 +241,9 @@ def main(argv: list[str] | None = None) -> dict:
             train_rows.append({"method": m, **res})
             print(f"  {m}: {res.get('peak_rss_mb', res.get('error'))}", file=sys.stderr, flush=True)
         for p in ([] if args.skip_weights else wpresets):
-            for q, dtype, qe in (("none", "float16", False), ("int8", "float16", False), ("nf4", "float16", False),
-                                 ("nf4", "float32", False), ("nf4", "float16", True)):
-                spec = {"kind": "weights", "base": str(bases[p]), "quantize": q, "dtype": dtype,
-                        "quantize_embeddings": qe}
-                res = worker_weights(spec) if sm else common.run_worker(__file__, spec)
-                weight_rows.append({"preset": p, **res})
+            spec = {"kind": "weights_all", "base": str(bases[p]), "loads": LOADS}
+            res = worker_weights_all(spec) if sm else common.run_worker(__file__, spec)
+            weight_rows += [{"preset": p, **r} for r in res["rows"]] if "rows" in res else [{"preset": p, **res}]
     full = next((r for r in train_rows if r["method"] == "full" and "peak_rss_mb" in r), None)
     for r in train_rows:
         if full and "peak_rss_mb" in r:

@@ -35,8 +35,8 @@ BUDGET_MIN = 15.0
 RUNS: list[tuple[str, list[str], bool]] = [
     ("precision", ["precision.py"], False),
     ("pretrain_throughput", ["pretrain_throughput.py"], False),
-    ("train_throughput pretrain", ["train_throughput.py", "--stage", "pretrain", "--steps", "8"], False),
-    ("train_throughput sft lora", ["train_throughput.py", "--stage", "sft", "--method", "lora", "--steps", "6"], False),
+    ("train_throughput pretrain", ["train_throughput.py", "--stage", "pretrain", "--steps", "6"], False),
+    ("train_throughput sft lora", ["train_throughput.py", "--stage", "sft", "--method", "lora", "--steps", "4"], False),
     ("memory", ["memory.py"], False),
     ("serve_load", ["serve_load.py"], False),
     ("smollm2 train_throughput sft lora bf16",
