@@ -179,8 +179,7 @@ def worker_lmwright(spec: dict) -> dict:
     from lmwright.engine import Run, train
     from lmwright.engine.config import TrainConfig
     from lmwright.methods import MethodConfig, apply_method
-    from lmwright.models.attention import use_packed_attention
-    from lmwright.models.cpu_fused import fuse_for_training
+    from lmwright.models.attention import prepare_packed_training
     from lmwright.objectives.base import causal_lm_loss
     from lmwright.stages.sft import sft_loss
 
@@ -191,8 +190,7 @@ def worker_lmwright(spec: dict) -> dict:
         data = pack_bfd([tuple(s) for s in data], spec["seq_len"], spec["pad_id"])
         micro = spec["packed_micro"]
         r = spec.get("lora_r") or 8
-        use_packed_attention(model)  # as the sft stage's model builder does: packed rows attend per sample
-        fuse_for_training(model)  # and fused RMSNorm / SwiGLU in training forwards (bf16 on a CPU)
+        prepare_packed_training(model)  # as the sft stage's model builder does
         model = apply_method(model, MethodConfig(name=spec["method"], r=r, alpha=2.0 * r), "causal-lm")
         if mp == "bf16" and spec["method"] != "full":  # as stages/_sft.hold_base_in_bf16 does (model.dtype auto)
             import torch

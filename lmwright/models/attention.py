@@ -140,6 +140,16 @@ def use_packed_attention(model) -> bool:
     return _switch(model, NAME)
 
 
+def prepare_packed_training(model) -> None:
+    """What a causal LM trained on packed rows gets (the sft and pretrain stages' model builders, the benchmarks):
+    per-sample attention (:func:`use_packed_attention`) and the fused RMSNorm / SwiGLU kernels in training forwards
+    (``models.cpu_fused.fuse_for_training``: bf16 on a CPU; evaluation and generation keep transformers' code)."""
+    from lmwright.models.cpu_fused import fuse_for_training
+
+    use_packed_attention(model)
+    fuse_for_training(model)
+
+
 def use_fp32_attention(model) -> bool:
     """Switch a bf16 model on a CPU that uses ``sdpa`` to ``lmwright_sdpa_fp32`` (see the module docstring);
     returns whether it switched (other models are left alone)."""

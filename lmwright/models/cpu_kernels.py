@@ -123,16 +123,7 @@ static inline void rows_bf16(const uint16_t* w, const uint16_t* x, float* out, i
         for (int r = 0; r < RR; ++r) {
             const uint16_t* p = BLK ? w + n0 * K + k * RR + r * KC : w + (n0 + r) * K + k;
             __m512i wv = _mm512_loadu_si512((const void*)p);
-            for (int m = 0; m < MG; ++m) {
-#if defined(__AVX512BF16__)
-                acc[m][r] = _mm512_dpbf16_ps(acc[m][r], (__m512bh)wv, (__m512bh)xv[m]);
-#else
-                const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
-                __m512 wlo = _mm512_castsi512_ps(_mm512_slli_epi32(wv, 16)), whi = _mm512_castsi512_ps(_mm512_and_si512(wv, hi));
-                __m512 xlo = _mm512_castsi512_ps(_mm512_slli_epi32(xv[m], 16)), xhi = _mm512_castsi512_ps(_mm512_and_si512(xv[m], hi));
-                acc[m][r] = _mm512_fmadd_ps(whi, xhi, _mm512_fmadd_ps(wlo, xlo, acc[m][r]));
-#endif
-            }
+            for (int m = 0; m < MG; ++m) acc[m][r] = dot2(acc[m][r], wv, xv[m]);
         }
     }
     for (int m = 0; m < MG; ++m) for (int r = 0; r < RR; ++r) out[m * RR + r] = _mm512_reduce_add_ps(acc[m][r]);

@@ -211,13 +211,11 @@ def build_causal_model(cfg: Any, tokenizer, run_dir: Path):
     weights are written to ``<run>/base`` so that ``final/`` can be loaded."""
     from lmwright.methods import apply_method, trains_all
     from lmwright.models import build_model
-    from lmwright.models.attention import use_packed_attention
-    from lmwright.models.cpu_fused import fuse_for_training
+    from lmwright.models.attention import prepare_packed_training
     from lmwright.models.load import resolve_model_path
 
     model = build_model(cfg.model, task="causal-lm", tokenizer=tokenizer, seed=cfg.train.seed)
-    use_packed_attention(model)  # packed rows attend per sample (same results as the block-diagonal mask)
-    fuse_for_training(model)  # RMSNorm and SwiGLU as one kernel each in training forwards on a CPU (bf16)
+    prepare_packed_training(model)  # per-sample attention on packed rows; fused RMSNorm / SwiGLU (bf16 on a CPU)
     n_embed = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > n_embed:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but {cfg.model.name} embeds only {n_embed}: "

@@ -142,11 +142,9 @@ def run(cfg: PretrainConfig) -> Path:
     # model
     model = build_model(cfg.model, task=obj.task, tokenizer=tokenizer, seed=cfg.train.seed)
     if obj.task == "causal-lm":
-        from lmwright.models.attention import use_packed_attention
-        from lmwright.models.cpu_fused import fuse_for_training
+        from lmwright.models.attention import prepare_packed_training
 
-        use_packed_attention(model)  # packed rows attend per sample (same results as the block-diagonal mask)
-        fuse_for_training(model)  # RMSNorm and SwiGLU as one kernel each in training forwards on a CPU (bf16)
+        prepare_packed_training(model)  # per-sample attention on packed rows; fused RMSNorm / SwiGLU (bf16 on a CPU)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if hasattr(obj, "prepare_model"):

@@ -48,6 +48,11 @@ def logits(model, ids: list[int]):
         return model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0].float()
 
 
+def rel_error(a, b) -> float:
+    """||a - b|| / ||b|| in fp32 (the kernel tests' gradient comparisons)."""
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30))
+
+
 def compare(a, b) -> tuple[float, float, float]:
     """(max |a - b| / max |a|, mean |a - b| / max |a|, argmax agreement) of two (T, V) logit tensors."""
     import torch

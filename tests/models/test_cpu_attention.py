@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lmwright.models import cpu_attention as ca
+from tests.models.conftest import rel_error
 
 needs_kernel = pytest.mark.skipif(ca.kernel() is None, reason=f"lmwright's CPU attention: {ca.unavailable_reason()}")
 
@@ -16,10 +17,6 @@ def _inputs(b, h, kv, t, d, seed=0, scale=1.0):
     q, k, v = ((torch.randn(b, n, t, d, generator=g) * scale).bfloat16().requires_grad_() for n in (h, kv, kv))
     go = torch.randn(b, t, h, d, generator=g).bfloat16()
     return q, k, v, go
-
-
-def _rel(a, b) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30))
 
 
 CASES = [  # (heads, kv heads, head size, spans per row)
@@ -47,7 +44,7 @@ def test_forward_and_backward_match_fp32_sdpa_per_sample(h, kv, d, segs):
     ref.backward(go.float())
     for name, a, x in zip("qkv", got, (q, k, v)):
         assert a.dtype == torch.bfloat16 and a.shape == x.shape
-        assert _rel(a, x.grad) < 1e-2, f"d{name}: relative error {_rel(a, x.grad):.3g}"
+        assert rel_error(a, x.grad) < 1e-2, f"d{name}: relative error {rel_error(a, x.grad):.3g}"
 
 
 @needs_kernel
@@ -162,7 +159,7 @@ def test_bf16_training_step_matches_the_fp32_attention_path(monkeypatch):
     ref_loss, ref_grads = step()
     assert abs(float(loss) - float(ref_loss)) < 2e-3
     for n, gr in ref_grads.items():
-        assert _rel(grads[n], gr) < 3e-2, f"{n}: relative error {_rel(grads[n], gr):.3g}"
+        assert rel_error(grads[n], gr) < 3e-2, f"{n}: relative error {rel_error(grads[n], gr):.3g}"
 
 
 @needs_kernel

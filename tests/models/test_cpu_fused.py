@@ -7,12 +7,9 @@ import pytest
 import torch
 
 from lmwright.models import cpu_fused as cf
+from tests.models.conftest import rel_error
 
 needs_kernel = pytest.mark.skipif(cf.kernel() is None, reason=f"lmwright's fused kernels: {cf.unavailable_reason()}")
-
-
-def _rel(a, b) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30))
 
 
 def _llama(layers=2, seed=0):
@@ -49,7 +46,7 @@ def test_rms_norm_matches_transformers(w_dtype):
     got = x.grad.clone()
     x.grad = None
     want.backward(dy)
-    assert got.dtype == torch.bfloat16 and _rel(got, x.grad) < 1e-2
+    assert got.dtype == torch.bfloat16 and rel_error(got, x.grad) < 1e-2
 
 
 @needs_kernel
@@ -66,7 +63,7 @@ def test_swiglu_matches_silu_times_up():
     a.grad = b.grad = None
     want.backward(dh.float())
     for x, ref in zip(got, (a.grad, b.grad)):
-        assert x.dtype == torch.bfloat16 and _rel(x, ref) < 1e-2
+        assert x.dtype == torch.bfloat16 and rel_error(x, ref) < 1e-2
     big = torch.tensor([-200.0, -30.0, 0.0, 30.0, 200.0] + [0.0] * 11).bfloat16()  # sigmoid's tails stay finite
     out = cf.swiglu(big, torch.ones_like(big))
     assert torch.isfinite(out).all() and out[0] == 0 and out[4] == 200
@@ -103,7 +100,7 @@ def test_fused_model_trains_like_transformers_and_evaluates_exactly_as_it():
     assert abs(loss - ref_loss) < 1e-2
     assert grads.keys() == ref_grads.keys()
     for n, gr in ref_grads.items():
-        assert _rel(grads[n], gr) < 3e-2, f"{n}: relative error {_rel(grads[n], gr):.3g}"
+        assert rel_error(grads[n], gr) < 3e-2, f"{n}: relative error {rel_error(grads[n], gr):.3g}"
     model.eval()
     with torch.no_grad(), torch.profiler.profile() as prof:
         assert torch.equal(model(input_ids=ids).logits, plain_eval)
