@@ -10,7 +10,14 @@ python scripts/versions.py --against constraints.txt | sed 's/^/versions: /' || 
 # LMWRIGHT_HEAVY=1: CI has 20 minutes for set-up and tests on a 2-core machine.
 heavy='not heavy'
 if [ "${LMWRIGHT_HEAVY:-0}" = "1" ]; then heavy='heavy or not heavy'; fi
+# Two worker processes (pytest-xdist) on a machine with 2+ cores, each with its share of torch's threads
+# (tests/conftest.py): most tests are single-threaded Python, so one process left a core idle (a 2-core machine:
+# ~990 s in one process, ~710 s in two). `worksteal` keeps both busy to the end; the full demo (the longest test)
+# starts first. LMWRIGHT_WORKERS=1 runs in one process (e.g. to debug one test).
+workers=${LMWRIGHT_WORKERS:-$(python -c 'import os; print(min(2, os.cpu_count() or 1))')}
+par=()
+if [ "$workers" -gt 1 ] && python -c 'import xdist' 2>/dev/null; then par=(-n "$workers" --dist worksteal); fi
 if [ "${LMWRIGHT_FAST:-0}" = "1" ]; then
-  exec python -m pytest -q -m "not slow and ($heavy)" -p no:cacheprovider "$@"
+  exec python -m pytest -q -m "not slow and ($heavy)" -p no:cacheprovider "${par[@]}" "$@"
 fi
-exec python -m pytest -q -m "$heavy" -p no:cacheprovider --durations=15 "$@"
+exec python -m pytest -q -m "$heavy" -p no:cacheprovider --durations=15 "${par[@]}" "$@"

@@ -19,7 +19,10 @@ def pytest_configure(config):
     quiet_third_party()
     import torch
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # under pytest-xdist (scripts/test.sh runs -n 2 on 2 cores) each worker gets its share of the cores: two workers
+    # spinning 2 OpenMP threads each on 2 cores run slower than one
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // workers)))
 
 
 @pytest.fixture(autouse=True)
