@@ -8,8 +8,8 @@ is weight-bandwidth bound, and the int8 weight is a quarter of the fp32 bytes, s
 is slower than a bf16 GEMM (measured on an AMD EPYC with avx512_bf16 and no AMX, 1 thread, over SmolLM2-135M's
 linear shapes: int8 19 ms vs bf16 37 ms at 1 row, equal at ~8 rows, 78 vs 56 ms at 16 rows), so those calls use a
 bf16 GEMM over the dequantized copy of the same quantized weight, built once; where oneDNN can hold that copy in
-its packed layout (:mod:`lmwright.models.packed_linear`) the bf16 product is faster still (20 ms at 3-4 rows, 34 ms
-at 16), and the int8 kernel then serves only calls of 1 or 2 rows. Both paths compute with the same int8 values;
+its packed layout, or lmwright's bf16 kernel its tiles (:mod:`lmwright.models.packed_linear`), the bf16 product is
+faster still (packed: 20 ms at 3-4 rows, 34 ms at 16), and the int8 kernel then serves only calls of 1 or 2 rows. Both paths compute with the same int8 values;
 they differ only where the bf16 copy rounds ``q * scale`` (one bf16 rounding per weight) and in the order of
 accumulation.
 
@@ -106,10 +106,9 @@ class Int8Linear(nn.Module):
         int8 kernel, so that kernel then serves only 1-2 rows), else held dense."""
         self.weight_int8 = self.int8_weight()
         self.int8_layout = "plain"
-        self.bf16 = PackedLinear(dequantize_weight(self.weight_int8, self.weight_scale), self.bias,
-                                 few_rows_kernel=False)
+        self.bf16 = PackedLinear(dequantize_weight(self.weight_int8, self.weight_scale), self.bias)
         self.max_int8_rows = self._requested_max_rows
-        if self.bf16._packed is not None:
+        if self.bf16.layout != "dense":
             self.max_int8_rows = min(self._requested_max_rows, INT8_MAX_ROWS_PACKED)
 
     @classmethod
@@ -118,9 +117,9 @@ class Int8Linear(nn.Module):
         return cls(q, scale, linear.bias, max_int8_rows)
 
     @property
-    def _packed(self):
-        """The many-row path's packed weight (None where it is held dense, or where there is no bf16 copy)."""
-        return None if self.bf16 is None else self.bf16._packed
+    def bf16_layout(self) -> str | None:
+        """How the many-row path's bf16 copy is held (:attr:`PackedLinear.layout`), None where there is none."""
+        return None if self.bf16 is None else self.bf16.layout
 
     @property
     def weight(self) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Linear layers whose weight is held in oneDNN's packed (blocked) layout, for serving bf16 weights on CPUs.
+"""Linear layers whose weight is held in a layout made for the product, for serving bf16 weights on CPUs: lmwright's
+kernel's tiles where it runs (AVX-512), else oneDNN's packed (blocked) layout.
 
 ``F.linear`` over a plain ``(out, in)`` bf16 weight makes oneDNN read the weight in its strided layout on every
 call; reordered once into oneDNN's own blocked layout (``torch.ops.mkldnn._reorder_linear_weight``, what
@@ -13,12 +14,13 @@ The packed weight is an opaque mkldnn tensor, so it is kept outside the module's
 it. Whether packing works here (a CPU build with oneDNN bf16 support) is checked once on a small product
 against ``F.linear``; where it does not, layers stay plain ``nn.Linear``.
 
-Calls of up to :data:`FEW_ROWS` rows (one decode step of 1-3 streams) go instead through lmwright's own kernel
-(:mod:`lmwright.models.cpu_kernels`, AVX-512 CPUs) over a second copy of the weight in that kernel's blocked
-layout: it streams the weight at memory speed where oneDNN does not (same CPU, SmolLM2-135M's linears, 1 thread:
-16.0 / 17.4 / 16.1 ms at 1 / 2 / 3 rows against the packed product's 21.3 / 23.0 / 17.8; 26 vs 17 at 4). The
-price is that copy: bf16 weights are held twice (4 bytes per weight, like fp32). Its sums are fp32 like oneDNN's,
-in another order, so results may differ from ``F.linear`` in the last bf16 bit.
+Where lmwright's bf16 kernel runs (:mod:`lmwright.models.cpu_kernels`, AVX-512 CPUs), the weight is held in that
+kernel's tiles instead, and every call goes through it: each weight line feeds 16 rows, so a decode step of up to 16
+streams costs ~1.5x one step of one stream, and it streams the weight at memory speed at 1 row (same CPU, SmolLM2-135M's
+linears, 1 thread: 1 row 18.8 vs the packed product's 25.9 ms, 16 rows 27-34 vs 37-52; from 64 rows on as fast as
+it at 1 thread, 4-10% slower at 2). One layout per weight: bf16 weights are held once (2 bytes per weight). Its sums
+are fp32 like oneDNN's, in another order, so results may differ from ``F.linear`` in the last bf16 bit; a row's
+result does not depend on the rows it is batched with.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ from torch import nn
 from lmwright.models import cpu_kernels
 
 PACK_ROWS = 16  # the batch size the layout is chosen for (any row count works; decode batches are small)
-FEW_ROWS = 3  # rows up to which lmwright's bf16 kernel is faster than the packed product (measured above)
 
 
 def pack_weight(w: torch.Tensor) -> torch.Tensor:
@@ -65,28 +66,32 @@ def packing_works(dtype: torch.dtype = torch.bfloat16) -> bool:
 
 
 class PackedLinear(nn.Module):
-    """``y = x @ w.T + bias`` with ``w`` packed once (see the module docstring)."""
+    """``y = x @ w.T + bias`` with ``w`` held in the fastest layout here (see the module docstring): lmwright's
+    kernel's tiles, else oneDNN's packed layout, else dense (``layout`` says which)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, few_rows_kernel: bool = True):
-        """``few_rows_kernel=False``: no blocked copy for lmwright's kernel (a caller that never sends few rows)."""
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(weight.dtype), requires_grad=False)
         self._may_pack = True  # False after unpack(): conversions keep it dense
-        self._few_rows_kernel = few_rows_kernel
         self._set(weight.detach())
 
     def _set(self, w: torch.Tensor, pack: bool = True) -> None:
-        """Hold ``w`` packed where that works (bf16 on a CPU), else dense (after a conversion, see ``_apply``);
-        packed, also blocked for lmwright's few-rows kernel where that runs."""
+        """Hold ``w`` in the kernel's tiles or packed where that works (bf16 on a CPU), else dense (after a
+        conversion, see ``_apply``)."""
         self.dtype = w.dtype
-        self._blocked = None
-        if pack and w.device.type == "cpu" and w.dtype == torch.bfloat16 and packing_works(torch.bfloat16):
-            self._packed, self._dense = pack_weight(w), None
-            if self._few_rows_kernel and cpu_kernels.usable(w):
-                self._blocked = cpu_kernels.block_rows(w)
+        self._tiled = self._packed = self._dense = None
+        if pack and w.device.type == "cpu" and w.dtype == torch.bfloat16 and cpu_kernels.usable(w):
+            self._tiled = cpu_kernels.tiles(w)
+        elif pack and w.device.type == "cpu" and w.dtype == torch.bfloat16 and packing_works(torch.bfloat16):
+            self._packed = pack_weight(w)
         else:
-            self._packed, self._dense = None, w
+            self._dense = w
+
+    @property
+    def layout(self) -> str:
+        """``tiles`` (lmwright's bf16 kernel), ``onednn`` (packed) or ``dense``."""
+        return "tiles" if self._tiled is not None else "onednn" if self._packed is not None else "dense"
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> PackedLinear:
@@ -94,37 +99,39 @@ class PackedLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The weight, dense (a copy where it is held packed; the forward uses the packed one)."""
+        """The weight, dense (a copy where it is held tiled or packed; the forward uses that layout)."""
+        if self._tiled is not None:
+            return cpu_kernels.untile(self._tiled, self.out_features, self.in_features)
         return self._packed.to_dense() if self._packed is not None else self._dense
 
     def unpack(self) -> bool:
-        """Hold the weight dense from now on (for ``torch.compile``, whose inductor cannot lower the packed op).
-        True where it was packed."""
+        """Hold the weight dense from now on (for ``torch.compile``, whose inductor can lower neither the packed op
+        nor lmwright's kernel). True where it was tiled or packed."""
         self._may_pack = False
-        if self._packed is None:
+        if self._dense is not None:
             return False
         self._set(self.weight, pack=False)
         return True
 
     def _apply(self, fn, recurse: bool = True):
-        """``.float()``, ``.to(...)``, ``.cuda()`` convert the weight too (packed only while bf16 on a CPU)."""
-        if self._packed is None:
+        """``.float()``, ``.to(...)``, ``.cuda()`` convert the weight too (tiled or packed only while bf16 on a
+        CPU)."""
+        if self._dense is not None:
             self._set(fn(self._dense), pack=self._may_pack)
         elif (p := fn(torch.empty(0, dtype=self.dtype))).dtype != self.dtype or p.device.type != "cpu":
-            self._set(fn(self.weight), pack=self._may_pack)  # else the weight is unchanged: it stays packed
+            self._set(fn(self.weight), pack=self._may_pack)  # else the weight is unchanged: it stays as it is held
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
-        kernel = f", lmwright's kernel up to {FEW_ROWS} rows" if self._blocked is not None else ""
+        held = {"tiles": ", lmwright's kernel (tiles)", "onednn": ", oneDNN packed", "dense": ""}[self.layout]
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"{str(self.dtype).replace('torch.', '')}{', oneDNN packed' if self._packed is not None else ''}"
-                f"{kernel}")
+                f"{str(self.dtype).replace('torch.', '')}{held}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.dtype:
             x = x.to(self.dtype)
-        if self._blocked is not None and x.numel() <= FEW_ROWS * self.in_features:
-            y = cpu_kernels.matmul(x, self._blocked)
+        if self._tiled is not None:
+            y = cpu_kernels.matmul(x, self._tiled, self.out_features)
             return y if self.bias is None else y + self.bias
         if self._packed is None:
             return F.linear(x, self._dense, self.bias)
@@ -149,7 +156,9 @@ def pack_linears(model) -> int:
     head tied to the input embedding is untied first). Layers inside peft adapters (their base layer and
     low-rank weights) stay as they are. Returns how many layers were packed (0 where packing does not work)."""
     params = list(model.parameters())
-    if not params or params[0].device.type != "cpu" or not packing_works(torch.bfloat16):
+    if not params or params[0].device.type != "cpu":
+        return 0
+    if cpu_kernels.kernels() is None and not packing_works(torch.bfloat16):
         return 0
     # peft layers (LoRA ...) read their base layer's and their own weights in their forward: left alone
     in_peft = {id(m) for layer in model.modules() if hasattr(layer, "base_layer") for m in layer.modules()}
@@ -172,5 +181,6 @@ def unpack_linears(model) -> int:
     """Hold every packed weight of ``model`` (:class:`PackedLinear`, int8's packed bf16 copy and blocked int8
     weight) in its plain layout again: what ``torch.compile`` needs (its CPU inductor fails to lower
     ``mkldnn._linear_pointwise``, torch 2.13, and cannot trace lmwright's own kernel). The bf16 products stay
-    bit-identical. Returns how many layers changed."""
+    bit-identical where they were oneDNN's, within the last bf16 bit where they were lmwright's kernel's. Returns how
+    many layers changed."""
     return sum(1 for m in list(model.modules()) if callable(getattr(m, "unpack", None)) and m.unpack())

@@ -16,9 +16,10 @@ Whether they do depends on the machine (AMX, avx512_bf16, neither), so ``auto`` 
 
 ``auto`` never picks int8: it changes answers (slightly), so it is opt-in.
 
-A bf16 model served on a CPU has its linear layers packed into oneDNN's blocked layout
-(:mod:`lmwright.models.packed_linear`: bit-identical products, 1.5x faster at decoding's row counts); the
-probe times bf16 packed, as it will be served.
+A bf16 model served on a CPU has its linear layers held in a layout made for the product
+(:mod:`lmwright.models.packed_linear`: lmwright's bf16 kernel's tiles on AVX-512 CPUs, else oneDNN's packed layout;
+1.3-1.5x faster than ``F.linear`` at decoding's row counts); the probe times bf16 held that way, as it will be
+served.
 
 bf16 and int8 models served on a CPU attend in fp32 (``lmwright.models.attention.use_fp32_attention``: the
 model's attention implementation, so its own forward and ``generate()`` compute what the serving engine
@@ -36,7 +37,8 @@ from lmwright.config import ConfigError
 
 WEIGHTS = ("auto", "float32", "bfloat16", "int8")
 BF16_MIN_SPEEDUP = 1.15  # bf16 must beat fp32 by this much at 1 row and at max_seqs rows to be chosen
-PROBE_VERSION = 3  # part of the cache key: bump when the probe measures something else (2: bf16 packed, 3: kernel)
+PROBE_VERSION = 4  # part of the cache key: bump when the probe measures something else (2: bf16 packed, 3: kernel,
+# 4: bf16 through the tiled kernel at every row count)
 _KEEP = "--weights float32 keeps the training precision"
 
 
@@ -76,8 +78,8 @@ def _prequantized(model) -> bool:
 # ------------------------------------------------------------------------------------------ the probe
 def _time_pass(weights: list, rows: int, reps: int, packed: bool = False) -> float:
     """Best ms of ``reps`` passes of F.linear over every weight at ``rows`` rows (after one warm-up pass);
-    ``packed``: through the layers the server holds bf16 weights in (``lmwright.models.packed_linear``: oneDNN's
-    packed product, lmwright's kernel for few rows)."""
+    ``packed``: through the layers the server holds bf16 weights in (``lmwright.models.packed_linear``: lmwright's
+    kernel or oneDNN's packed product)."""
     import torch
     import torch.nn.functional as F
 
@@ -103,14 +105,12 @@ def measure(model, rows: list[int], reps: int = 3) -> dict[str, dict[str, float]
     packed where the server would pack it)."""
     import torch
 
-    from lmwright.models.packed_linear import packing_works
-
     with torch.inference_mode():
         w32 = [w.detach().float() for w in _linear_weights(model)]
         out = {"float32": {str(r): _time_pass(w32, r, reps) for r in rows}}
         w16 = [w.to(torch.bfloat16) for w in w32]
         del w32
-        packed = w16[0].device.type == "cpu" and packing_works(torch.bfloat16)
+        packed = w16[0].device.type == "cpu"  # held as the server holds them (PackedLinear picks the layout)
         out["bfloat16"] = {str(r): _time_pass(w16, r, reps, packed) for r in rows}
     return out
 
@@ -212,7 +212,8 @@ def prepare_weights(model, weights: str | None, max_seqs: int = 8) -> str:
             from lmwright.models import cpu_kernels
 
             why = cpu_kernels.q8_unavailable_reason()
-            packed = " (packed for oneDNN)" if first._packed is not None else ""
+            packed = {"onednn": " (packed for oneDNN)", "tiles": " (tiles for lmwright's bf16 kernel)"}.get(
+                first.bf16_layout, "")
             paths = ("torch's int8 kernel" + (f" (lmwright's kernel {why})" if why else "") + f" for calls of up to "
                      f"{first.max_int8_rows} rows with bf16 activations, bf16{packed} over the dequantized weights "
                      f"beyond")
@@ -223,11 +224,11 @@ def prepare_weights(model, weights: str | None, max_seqs: int = 8) -> str:
         note = f"weights: {weights} (as requested" + ("" if weights == "float32" else f"; {_KEEP}") + ")"
     packed = _pack_bf16(model)
     if packed:
-        from lmwright.models.packed_linear import FEW_ROWS, PackedLinear
+        from lmwright.models.packed_linear import PackedLinear
 
-        few = any(getattr(m, "_blocked", None) is not None for m in model.modules() if isinstance(m, PackedLinear))
-        kernel = f", calls of up to {FEW_ROWS} rows through lmwright's bf16 kernel (weights held twice)" if few else ""
-        note = note[:-1] + f"; {packed} linear layers packed for oneDNN{kernel})"
+        layouts = Counter(m.layout for m in model.modules() if isinstance(m, PackedLinear))
+        held = {"tiles": "held in tiles for lmwright's bf16 kernel", "onednn": "packed for oneDNN", "dense": "dense"}
+        note = note[:-1] + "; " + ", ".join(f"{n} linear layers {held[k]}" for k, n in layouts.most_common()) + ")"
     from lmwright.models.attention import use_fp32_attention
 
     if use_fp32_attention(model):

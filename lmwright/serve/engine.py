@@ -279,7 +279,7 @@ class LocalEngine:
             from lmwright.models.packed_linear import unpack_linears
 
             if unpack_linears(model):  # inductor can lower neither oneDNN's packed linear nor lmwright's kernel
-                log.info("engine %s: compile=True holds the linear weights in their plain layout (packed or blocked "
+                log.info("engine %s: compile=True holds the linear weights in their plain layout (packed or tiled "
                          "ones cannot be compiled)", name)
             t0 = time.perf_counter()
             with torch.inference_mode():

@@ -18,17 +18,17 @@ def _wide_range_rows(rows, k, g):
     return (torch.randn(rows, k, generator=g) * torch.logspace(-3, 1, k)[torch.randperm(k, generator=g)]).bfloat16()
 
 
-@pytest.mark.parametrize("n", [4, 37, 128])
-@pytest.mark.parametrize("k", [32, 96, 1536])
-def test_block_rows_round_trip(n, k):
-    w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
-    b = ck.block_rows(w)
-    assert b.shape == w.shape and b.dtype == w.dtype
-    assert torch.equal(b, w) == (k == 32)  # one chunk per row: the blocked order is the plain one
-    assert torch.equal(ck.unblock_rows(b), w)
-    assert torch.equal(b[n - n % 4:], w[n - n % 4:])  # rows past the last full block stay plain
-    with pytest.raises(ValueError, match="multiple of 32"):
-        ck.block_rows(torch.zeros(4, 40, dtype=torch.int8))
+@pytest.mark.parametrize("n,k", [(16, 2), (48, 96), (37, 75), (160, 576), (3, 7)])
+def test_bf16_tiles_round_trip(n, k):
+    w = torch.randn(n, k).bfloat16()
+    t = ck.tiles(w)
+    assert t.dtype == w.dtype and t.shape == (-(-n // 16) * 16, k + k % 2)  # padded to whole tiles and pairs
+    assert torch.equal(ck.untile(t, n, k), w)
+    # tile 0, inputs 0 and 1 of outputs 0..15: the first 32 values; the padding is zero
+    pad = torch.zeros(16, k + k % 2, dtype=w.dtype)
+    pad[:min(n, 16), :k] = w[:16]
+    assert torch.equal(t.reshape(-1)[:32], pad[:, :2].reshape(-1))
+    assert float(t.double().abs().sum()) == float(w.double().abs().sum())  # exact in float64
 
 
 @pytest.mark.parametrize("n,k", [(16, 32), (48, 96), (160, 576), (32, 1536), (20, 176), (3, 7)])
@@ -116,29 +116,35 @@ def test_q8_rows_do_not_depend_on_the_batch_or_threads():
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 3, 4, 7])
-def test_bf16_matches_f_linear(rows):
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 16, 37])
+@pytest.mark.parametrize("n,k", [(70, 192), (37, 75)])
+def test_bf16_matches_f_linear(rows, n, k):
     g = torch.Generator().manual_seed(rows)
-    w = torch.randn(70, 192, generator=g).bfloat16()
-    x = torch.randn(2, rows, 192, generator=g).bfloat16()
-    y = ck.matmul(x, ck.block_rows(w))
+    w = torch.randn(n, k, generator=g).bfloat16()
+    x = torch.randn(2, rows, k, generator=g).bfloat16()
+    y = ck.matmul(x, ck.tiles(w), n)
     ref = torch.nn.functional.linear(x.double(), w.double())
-    assert y.shape == (2, rows, 70) and ((y.double() - ref).abs() <= ref.abs() * 2**-7 + 1e-3).all()
+    assert y.shape == (2, rows, n) and ((y.double() - ref).abs() <= ref.abs() * 2**-7 + 1e-3).all()
 
 
 @needs_kernel
-def test_threads_give_the_same_answer():
-    w = torch.randn(259, 320).bfloat16()
-    x = torch.randn(3, 320).bfloat16()
+def test_bf16_rows_do_not_depend_on_their_batch_or_threads():
+    """A row's sums run in the same order whatever it is batched with (groups of 16 rows, a partial last one) and
+    however many threads split the tiles: a stream's answer does not depend on how many others the server batches
+    with it."""
+    g = torch.Generator().manual_seed(0)
+    w, x = _wide_range_rows(259, 320, g), _wide_range_rows(37, 320, g)
+    t = ck.tiles(w)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = ck.matmul(x, ck.block_rows(w))
+        alone = torch.cat([ck.matmul(x[i:i + 1], t, 259) for i in range(37)])
+        batch = ck.matmul(x, t, 259)
         torch.set_num_threads(2)
-        two = ck.matmul(x, ck.block_rows(w))
+        two = ck.matmul(x, t, 259)
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(one, two)  # rows are split between threads, each output summed by one of them
+    assert torch.equal(alone, batch) and torch.equal(batch, two)
 
 
 def test_turned_off_by_environment(monkeypatch):
@@ -162,8 +168,8 @@ def test_usable_only_for_shapes_it_takes():
     if ck.kernels() is None:
         assert not ck.usable(torch.zeros(8, 64, dtype=torch.bfloat16))
     else:
-        assert ck.usable(torch.zeros(3, 32, dtype=torch.bfloat16))
-        assert not ck.usable(torch.zeros(8, 40, dtype=torch.bfloat16))  # inner size not a multiple of 32
+        assert ck.usable(torch.zeros(3, 32, dtype=torch.bfloat16)) and ck.usable(torch.zeros(8, 45, dtype=torch.bfloat16))
+        assert not ck.usable(torch.zeros(0, 64, dtype=torch.bfloat16))
         assert not ck.usable(torch.zeros(8, 64))  # fp32 weights: torch's kernels
         assert not ck.usable(torch.zeros(8, 64, dtype=torch.int8))  # int8: q8_matmul
     if ck.q8_kernel() is None:
@@ -178,7 +184,7 @@ def test_usable_only_for_shapes_it_takes():
 def test_calls_show_in_profiles():
     w = torch.randn(8, 64).bfloat16()
     with torch.profiler.profile() as prof:
-        ck.matmul(torch.randn(1, 64).bfloat16(), ck.block_rows(w))
+        ck.matmul(torch.randn(1, 64).bfloat16(), ck.tiles(w), 8)
     assert ck.PROFILE_NAME in {e.key for e in prof.key_averages()}
     if ck.q8_kernel() is not None:
         q = torch.randint(-127, 128, (16, 64), dtype=torch.int8)
@@ -188,23 +194,21 @@ def test_calls_show_in_profiles():
 
 
 @needs_kernel
-def test_packed_linear_sends_few_rows_to_the_kernel(monkeypatch):
-    from lmwright.models.packed_linear import FEW_ROWS, PackedLinear, packing_works
+def test_packed_linear_sends_every_call_to_the_kernel(monkeypatch):
+    from lmwright.models.packed_linear import PackedLinear
 
-    if not packing_works(torch.bfloat16):
-        pytest.skip("no oneDNN bf16 packing here")
-    mod = PackedLinear(torch.randn(48, 64).bfloat16())
-    no_copy = PackedLinear(torch.randn(48, 64).bfloat16(), few_rows_kernel=False)
-    assert mod._blocked is not None and no_copy._blocked is None
+    w = torch.randn(48, 64).bfloat16()
+    mod = PackedLinear(w)
+    assert mod.layout == "tiles" and mod._packed is None and mod._dense is None  # one copy of the weight
+    assert torch.equal(mod.weight, w)
     calls = []
     real = ck.matmul
     monkeypatch.setattr(ck, "matmul", lambda *a: calls.append(a[0].numel() // 64) or real(*a))
-    for rows in (1, FEW_ROWS, FEW_ROWS + 1, 16):
-        mod(torch.randn(rows, 64).bfloat16())
-        no_copy(torch.randn(rows, 64).bfloat16())
-    assert calls == [1, FEW_ROWS]
+    for rows in (1, 3, 16, 300):
+        assert mod(torch.randn(rows, 64).bfloat16()).shape == (rows, 48)
+    assert calls == [1, 3, 16, 300]
     mod.unpack()  # torch.compile: plain layouts only
-    assert mod._blocked is None and mod._packed is None
+    assert mod.layout == "dense" and mod._tiled is None and torch.equal(mod.weight, w)
 
 
 needs_attention = pytest.mark.skipif(ck.attention_kernel() is None,
@@ -353,9 +357,9 @@ def test_token_cross_entropy_uses_the_kernel_and_keeps_torchs_errors(monkeypatch
 def test_empty_inputs_are_no_work():
     """Zero rows (a batch with no decode rows, a validation batch without targets) return empty or zero results;
     zero sizes were once the kernels' capability probe, which wrote into the empty output (a segfault)."""
-    w = ck.block_rows(torch.randn(8, 64).bfloat16())
-    assert ck.matmul(torch.zeros(0, 64).bfloat16(), w).shape == (0, 8)
-    assert ck.matmul(torch.zeros(2, 0, 64).bfloat16(), w).shape == (2, 0, 8)
+    w = ck.tiles(torch.randn(8, 64).bfloat16())
+    assert ck.matmul(torch.zeros(0, 64).bfloat16(), w, 8).shape == (0, 8)
+    assert ck.matmul(torch.zeros(2, 0, 64).bfloat16(), w, 8).shape == (2, 0, 8)
     if ck.q8_kernel() is not None:
         t = ck.q8_tiles(torch.randint(-127, 128, (16, 64), dtype=torch.int8))
         one = torch.ones(16, dtype=torch.bfloat16)
