@@ -310,6 +310,7 @@ static void backward(const uint16_t* q, const uint16_t* k, const uint16_t* v, co
 extern "C" void kernel(int64_t mode, const void* q, const void* k, const void* v, void* out, const void* dout,
                        float* lse, void* dq, void* dk, void* dv, const int64_t* segs, int64_t nseg, int64_t T,
                        int64_t H, int64_t KV, int64_t D, float scale, int64_t nt) {
+    NoGil nogil;
 #ifdef HAVE_KERNEL
     if (nseg < 0) { ((uint16_t*)out)[0] = 1; return; }
     if (nseg == 0) return;

@@ -50,6 +50,8 @@ PROFILE_NAME = "lmwright::cpu_kernels.matmul"  # the span a torch profiler sees 
 # C++ shared by the kernels below: bf16 <-> fp32 (round to nearest even, as torch) and, with AVX-512, a vectorized
 # exp (range reduction to 2^n * e^r, |r| <= ln2/2, then a degree-6 polynomial: ~1e-7 relative; underflows to 0)
 _CPP_COMMON = r"""
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
 #include <cstdint>
 #include <cstring>
 #include <cmath>
@@ -57,6 +59,14 @@ _CPP_COMMON = r"""
 #include <limits>
 #include <immintrin.h>
 
+// A kernel that takes milliseconds runs without the GIL (it touches no Python object; it is always called from Python,
+// holding it): the server's event loop thread sends the tokens of the step before meanwhile. Held, the loop got the
+// GIL only between kernel calls, after the interpreter's 5 ms switch interval each time it wanted it back.
+struct NoGil {
+    PyThreadState* state;
+    NoGil() : state(PyEval_SaveThread()) {}
+    ~NoGil() { PyEval_RestoreThread(state); }
+};
 static inline float bf2f(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; std::memcpy(&f, &u, 4); return f; }
 static inline uint16_t f2bf(float f) {
     uint32_t u; std::memcpy(&u, &f, 4);
@@ -139,6 +149,7 @@ static inline void tile_rows(const uint16_t* w, const uint32_t* xg, int64_t K2, 
 // rounded up to 16 outputs, K2 = K/2 rounded up). M < 0: a capability probe (y[0] = 1 where built). M == 0: nothing.
 extern "C" void kernel(const uint16_t* w, const uint16_t* x, uint16_t* y, int64_t M, int64_t N, int64_t K,
                        int64_t nt) {
+    NoGil nogil;
 #ifdef HAVE_KERNEL
     if (M < 0) { y[0] = 1; return; }
     if (M == 0 || N == 0) return;
@@ -360,6 +371,7 @@ static inline void tile_rows(const uint8_t* w, const int8_t* xg, const float* sg
 // inf / nan gives nan outputs, as the float product would. M < 0: a capability probe (y[0] = 1 where built).
 extern "C" void kernel(const int8_t* wq, const uint16_t* x, const uint16_t* scale, uint16_t* y,
                        int64_t M, int64_t N, int64_t K, int64_t nt) {
+    NoGil nogil;
 #ifdef HAVE_KERNEL
     if (M < 0) { y[0] = 1; return; }
     if (M == 0 || N == 0) return;
@@ -700,6 +712,7 @@ static void attend(const T* q, const T* k, const T* v, T* kc, T* vc, const int64
 extern "C" void kernel(const void* q, const void* k, const void* v, void* kc, void* vc, const int64_t* pos,
                        void* out, int64_t B, int64_t H, int64_t KV, int64_t D, int64_t cap, float scale, int64_t nt,
                        int64_t bf16) {
+    NoGil nogil;
 #ifdef HAVE_KERNEL
     if (B < 0) { ((uint16_t*)out)[0] = 1; return; }
     if (B == 0) return;
@@ -867,6 +880,7 @@ static void backward(const void* x, const int64_t* labels, const float* lse, con
 // x (N, V) bf16 (kind 0) or fp32 (kind 1); labels (N,), negative = ignored. N < 0: a capability probe.
 extern "C" void kernel(const void* x, const int64_t* labels, float* lse, float* nll, const float* g, void* grad,
                        int64_t N, int64_t V, int64_t kind, int64_t mode, int64_t nt) {
+    NoGil nogil;
 #ifdef HAVE_KERNEL
     if (N < 0) { ((uint16_t*)nll)[0] = 1; return; }
     if (N == 0) return;

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 
@@ -398,3 +401,41 @@ def test_cross_entropy_self_test_passes_without_autograd(context):
         loss = ck.CrossEntropySum.apply(logits, torch.tensor([1, -100, 39]))
     assert torch.allclose(loss, torch.nn.functional.cross_entropy(logits, torch.tensor([1, -100, 39]),
                                                                   reduction="sum"))
+
+
+@needs_kernel
+def test_long_kernels_let_other_python_threads_run():
+    """A kernel call runs without the GIL: a Python thread keeps running through the middle of a ~0.3 s call (with
+    the GIL held, the serving engine's kernels kept the server's event loop from sending tokens until the
+    interpreter's switch interval let it in between calls)."""
+    w = ck.tiles(torch.randn(4096, 4096).bfloat16())
+    x = torch.randn(32, 4096).bfloat16()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ck.matmul(x, w, 4096)  # warm
+        t0 = time.perf_counter()
+        ck.matmul(x, w, 4096)
+        reps = max(1, int(0.3 / max(time.perf_counter() - t0, 1e-4)))
+        seen, stop = [], threading.Event()
+
+        def other():
+            n = 0
+            while not stop.is_set():
+                n += 1
+                if n % 200 == 0:
+                    seen.append(time.perf_counter())
+
+        t = threading.Thread(target=other)
+        t.start()
+        time.sleep(0.02)
+        x_big = x.repeat(reps, 1)  # one call of reps x 32 rows
+        start = time.perf_counter()
+        ck.matmul(x_big, w, 4096)
+        end = time.perf_counter()
+        stop.set()
+        t.join()
+    finally:
+        torch.set_num_threads(threads)
+    mid = [s for s in seen if start + 0.25 * (end - start) < s < end - 0.25 * (end - start)]
+    assert end - start > 0.05 and len(mid) > 10, (end - start, len(mid))
