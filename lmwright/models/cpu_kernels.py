@@ -264,21 +264,32 @@ def usable(weight: torch.Tensor) -> bool:
             and weight.numel() > 0 and kernels() is not None)
 
 
+def _to_tiles(w: torch.Tensor, inner: int, k_multiple: int) -> torch.Tensor:
+    """``w`` (N, K) zero-padded to whole tiles of 16 outputs (N) and to a multiple of ``k_multiple`` (K), as tiles
+    (N/16, K/inner, 16, inner): each tile's 16 outputs side by side, ``inner`` inputs of each at a time. Shape (N', K')."""
+    n, k = w.shape
+    np_, kp = -(-n // TILE) * TILE, -(-k // k_multiple) * k_multiple
+    padded = torch.zeros(np_, kp, dtype=w.dtype)
+    padded[:n, :k] = w.detach()
+    return padded.reshape(np_ // TILE, TILE, kp // inner, inner).permute(0, 2, 1, 3).contiguous().reshape(np_, kp)
+
+
+def _from_tiles(t: torch.Tensor, n: int, k: int, inner: int) -> torch.Tensor:
+    """The plain (``n``, ``k``) matrix back from :func:`_to_tiles`'s layout."""
+    np_, kp = t.shape
+    return t.reshape(np_ // TILE, kp // inner, TILE, inner).permute(0, 2, 1, 3).reshape(np_, kp)[:n, :k].contiguous()
+
+
 def tiles(w: torch.Tensor) -> torch.Tensor:
     """``w`` (N, K) in the bf16 kernel's layout: zero-padded to whole tiles and pairs (N up to a multiple of 16, K
     of 2), as tiles (N/16, K/2, 16, 2): each tile's 16 outputs side by side, two inputs each per 64-byte line. Shape
     (N', K'), the padded sizes."""
-    n, k = w.shape
-    np_, kp = -(-n // TILE) * TILE, k + k % 2
-    padded = torch.zeros(np_, kp, dtype=w.dtype)
-    padded[:n, :k] = w.detach()
-    return padded.reshape(np_ // TILE, TILE, kp // 2, 2).permute(0, 2, 1, 3).contiguous().reshape(np_, kp)
+    return _to_tiles(w, 2, 2)
 
 
 def untile(t: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """The plain (``n``, ``k``) weight back from :func:`tiles`'s layout."""
-    np_, kp = t.shape
-    return t.reshape(np_ // TILE, kp // 2, TILE, 2).permute(0, 2, 1, 3).reshape(np_, kp)[:n, :k].contiguous()
+    return _from_tiles(t, n, k, 2)
 
 
 def _rows_of(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -442,7 +453,7 @@ extern "C" void kernel(const int8_t* wq, const uint16_t* x, const uint16_t* scal
 """
 _Q8_ARGTYPES = ["const int8_t*", "const uint16_t*", "const uint16_t*", "uint16_t*", "int64_t", "int64_t", "int64_t",
                 "int64_t"]
-Q8_TILE = 16  # outputs per tile
+Q8_TILE = TILE  # outputs per tile (the bf16 kernel's tiles too)
 Q8_BLOCK = 32  # inputs per activation scale
 _q8_reason: list[str] = []
 
@@ -468,19 +479,12 @@ def q8_tiles(q: torch.Tensor) -> torch.Tensor:
     """The int8 weight ``q`` (N, K) in :func:`q8_matmul`'s layout: zero-padded to whole tiles and blocks (N up to a
     multiple of 16, K of 32), as tiles (N/16, K/4, 16, 4) of ``q + 128`` in unsigned bytes, held as int8
     (``q ^ 0x80``, the same bits). Shape (N', K'), the padded sizes."""
-    n, k = q.shape
-    np_, kp = -(-n // Q8_TILE) * Q8_TILE, -(-k // Q8_BLOCK) * Q8_BLOCK
-    padded = torch.zeros(np_, kp, dtype=torch.int8)
-    padded[:n, :k] = q.detach()
-    flipped = torch.bitwise_xor(padded, torch.tensor(-128, dtype=torch.int8))
-    return flipped.reshape(np_ // Q8_TILE, Q8_TILE, kp // 4, 4).permute(0, 2, 1, 3).contiguous().reshape(np_, kp)
+    return torch.bitwise_xor(_to_tiles(q, 4, Q8_BLOCK), torch.tensor(-128, dtype=torch.int8))
 
 
 def q8_untile(t: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """The plain int8 weight (``n``, ``k``) back from :func:`q8_tiles`'s layout."""
-    np_, kp = t.shape
-    plain = t.reshape(np_ // Q8_TILE, kp // 4, Q8_TILE, 4).permute(0, 2, 1, 3).reshape(np_, kp)[:n, :k]
-    return torch.bitwise_xor(plain, torch.tensor(-128, dtype=torch.int8)).contiguous()
+    return torch.bitwise_xor(_from_tiles(t, n, k, 4), torch.tensor(-128, dtype=torch.int8)).contiguous()
 
 
 def q8_matmul(x: torch.Tensor, tiles: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

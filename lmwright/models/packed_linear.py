@@ -34,6 +34,8 @@ from torch import nn
 from lmwright.models import cpu_kernels
 
 PACK_ROWS = 16  # the batch size the layout is chosen for (any row count works; decode batches are small)
+# how each PackedLinear.layout holds the weight, in words (the module's repr and the serving weights note)
+HELD = {"tiles": "held in tiles for lmwright's bf16 kernel", "onednn": "packed for oneDNN", "dense": "dense"}
 
 
 def pack_weight(w: torch.Tensor) -> torch.Tensor:
@@ -81,9 +83,10 @@ class PackedLinear(nn.Module):
         conversion, see ``_apply``)."""
         self.dtype = w.dtype
         self._tiled = self._packed = self._dense = None
-        if pack and w.device.type == "cpu" and w.dtype == torch.bfloat16 and cpu_kernels.usable(w):
+        cpu_bf16 = pack and w.device.type == "cpu" and w.dtype == torch.bfloat16
+        if cpu_bf16 and cpu_kernels.usable(w):
             self._tiled = cpu_kernels.tiles(w)
-        elif pack and w.device.type == "cpu" and w.dtype == torch.bfloat16 and packing_works(torch.bfloat16):
+        elif cpu_bf16 and packing_works(torch.bfloat16):
             self._packed = pack_weight(w)
         else:
             self._dense = w
@@ -123,9 +126,8 @@ class PackedLinear(nn.Module):
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
-        held = {"tiles": ", lmwright's kernel (tiles)", "onednn": ", oneDNN packed", "dense": ""}[self.layout]
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"{str(self.dtype).replace('torch.', '')}{held}")
+                f"{str(self.dtype).replace('torch.', '')}, {HELD[self.layout]}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.dtype:

@@ -212,8 +212,9 @@ def prepare_weights(model, weights: str | None, max_seqs: int = 8) -> str:
             from lmwright.models import cpu_kernels
 
             why = cpu_kernels.q8_unavailable_reason()
-            packed = {"onednn": " (packed for oneDNN)", "tiles": " (tiles for lmwright's bf16 kernel)"}.get(
-                first.bf16_layout, "")
+            from lmwright.models.packed_linear import HELD
+
+            packed = f" ({HELD[first.bf16_layout]})" if first.bf16_layout in ("tiles", "onednn") else ""
             paths = ("torch's int8 kernel" + (f" (lmwright's kernel {why})" if why else "") + f" for calls of up to "
                      f"{first.max_int8_rows} rows with bf16 activations, bf16{packed} over the dequantized weights "
                      f"beyond")
@@ -224,11 +225,10 @@ def prepare_weights(model, weights: str | None, max_seqs: int = 8) -> str:
         note = f"weights: {weights} (as requested" + ("" if weights == "float32" else f"; {_KEEP}") + ")"
     packed = _pack_bf16(model)
     if packed:
-        from lmwright.models.packed_linear import PackedLinear
+        from lmwright.models.packed_linear import HELD, PackedLinear
 
         layouts = Counter(m.layout for m in model.modules() if isinstance(m, PackedLinear))
-        held = {"tiles": "held in tiles for lmwright's bf16 kernel", "onednn": "packed for oneDNN", "dense": "dense"}
-        note = note[:-1] + "; " + ", ".join(f"{n} linear layers {held[k]}" for k, n in layouts.most_common()) + ")"
+        note = note[:-1] + "; " + ", ".join(f"{n} linear layers {HELD[k]}" for k, n in layouts.most_common()) + ")"
     from lmwright.models.attention import use_fp32_attention
 
     if use_fp32_attention(model):
