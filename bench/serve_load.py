@@ -29,6 +29,11 @@ side by side.
                                                  # ~70 s on 2 cores (f32, f16 and q8_0 for --weights float32)
     --variants eager,compiled             # also the torch.compile'd decode step (+40 s to 3 min of compiling)
 
+Threads: ``generate()``, llama.cpp and the engine's decode steps run on ``--threads`` (1 on a small machine, see
+below); the engine runs a step with 64 or more prompt tokens (the 16-stream burst's first mixed step) on every
+core, as ``lmwright serve`` does by default (``prefill_threads``; ``--prefill-threads 1`` pins it to one). The
+one-stream prompts (17-47 new tokens) stay under 64, so the one-stream rows compare like with like.
+
 ``--weights bfloat16`` / ``int8`` serve the engine with those weights (``lmwright serve --weights``) while the
 ``generate()`` baseline stays the fp32 model as a user loads it; llama.cpp then runs the GGUF type of the same
 precision (bfloat16 -> f16, int8 -> q8_0, float32 -> f32) and the llama.cpp target is read against it.
@@ -451,6 +456,9 @@ def main(argv: list[str] | None = None) -> dict:
                                                               "--model, else 1)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for generate() and the engine "
                                                                "(default: 1 on <= 4 cores, else all cores)")
+    ap.add_argument("--prefill-threads", type=int, default=None, help="the engine's threads for steps with 64 or "
+                                                                       "more prompt tokens (lmwright serve "
+                                                                       "prefill_threads; default: every core)")
     ap.add_argument("--variants", default=None, help="engine variants: eager,compiled (torch.compile of the "
                                                           "decode step, ~40 s of compiling); default eager")
     ap.add_argument("--weights", default="float32", choices=tuple(PAIRED_GGUF),
@@ -470,7 +478,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from lmwright.serve.api import load
-    from lmwright.serve.engine import LocalEngine
+    from lmwright.serve.engine import PARALLEL_PROMPT_TOKENS, LocalEngine
     from lmwright.utils.hardware import measure_matmul_flops
 
     # On a small CPU the server's HTTP thread and the load generator need a core too: an OpenMP pool over all
@@ -520,7 +528,9 @@ def main(argv: list[str] | None = None) -> dict:
         for variant in variants:
             t0 = time.perf_counter()
             engine = LocalEngine(served.model, served.tokenizer, max_seqs=max(16, *levels), queue_size=64, name="bench",
-                                 compile=variant == "compiled", prefix_cache_mb=args.prefix_cache_mb)
+                                 compile=variant == "compiled", prefix_cache_mb=args.prefix_cache_mb,
+                                 prefill_threads=args.prefill_threads)
+            prefill_threads = engine.prefill_threads
             if variant == "compiled":
                 compile_s = time.perf_counter() - t0
             try:
@@ -596,7 +606,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "target": {**TARGETS, **({llama_key: LLAMA_CPP_TARGET} if llama_cpp else {})},
                     "met": met},
         "compile_warmup_s": compile_s,
-        "calibration": {"matmul_flops_fp32": flops, "torch_threads": threads,
+        "calibration": {"matmul_flops_fp32": flops, "torch_threads": threads, "engine_prefill_threads": prefill_threads,
                         "loadavg_1m_before": load_before[0], "loadavg_1m_after": load_after[0]},
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(), "python": sys.version.split()[0], "torch": torch.__version__,
@@ -605,7 +615,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(f"\nserve_load: {preset} ({n_params / 1e6:.1f}M params, {result['dtype']}; engine weights {args.weights}), {tokens} new tokens/request "
           f"(temperature 1, ignore_eos), prefix cache {args.prefix_cache_mb:g} MB, matmul {flops / 1e9:.1f} GFLOP/s, "
-          f"{threads} threads, "
+          f"{threads} threads (engine: {prefill_threads} for steps with >= {PARALLEL_PROMPT_TOKENS} prompt tokens), "
           f"load average {load_before[0]:.1f} -> {load_after[0]:.1f} on {os.cpu_count()} cores")
     print(f"{'setup':<36}{'tok/s':>8}{'x gen':>7}{'TTFT p50':>10}{'TTFT p95':>10}"
           f"{'ms/step':>9}{'fwd':>7}{'smp+emit':>9}{'prefill':>8}{'outside':>8}")

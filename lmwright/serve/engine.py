@@ -49,6 +49,13 @@ from lmwright.registry import Registry
 
 log = logging.getLogger("lmwright.serve")
 
+# A step that computes at least this many prompt tokens runs on ``prefill_threads`` (default: every core), the
+# others (decode steps, a few prompt tokens) on ``threads``. Prompt tokens make a step compute-bound and long
+# (SmolLM2 in bf16: ~1.5 ms per token per core), so a second core nearly halves it (a 16-prompt burst's mixed
+# step: 380-400 -> 180-240 ms on 2 cores, the time to first token of all 16); a decode step is short and
+# bandwidth-bound, and on a small machine the HTTP thread and the clients need a core while it runs.
+PARALLEL_PROMPT_TOKENS = 64
+
 # Serving engines by name (``lmwright serve --engine NAME``, ServeConfig.engine). A registered engine class has
 # ``serve_target(cfg: ServeConfig)``: what `lmwright serve` hands the HTTP layer for ``cfg.model``.
 ENGINES = Registry("engine")
@@ -241,12 +248,16 @@ class LocalEngine:
     while decoding goes on), one argmax for all greedy rows; ``compile=True`` compiles the decode step
     (and warms it up here, before any request). ``lean=False`` forces the generic path
     (``model.forward`` + ``DynamicCache``), which every other model uses.
+
+    ``threads`` is the scheduler's torch thread count for decode steps (default: the constructing thread's);
+    a step with ``PARALLEL_PROMPT_TOKENS`` or more prompt tokens runs on ``prefill_threads`` (default: every
+    physical core this process may use, never fewer than ``threads``).
     """
 
     def __init__(self, model, tokenizer, max_seqs: int = 8, queue_size: int = 32,
                  timeout_s: float | None = None, max_context: int | None = None, name: str = "model",
                  prefill_chunk: int = 512, lean: bool | None = None, compile: bool = False,
-                 prefix_cache_mb: float = 256.0):
+                 prefix_cache_mb: float = 256.0, threads: int | None = None, prefill_threads: int | None = None):
         if _is_prompt_learning(model):
             raise ConfigError("prompt-learning adapters (prefix, ptuning, prompt) inject their own KV cache and "
                               "cannot be batched by the built-in engine; serve a LoRA/adapter model or a full "
@@ -255,7 +266,18 @@ class LocalEngine:
             raise ConfigError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         if not prefix_cache_mb >= 0:
             raise ConfigError(f"prefix_cache_mb must be >= 0 (0 turns the prefix cache off), got {prefix_cache_mb}")
+        for key, val in (("threads", threads), ("prefill_threads", prefill_threads)):
+            if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
+                raise ConfigError(f"{key} must be a whole number >= 1 (or unset), got {val!r}")
+        import torch
+
         from lmwright.serve.lean import LeanLlama, PrefixCache, lean_supported
+        from lmwright.utils.hardware import usable_cores
+
+        # torch threads of the scheduler: ``threads`` for decode steps (default: the constructing thread's count),
+        # ``prefill_threads`` for steps with PARALLEL_PROMPT_TOKENS or more prompt tokens (default: every core)
+        self.threads = threads or torch.get_num_threads()
+        self.prefill_threads = max(self.threads, prefill_threads or usable_cores())
 
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.max_seqs, self.queue_size, self.timeout_s = max_seqs, queue_size, timeout_s
@@ -301,9 +323,10 @@ class LocalEngine:
                           "prefix_hit_tokens": 0, "rejected_queue_full": 0}
         # seconds the scheduler spent per phase (the profile behind the serving benchmark)
         self._timings = {"prefill_s": 0.0, "decode_s": 0.0, "sample_emit_s": 0.0}
-        log.info("engine %s: %s path, max_seqs=%d, prefill_chunk=%d, prefix cache %s", name,
-                 "lean llama" if self._lean else "generic transformers", max_seqs, prefill_chunk,
-                 f"{prefix_cache_mb:g} MB" if self._prefix else "off")
+        log.info("engine %s: %s path, max_seqs=%d, prefill_chunk=%d, prefix cache %s, torch threads %d (%d for "
+                 "steps with >= %d prompt tokens)", name, "lean llama" if self._lean else "generic transformers",
+                 max_seqs, prefill_chunk, f"{prefix_cache_mb:g} MB" if self._prefix else "off", self.threads,
+                 self.prefill_threads, PARALLEL_PROMPT_TOKENS)
         self._thread = threading.Thread(target=self._loop, name=f"lmwright-engine-{name}", daemon=True)
         self._thread.start()
 
@@ -388,6 +411,7 @@ class LocalEngine:
     def _loop(self) -> None:
         import torch
 
+        torch.set_num_threads(self.threads)  # this thread's own count (a thread starts with the process-wide one)
         with torch.inference_mode():
             while True:
                 with self._cv:
@@ -405,6 +429,20 @@ class LocalEngine:
                         except Exception as e:  # noqa: BLE001 - one bad batch must not kill the server
                             log.exception("engine step failed")
                             self._fail_all(f"{type(e).__name__}: {e}")
+
+    @contextmanager
+    def _prompt_threads(self, prompt_tokens: int):
+        """Run the enclosed step on ``prefill_threads`` if it computes PARALLEL_PROMPT_TOKENS prompt tokens or more."""
+        if prompt_tokens < PARALLEL_PROMPT_TOKENS or self.prefill_threads == self.threads:
+            yield
+            return
+        import torch
+
+        torch.set_num_threads(self.prefill_threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(self.threads)
 
     def _admit_phase(self) -> None:
         self._expire_and_cancel()
@@ -573,7 +611,8 @@ class LocalEngine:
         self._pick_chunks()
         if self._group and not self._active:
             group, self._group = self._group, []
-            self._run_prefill(group)
+            with self._prompt_threads(sum(len(s.ids) for _, s in group)):
+                self._run_prefill(group)
             if self._active:
                 self._pick_chunks()
 
@@ -676,7 +715,8 @@ class LocalEngine:
         pre_logits = None
         if group:
             try:
-                logits, pre_logits = self._lean.step(tokens, positions, ncols, [s for _, s in group])
+                with self._prompt_threads(sum(len(s.ids) for _, s in group)):
+                    logits, pre_logits = self._lean.step(tokens, positions, ncols, [s for _, s in group])
             except Exception:  # noqa: BLE001 - decode alone; the prompts are prefilled apart (isolating a bad one)
                 log.exception("decode + prefill step failed; running them apart")
                 logits = self._lean.decode(tokens, positions, ncols)
@@ -702,7 +742,8 @@ class LocalEngine:
         ids = torch.tensor([r.req.prompt_ids], device=self.device)  # (1, P)
         pos = torch.arange(ids.shape[1], device=self.device)[None]
         try:
-            out = self.model(input_ids=ids, position_ids=pos, past_key_values=DynamicCache(), use_cache=True)
+            with self._prompt_threads(ids.shape[1]):
+                out = self.model(input_ids=ids, position_ids=pos, past_key_values=DynamicCache(), use_cache=True)
         except Exception as e:  # noqa: BLE001 - this request fails alone; the running batch is untouched
             log.exception("prefill failed")
             self._fail_request_waiting(r, "error", f"{type(e).__name__}: {e}")

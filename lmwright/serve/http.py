@@ -45,6 +45,10 @@ class ServeConfig:
     prefix_cache_mb: float = opt(256.0, "builtin engine, Llama models: memory kept for finished prompts' KV, so a "
                                         "prompt starting with the same tokens (system prompt, earlier chat turns) "
                                         "runs only the rest; 0 = off")
+    threads: int = opt(0, "builtin engine: torch threads for decode steps (0 = torch's default, one per core; on a "
+                          "small machine shared with other work, fewer leave a core to the HTTP thread)")
+    prefill_threads: int = opt(0, "builtin engine: torch threads for steps with 64 or more prompt tokens (0 = every "
+                                  "core this process may use; never fewer than threads)")
     compile: bool = opt(False, "builtin engine, Llama models: torch.compile the decode step (compiled and "
                                "warmed up at start: seconds to a minute, cached afterwards)")
     weights: Literal["auto", "float32", "bfloat16", "int8"] = opt(
@@ -73,6 +77,9 @@ class ServeConfig:
             raise ConfigError("max_seqs must be >= 1 and queue_size >= 0")
         if not self.prefix_cache_mb >= 0:
             raise ConfigError(f"prefix_cache_mb must be >= 0 (0 turns it off), got {self.prefix_cache_mb}")
+        if self.threads < 0 or self.prefill_threads < 0:
+            raise ConfigError(f"threads and prefill_threads must be >= 0 (0 = the default), got {self.threads} and "
+                              f"{self.prefill_threads}")
         if not self.timeout_s > 0:
             raise ConfigError(f"timeout_s must be > 0 seconds, got {self.timeout_s}")
         if not self.read_timeout_s > 0:
@@ -224,7 +231,8 @@ def _app_state(engine_or_models: Any, cfg: ServeConfig, guardrails):
             # one engine per app (not LoadedModel.engine()): the app's limits apply, its shutdown stops it
             engines[name] = LocalEngine(m.model, m.tokenizer, max_seqs=cfg.max_seqs, queue_size=cfg.queue_size,
                                         timeout_s=cfg.timeout_s, name=name, prefill_chunk=cfg.prefill_chunk,
-                                        compile=cfg.compile, prefix_cache_mb=cfg.prefix_cache_mb)
+                                        compile=cfg.compile, prefix_cache_mb=cfg.prefix_cache_mb,
+                                        threads=cfg.threads or None, prefill_threads=cfg.prefill_threads or None)
         else:
             encoders[name] = m
     return AppState(cfg=cfg, api_key=api_key, models=models, engines=engines, encoders=encoders,

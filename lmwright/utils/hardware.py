@@ -27,6 +27,24 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+@functools.lru_cache(maxsize=1)
+def usable_cores() -> int:
+    """Physical cores this process may run on: the CPUs of its affinity mask, hyper-threads of one core counted
+    once (torch's own default thread count is one per physical core). Falls back to the CPU count."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+    cores = set()
+    for c in cpus:
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list", encoding="utf-8") as f:
+                cores.add(f.read().strip())
+        except OSError:
+            cores.add(str(c))
+    return max(1, len(cores))
+
+
 def cpu_has_native_bf16() -> bool:
     """avx512_bf16 or AMX: without them bf16 autocast on CPU is ~3x slower than fp32."""
     flags = cpu_flags()

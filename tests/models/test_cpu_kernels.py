@@ -282,6 +282,58 @@ def test_decode_attention_on_a_bf16_cache_is_the_fp32_arithmetic(rows, d, heads,
     assert torch.equal(kc.float(), kc32) and torch.equal(vc.float(), vc32)  # the same writes
 
 
+@needs_attention
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv,d", [(6, 2, 32), (9, 3, 64), (4, 4, 16)])
+def test_prefill_attention_matches_sdpa_per_prompt(dtype, heads, kv, d):
+    """Several prompts' rows in one call, each on its own buffer (a cached prefix before some, a buffer shorter than a
+    block of 16 columns, one longer than two): the keys and values land at each row's position, and each row attends
+    causally within its prompt, as the engine's per-prompt SDPA over a mask did."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(heads + d)
+    layers, lens, starts = 3, [20, 9, 40], [5, 0, 23]
+    bufs = [torch.randn(layers, 2, kv, n, d, generator=g).to(dtype) for n in lens]
+    counts = [n - s for n, s in zip(lens, starts)]
+    rows, step = ck.prefill_rows(bufs, counts)
+    pos = torch.tensor([s + j for s, n in zip(starts, counts) for j in range(n)])
+    r = sum(counts)
+    for layer in range(layers):
+        q = (torch.randn(r, heads, d, generator=g) * 3).to(dtype)
+        k, v = torch.randn(r, kv, d, generator=g).to(dtype), torch.randn(r, kv, d, generator=g).to(dtype)
+        ref_bufs = [b.clone() for b in bufs]
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(2)
+            two = ck.prefill_attention(q, k, v, rows + layer * step, pos, 0.3)
+            torch.set_num_threads(1)
+            out = ck.prefill_attention(q, k, v, rows + layer * step, pos, 0.3)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(two, out) and out.shape == (r, heads, d) and out.dtype == dtype
+        refs, o = [], 0
+        for rb, s, n in zip(ref_bufs, starts, counts):
+            rb[layer, 0, :, s:s + n] = k[o:o + n].transpose(0, 1)
+            rb[layer, 1, :, s:s + n] = v[o:o + n].transpose(0, 1)
+            mask = torch.arange(s + n)[None, :] <= (s + torch.arange(n))[:, None]
+            refs.append(F.scaled_dot_product_attention(
+                q[o:o + n].transpose(0, 1)[None].float(), rb[layer, 0][None, :, :s + n].float(),
+                rb[layer, 1][None, :, :s + n].float(), attn_mask=mask, scale=0.3, enable_gqa=True)[0].transpose(0, 1))
+            o += n
+        assert all(torch.equal(a, b) for a, b in zip(bufs, ref_bufs))  # the writes, and nothing else
+        tol = 1e-5 if dtype == torch.float32 else 2**-7
+        torch.testing.assert_close(out.float(), torch.cat(refs), rtol=tol, atol=tol)
+
+
+def test_prefill_rows_are_each_buffers_addresses():
+    a, b = torch.zeros(2, 2, 3, 10, 16), torch.zeros(2, 2, 3, 4, 16, dtype=torch.bfloat16)
+    rows, step = ck.prefill_rows([a, b], [2, 1])
+    assert rows.tolist() == [[a.data_ptr(), a[0, 1].data_ptr(), 10]] * 2 + [[b.data_ptr(), b[0, 1].data_ptr(), 4]]
+    assert (rows + step)[2].tolist() == [b[1, 0].data_ptr(), b[1, 1].data_ptr(), 4]  # layer 1
+    with pytest.raises(ValueError, match="contiguous"):
+        ck.prefill_rows([a.transpose(3, 4)], [1])
+
+
 def test_attention_usable_only_for_caches_it_takes():
     if ck.attention_kernel() is None:
         assert not ck.attention_usable(torch.zeros(2, 2, 8, 64), 4)

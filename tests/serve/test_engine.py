@@ -339,3 +339,52 @@ def test_first_token_is_sent_before_the_next_decode_step(lm, lean):
     finally:
         eng.shutdown(drain_timeout_s=1)
     assert len(steps_done) >= 2  # the other two tokens came from decode steps
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_prompt_heavy_steps_run_on_prefill_threads(lm, lean):
+    """A step computing PARALLEL_PROMPT_TOKENS or more prompt tokens runs on ``prefill_threads``, every other step
+    (decode, a short prompt) on ``threads``: a 16-prompt burst's mixed step is compute-bound and a second core
+    nearly halves its time to first token, while decode steps leave the other core to the HTTP thread. Before,
+    every step ran on the scheduler's one thread count."""
+    import torch
+
+    from lmwright.serve.engine import PARALLEL_PROMPT_TOKENS
+
+    eng = LocalEngine(lm.model, lm.tokenizer, max_seqs=4, lean=lean, threads=1, prefill_threads=2,
+                      prefix_cache_mb=0)
+    seen: list[tuple[int, int]] = []  # (tokens in the forward pass, torch threads at that time)
+    hook = lm.model.get_input_embeddings().register_forward_hook(
+        lambda mod, args, out: seen.append((args[0].numel(), torch.get_num_threads())))
+    try:
+        long_ids = (lm.prompt_ids(PROMPTS[1]) * 10)[:PARALLEL_PROMPT_TOKENS + 6]
+        short_ids = lm.prompt_ids(PROMPTS[0])
+        assert len(short_ids) < PARALLEL_PROMPT_TOKENS
+        greedy = SamplingParams(max_tokens=4, temperature=0, stop_token_ids=[])
+        long_out = [e.token_id for e in eng.generate_sync(long_ids, greedy) if e.token_id is not None]
+        eng.generate_sync(short_ids, greedy)
+    finally:
+        hook.remove()
+        eng.shutdown(drain_timeout_s=1)
+    assert (len(long_ids), 2) in seen  # the long prompt's prefill on both threads
+    assert (len(short_ids), 1) in seen  # the short one's on the decode count
+    assert {t for n, t in seen if n < PARALLEL_PROMPT_TOKENS} == {1}  # decode steps: one thread
+    alone = generate(lm.model, lm.tokenizer, long_ids, SamplingParams(max_tokens=4, temperature=0, stop_token_ids=[]))
+    assert long_out == alone.token_ids  # the thread count changes no token
+
+
+def test_engine_thread_counts_are_checked(lm):
+    from lmwright.config import ConfigError
+    from lmwright.serve.http import ServeConfig
+
+    with pytest.raises(ConfigError, match="threads must be a whole number >= 1"):
+        LocalEngine(lm.model, lm.tokenizer, threads=0)
+    with pytest.raises(ConfigError, match="prefill_threads must be a whole number >= 1"):
+        LocalEngine(lm.model, lm.tokenizer, prefill_threads=-2)
+    with pytest.raises(ConfigError, match="threads and prefill_threads must be >= 0"):
+        ServeConfig(model="x", prefill_threads=-1).check()
+    eng = LocalEngine(lm.model, lm.tokenizer, threads=2, prefill_threads=1)
+    try:
+        assert (eng.threads, eng.prefill_threads) == (2, 2)  # prefill never gets fewer threads than decode
+    finally:
+        eng.shutdown(drain_timeout_s=1)

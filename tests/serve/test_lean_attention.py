@@ -12,14 +12,20 @@ needs_kernel = pytest.mark.skipif(cpu_kernels.attention_kernel() is None,
                                   reason=f"lmwright's CPU kernel: {cpu_kernels.attention_unavailable_reason()}")
 
 
+def _load(lean: LeanLlama, prompts: list[list[int]]) -> list[int]:
+    """Prefill each prompt alone into slot 0, 1, ...: the greedy first tokens."""
+    firsts = []
+    for row, ids in enumerate(prompts):
+        buf = lean.new_buffer(len(ids))
+        firsts.append(int(lean.prefill([Segment(buf, 0, ids)])[0].argmax()))
+        lean.load_row(row, buf, len(ids))
+    return firsts
+
+
 def _decode(lean: LeanLlama, prompts: list[list[int]], steps: int):
     """Prefill each prompt into its slot, then ``steps`` batched greedy decode steps: (logits per step, tokens)."""
     with torch.inference_mode():
-        firsts = []
-        for row, ids in enumerate(prompts):
-            buf = lean.new_buffer(len(ids))
-            firsts.append(int(lean.prefill([Segment(buf, 0, ids)])[0].argmax()))
-            lean.load_row(row, buf, len(ids))
+        firsts = _load(lean, prompts)
         tokens, positions = torch.tensor(firsts), torch.tensor([len(p) for p in prompts])
         logits, out = [], [firsts]
         for _ in range(steps):
@@ -48,6 +54,34 @@ def test_kernel_decode_equals_sdpa_decode(lm):
         torch.testing.assert_close(on.k[i][:3, :, :40], off.k[i][:3, :, :40], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(on.v[i][:3, :, :40], off.v[i][:3, :, :40], rtol=1e-4, atol=1e-5)
         assert torch.equal(on.k[i][:3, :, 40:], off.k[i][:3, :, 40:])  # columns past every position: untouched
+
+
+@needs_kernel
+def test_kernel_mixed_step_equals_sdpa_step(lm):
+    """A step with decode rows and several prompts (one whole, one continuing after its first chunk): with the kernel,
+    every prompt row attends in one call per layer on its own buffer; without, one SDPA per prompt over a mask. Same
+    logits, same keys and values in the buffers."""
+    prompts = [lm.prompt_ids(q) for q in ("Hello there", "What is the capital of France? Answer briefly.", "2+2=")]
+    new = [lm.prompt_ids(q) for q in ("Once upon a time in a land far away", "The dog")]
+    results = []
+    for kernel in (True, False):
+        lean = LeanLlama(lm.model, max_seqs=4, max_context=256)
+        lean.attn_kernel = kernel and lean.attn_kernel
+        assert lean.attn_kernel is kernel
+        with torch.inference_mode():
+            firsts = _load(lean, prompts)
+            bufs = [lean.new_buffer(len(ids)) for ids in new]
+            lean.prefill([Segment(bufs[0], 0, new[0][:4])])  # a first chunk: the next one starts at column 4
+            positions = torch.tensor([len(p) for p in prompts])
+            lean.grow(int(positions.max()) + 2)
+            dec, pre = lean.step(torch.tensor(firsts), positions, int(positions.max()) + 1,
+                                 [Segment(bufs[0], 4, new[0][4:]), Segment(bufs[1], 0, new[1])])
+        results.append((dec, pre, [b.whole.clone() for b in bufs]))
+    (dec_on, pre_on, bufs_on), (dec_off, pre_off, bufs_off) = results
+    torch.testing.assert_close(dec_on, dec_off, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(pre_on, pre_off, rtol=1e-4, atol=1e-4)
+    for a, b in zip(bufs_on, bufs_off):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_compile_turns_the_kernel_off(lm, monkeypatch):
