@@ -23,6 +23,7 @@ SDPA it is in the attention's dtype.
 
 from __future__ import annotations
 
+import bisect
 import functools
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -111,13 +112,20 @@ class PrefixCache:
     at least the last prompt token is always run, for its logits. Entries are whole prefill buffers
     (per layer ``(1, kv_heads, prompt_len, head_dim)``, never written after the prompt finished), least
     recently used first out once ``max_bytes`` or ``max_entries`` would be exceeded; a prompt that is a prefix of a cached one
-    adds nothing, one that extends a cached one replaces it.
+    adds nothing, one that extends a cached one replaces it (so no key is a prefix of another).
+
+    The keys are also kept sorted: the key sharing the longest prefix with a prompt is one of the two that the prompt
+    falls between (a key sharing k tokens with it lies, in sorted order, no farther from it than any key sharing
+    fewer), so a lookup is a binary search and two comparisons, not one comparison per entry (256 entries of SmolLM2
+    chat prompts: 0.30 -> 0.004 ms alone; ~0.85 ms per prompt beside the HTTP thread in a 16-prompt burst, ~13 ms of
+    its time to first token); likewise the one cached prompt that a new one extends is the key just before it.
     """
 
     def __init__(self, max_bytes: int, max_entries: int = 256):
         self.max_bytes = int(max_bytes)
-        self.max_entries = max_entries  # a lookup compares the prompt with every entry: bounded for tiny models
+        self.max_entries = max_entries
         self.entries: OrderedDict[tuple[int, ...], list[tuple[Any, Any]]] = OrderedDict()
+        self._sorted: list[tuple[int, ...]] = []  # the keys of ``entries``, in order
         self.bytes = 0
 
     @staticmethod
@@ -126,15 +134,18 @@ class PrefixCache:
 
     def _drop(self, key: tuple[int, ...]) -> None:
         self.bytes -= self._nbytes(self.entries.pop(key))
+        del self._sorted[bisect.bisect_left(self._sorted, key)]
 
     def match(self, ids: list[int]) -> tuple[list[tuple[Any, Any]] | None, int]:
         """The cached buffer sharing the longest prefix with ``ids`` and how many of its columns to reuse
         (at most ``len(ids) - 1``), or (None, 0)."""
+        key = tuple(ids)
+        i = bisect.bisect_left(self._sorted, key)
         best, n = None, 0
-        for key in self.entries:
-            m = common_prefix_len(key, ids)
+        for near in self._sorted[max(0, i - 1):i + 1]:  # the keys just before and at (or after) the prompt
+            m = common_prefix_len(near, key)
             if m > n:
-                best, n = key, m
+                best, n = near, m
         n = min(n, len(ids) - 1)
         if best is None or n < 1:
             return None, 0
@@ -147,13 +158,15 @@ class PrefixCache:
         size = self._nbytes(buf)
         if size > self.max_bytes:
             return
-        for old in list(self.entries):
-            if len(old) >= len(key) and old[:len(key)] == key:  # already covered by a longer prompt
-                self.entries.move_to_end(old)
-                return
-            if old == key[:len(old)]:  # this prompt extends a cached one: it covers it
-                self._drop(old)
+        i = bisect.bisect_left(self._sorted, key)
+        if i < len(self._sorted) and self._sorted[i][:len(key)] == key:  # already covered by this (or a longer) prompt
+            self.entries.move_to_end(self._sorted[i])
+            return
+        if i and key[:len(self._sorted[i - 1])] == self._sorted[i - 1]:  # extends a cached prompt: it covers it
+            self._drop(self._sorted[i - 1])
+            i -= 1
         self.entries[key] = buf
+        self._sorted.insert(i, key)
         self.bytes += size
         while self.bytes > self.max_bytes or len(self.entries) > self.max_entries:
             self._drop(next(iter(self.entries)))

@@ -136,3 +136,25 @@ def test_prefix_cache_config_checked(lm):
 
     with pytest.raises(ConfigError, match="prefix_cache_mb"):
         ServeConfig(model="x", prefix_cache_mb=-5).check()
+
+
+def test_prefix_cache_lookup_equals_comparing_every_entry():
+    """The sorted-keys lookup finds as long a shared prefix as comparing the prompt with every entry did, and adding
+    keeps the rule that no key is a prefix of another (random prompts over a 3-word vocabulary: many shared
+    prefixes, prompts that extend or are covered by cached ones)."""
+    import random
+
+    rng = random.Random(0)
+    cache = PrefixCache(max_bytes=10**9, max_entries=40)
+    for _ in range(2000):
+        ids = [rng.randrange(3) for _ in range(rng.randrange(1, 9))]
+        best = max((common_prefix_len(k, ids) for k in cache.entries), default=0)
+        buf, n = cache.match(ids)
+        assert n == min(best, len(ids) - 1)
+        if n:
+            assert common_prefix_len(next(k for k, b in cache.entries.items() if b is buf), ids) >= n
+        cache.add(ids, _buf(len(ids)))
+        keys = list(cache.entries)
+        assert sorted(keys) == cache._sorted and len(keys) <= 40
+        assert not any(a != b and b[:len(a)] == a for a in keys for b in keys)
+        assert cache.bytes == sum(32 * len(k) for k in keys)
