@@ -143,6 +143,50 @@ static inline void tile_rows(const uint16_t* w, const uint32_t* xg, int64_t K2, 
     }
     for (int m = 0; m < MG; ++m) out[m] = acc[m];
 }
+
+// A few rows (a decode step's 1-4) against TQ tiles at once: TQ weight streams read side by side keep more lines
+// in flight from memory than one tile after another (with one row a tile is a single chain of products, each waiting
+// on its line), with a longer prefetch distance (PF_FEW) than the compute-bound 16-row groups need. Each output's sum
+// runs over p in the same order as in tile_rows, so a row's result does not change with its batch. SmolLM2's linears
+// for one row, 1 thread, same process: 20.5 -> 15.0 ms (one tile at a time: 2 rows 19.2 -> 14.9 ms).
+constexpr int PF_FEW = 8192;
+template <int MG, int TQ>
+static inline void tiles_rows(const uint16_t* w, int64_t tile_stride, const uint32_t* xg, int64_t K2, __m512* out) {
+    __m512 acc[TQ * MG];
+    for (int i = 0; i < TQ * MG; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < K2; ++p) {
+        __m512i xv[MG];
+        for (int m = 0; m < MG; ++m) xv[m] = _mm512_set1_epi32((int)xg[p * G + m]);
+        for (int q = 0; q < TQ; ++q) {
+            const uint16_t* wq = w + q * tile_stride + p * 2 * NT;
+            const __m512i wv = _mm512_loadu_si512((const void*)wq);
+            _mm_prefetch((const char*)wq + PF_FEW, _MM_HINT_T0);
+            for (int m = 0; m < MG; ++m) acc[q * MG + m] = dot2(acc[q * MG + m], wv, xv[m]);
+        }
+    }
+    for (int i = 0; i < TQ * MG; ++i) out[i] = acc[i];
+}
+
+// y (MG, N) for MG <= 4 rows: TQ tiles at a time (the last tiles one at a time), split over the threads
+template <int MG, int TQ>
+static void few_rows(const uint16_t* w, const uint32_t* xi, uint16_t* y, int64_t N, int64_t K2, int64_t tiles,
+                     int64_t nt) {
+    const int64_t groups = tiles / TQ, items = groups + tiles % TQ;
+    #pragma omp parallel for num_threads(nt) schedule(static) if(nt > 1)
+    for (int64_t i = 0; i < items; ++i) {
+        const int64_t t = i < groups ? i * TQ : groups * TQ + (i - groups), tq = i < groups ? TQ : 1;
+        const uint16_t* wt = w + t * NT * 2 * K2;
+        __m512 out[TQ * MG];
+        if (tq == TQ) tiles_rows<MG, TQ>(wt, NT * 2 * K2, xi, K2, out);
+        else tiles_rows<MG, 1>(wt, 0, xi, K2, out);
+        for (int64_t q = 0; q < tq; ++q) {
+            const int64_t tt = t + q, cols = N - tt * NT < NT ? N - tt * NT : NT;
+            const __mmask16 valid = (__mmask16)((1u << cols) - 1u);
+            for (int m = 0; m < MG; ++m)
+                _mm256_mask_storeu_epi16((void*)(y + m * N + tt * NT), valid, f2bf16(out[q * MG + m]));
+        }
+    }
+}
 #endif
 
 // y (M, N) bf16 = x (M, K) bf16 @ w.T with w given as tiles (Np/16, K2, 16, 2) of bf16 pairs (zero-padded: Np = N
@@ -162,6 +206,13 @@ extern "C" void kernel(const uint16_t* w, const uint16_t* x, uint16_t* y, int64_
         if (K % 2) dst[(K2 - 1) * G] = xr[K - 1];
     }
     const int64_t tiles = (N + NT - 1) / NT;
+    switch (M) {  // a few rows: several tiles side by side (see few_rows)
+        case 1: few_rows<1, 8>(w, xi.data(), y, N, K2, tiles, nt); return;
+        case 2: few_rows<2, 8>(w, xi.data(), y, N, K2, tiles, nt); return;
+        case 3: few_rows<3, 4>(w, xi.data(), y, N, K2, tiles, nt); return;
+        case 4: few_rows<4, 4>(w, xi.data(), y, N, K2, tiles, nt); return;
+        default: break;
+    }
     #pragma omp parallel for num_threads(nt) schedule(static) if(nt > 1)
     for (int64_t t = 0; t < tiles; ++t) {
         const uint16_t* wt = w + t * NT * 2 * K2;

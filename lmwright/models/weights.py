@@ -37,8 +37,8 @@ from lmwright.config import ConfigError
 
 WEIGHTS = ("auto", "float32", "bfloat16", "int8")
 BF16_MIN_SPEEDUP = 1.15  # bf16 must beat fp32 by this much at 1 row and at max_seqs rows to be chosen
-PROBE_VERSION = 4  # part of the cache key: bump when the probe measures something else (2: bf16 packed, 3: kernel,
-# 4: bf16 through the tiled kernel at every row count)
+PROBE_VERSION = 5  # part of the cache key: bump when the probe measures something else (2: bf16 packed, 3: kernel,
+# 4: bf16 through the tiled kernel at every row count, 5: its 1-4 row path reading several tiles side by side)
 _KEEP = "--weights float32 keeps the training precision"
 
 

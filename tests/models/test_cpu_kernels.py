@@ -143,11 +143,17 @@ def test_bf16_rows_do_not_depend_on_their_batch_or_threads():
         torch.set_num_threads(1)
         alone = torch.cat([ck.matmul(x[i:i + 1], t, 259) for i in range(37)])
         batch = ck.matmul(x, t, 259)
+        # 2-4 rows take the few-rows path (several tiles side by side; 259 outputs: whole groups of tiles and some
+        # left over), 5 or more the 16-row groups
+        few = {size: torch.cat([ck.matmul(x[i:i + size], t, 259) for i in range(0, 37, size)]) for size in (2, 3, 4, 5)}
         torch.set_num_threads(2)
         two = ck.matmul(x, t, 259)
+        two_alone = torch.cat([ck.matmul(x[i:i + 1], t, 259) for i in range(37)])
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(alone, batch) and torch.equal(batch, two)
+    assert torch.equal(alone, batch) and torch.equal(batch, two) and torch.equal(two_alone, alone)
+    for size, got in few.items():
+        assert torch.equal(got, batch), f"{size} rows at a time"
 
 
 def test_turned_off_by_environment(monkeypatch):
