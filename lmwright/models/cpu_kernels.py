@@ -199,6 +199,8 @@ extern "C" void kernel(const uint16_t* w, const uint16_t* x, uint16_t* y, int64_
     if (M == 0 || N == 0) return;
     const int64_t K2 = (K + 1) / 2, groups = (M + G - 1) / G;
     std::vector<uint32_t> xi(groups * K2 * G, 0);  // (groups, K2, 16 rows) bf16 pairs
+    // the activations regrouped by all threads (a prompt's 270 x 1536 took ~0.1 ms of the call alone on one)
+    #pragma omp parallel for num_threads(nt) schedule(static) if(nt > 1 && M >= 2 * G)
     for (int64_t m = 0; m < M; ++m) {
         const uint16_t* xr = x + m * K;
         uint32_t* dst = xi.data() + (m / G) * K2 * G + m % G;
