@@ -445,6 +445,8 @@ extern "C" void kernel(const int8_t* wq, const uint16_t* x, const uint16_t* scal
     std::vector<float> xs(groups * nb * G, 0.f);        // (groups, blocks, 8 rows)
     std::vector<int32_t> xc(groups * nb * G, 0);        // (groups, blocks, 8 rows): 128 x sum of the block's xq
     std::vector<uint8_t> bad(M, 0);
+    // the rows quantized by all threads (each writes only its own entries)
+    #pragma omp parallel for num_threads(nt) schedule(static) if(nt > 1 && M >= 4 * G)
     for (int64_t m = 0; m < M; ++m) {
         const int64_t g = m / G, r = m % G;
         for (int64_t b = 0; b < nb; ++b) {
