@@ -105,11 +105,11 @@ def test_q8_rows_do_not_depend_on_the_batch_or_threads():
     q = torch.randint(-127, 128, (272, 320), generator=g, dtype=torch.int8)
     scale = torch.rand(272, generator=g).bfloat16()
     t = ck.q8_tiles(q)
-    x = _wide_range_rows(19, 320, g)
+    x = _wide_range_rows(37, 320, g)  # 32 rows or more: quantized by both threads at 2
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        alone = torch.cat([ck.q8_matmul(x[i:i + 1], t, scale) for i in range(19)])
+        alone = torch.cat([ck.q8_matmul(x[i:i + 1], t, scale) for i in range(37)])
         batch = ck.q8_matmul(x, t, scale)
         torch.set_num_threads(2)
         two = ck.q8_matmul(x, t, scale)
