@@ -36,7 +36,9 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from lmwright.models import cpu_kernels
 from lmwright.models.attention import FP32_NAME
 
-ATTENTION_CLASSES = ("LlamaAttention",)
+# The decoders whose layers are Llama's as far as this module is concerned (q/k/v/o projections, with or without
+# biases, rotary, RMSNorms, a gated MLP, the model's norm and rotary embedding): model type -> attention class.
+LEAN_MODELS = {"llama": "LlamaAttention", "mistral": "MistralAttention", "qwen2": "Qwen2Attention"}
 
 
 def _base(model):
@@ -44,7 +46,9 @@ def _base(model):
 
 
 def lean_supported(model) -> bool:
-    """True for a (possibly peft-wrapped) ``LlamaForCausalLM`` using SDPA attention and no extras."""
+    """True for a (possibly peft-wrapped) Llama, Mistral or Qwen2 causal LM (``LEAN_MODELS``) using SDPA attention,
+    no extras, and full attention in every layer (a sliding window shorter than the context would hide columns
+    this path attends to: Mistral-7B v0.1's 4096, Qwen2 with ``use_sliding_window``)."""
     try:
         from transformers import PreTrainedModel
     except ImportError:  # pragma: no cover
@@ -54,12 +58,20 @@ def lean_supported(model) -> bool:
     inner = getattr(base, "model", None)
     if not isinstance(base, PreTrainedModel) or cfg is None or inner is None:
         return False
-    if getattr(cfg, "model_type", None) != "llama" or getattr(cfg, "_attn_implementation", None) not in ("sdpa", FP32_NAME):
+    attention = LEAN_MODELS.get(getattr(cfg, "model_type", None))
+    if attention is None or getattr(cfg, "_attn_implementation", None) not in ("sdpa", FP32_NAME):
         return False
     if getattr(cfg, "pretraining_tp", 1) != 1 or not hasattr(base, "lm_head"):
         return False
     layers = getattr(inner, "layers", None)
-    return bool(layers) and all(type(layer.self_attn).__name__ in ATTENTION_CLASSES for layer in layers)
+    if not layers or any(type(layer.self_attn).__name__ != attention for layer in layers):
+        return False
+    context = getattr(cfg, "max_position_embeddings", None) or 0
+    for layer in layers:  # Qwen2: per layer (None in its full-attention layers); Mistral: the config's
+        window = getattr(layer.self_attn, "sliding_window", getattr(cfg, "sliding_window", None))
+        if window is not None and window < context:
+            return False
+    return True
 
 
 @dataclass
