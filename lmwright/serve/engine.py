@@ -4,7 +4,7 @@ The built-in engine runs one scheduler thread that owns the model. Requests wait
 at every step boundary finished sequences leave the running batch and waiting ones join it
 (continuous batching).
 
-Llama-architecture models (Llama, Mistral, Qwen2: ``lean_supported``) take the lean path (``lmwright.serve.lean``): a preallocated slot KV cache (one row per
+Llama-architecture models (Llama, Mistral, Qwen2, Qwen3: ``lean_supported``) take the lean path (``lmwright.serve.lean``): a preallocated slot KV cache (one row per
 running sequence, column = position), the prompts of newly admitted requests packed into one sequence and
 run together with the running batch's decode step (one pass over the weights; at most ``prefill_chunk``
 prompt tokens per step, so a long prompt is prefilled over several steps while decoding goes on), one
@@ -242,7 +242,7 @@ class LocalEngine:
     max_seqs bounds the running batch (sequences, so a request with n=4 takes 4); queue_size bounds
     the requests waiting to join; both overflowing -> QueueFull.
 
-    Llama, Mistral and Qwen2 models (``lean_supported``) run the fast path of ``lmwright.serve.lean``: a
+    Llama, Mistral, Qwen2 and Qwen3 models (``lean_supported``) run the fast path of ``lmwright.serve.lean``: a
     preallocated slot KV cache, the newly admitted prompts packed and run with the running batch's decode
     step (at most ``prefill_chunk`` prompt tokens per step: longer prompts are prefilled a chunk per step
     while decoding goes on), one argmax for all greedy rows; ``compile=True`` compiles the decode step
@@ -287,7 +287,7 @@ class LocalEngine:
         self.stop_ids = default_stop_ids(tokenizer)
         self.device = next(model.parameters()).device
         if lean and not lean_supported(model):
-            raise ConfigError(f"the lean serving path supports Llama, Mistral and Qwen2 models with SDPA attention and "
+            raise ConfigError(f"the lean serving path supports Llama, Mistral, Qwen2 and Qwen3 models with SDPA attention and "
                               f"no sliding window shorter than the context; "
                               f"{type(model).__name__} is served with lean=False")
         self._lean = LeanLlama(model, max_seqs, self.max_context) if lean is not False and lean_supported(model) \
@@ -295,7 +295,7 @@ class LocalEngine:
         # lean path: finished prompts' KV, reused by later prompts that start with the same tokens
         self._prefix = PrefixCache(int(prefix_cache_mb * 2**20)) if self._lean is not None and prefix_cache_mb else None
         if compile and self._lean is None:
-            raise ConfigError("compile=True needs the lean path (a Llama, Mistral or Qwen2 model with SDPA attention)")
+            raise ConfigError("compile=True needs the lean path (a Llama, Mistral, Qwen2 or Qwen3 model with SDPA attention)")
         if compile:  # before the scheduler starts: no request pays the compile time
             import torch
 
@@ -600,7 +600,7 @@ class LocalEngine:
             self._fail_request_waiting(r, "error", f"{type(e).__name__}: {e}")
             return None
 
-    # ------------------------------------------------------------------ lean path (Llama, Mistral, Qwen2)
+    # ------------------------------------------------------------------ lean path (Llama, Mistral, Qwen2, Qwen3)
     def _admit_lean(self) -> None:
         """Move waiting requests that fit into the prefill queue and pick this step's prompt chunks.
 

@@ -37,8 +37,10 @@ from lmwright.models import cpu_kernels
 from lmwright.models.attention import FP32_NAME
 
 # The decoders whose layers are Llama's as far as this module is concerned (q/k/v/o projections, with or without
-# biases, rotary, RMSNorms, a gated MLP, the model's norm and rotary embedding): model type -> attention class.
-LEAN_MODELS = {"llama": "LlamaAttention", "mistral": "MistralAttention", "qwen2": "Qwen2Attention"}
+# biases, Qwen3's RMSNorm of each query and key head before the rotary, RMSNorms, a gated MLP, the model's norm and
+# rotary embedding): model type -> attention class.
+LEAN_MODELS = {"llama": "LlamaAttention", "mistral": "MistralAttention", "qwen2": "Qwen2Attention",
+               "qwen3": "Qwen3Attention"}
 
 
 def _base(model):
@@ -46,7 +48,7 @@ def _base(model):
 
 
 def lean_supported(model) -> bool:
-    """True for a (possibly peft-wrapped) Llama, Mistral or Qwen2 causal LM (``LEAN_MODELS``) using SDPA attention,
+    """True for a (possibly peft-wrapped) Llama, Mistral, Qwen2 or Qwen3 causal LM (``LEAN_MODELS``) using SDPA attention,
     no extras, and full attention in every layer (a sliding window shorter than the context would hide columns
     this path attends to: Mistral-7B v0.1's 4096, Qwen2 with ``use_sliding_window``)."""
     try:
@@ -268,8 +270,11 @@ class LeanLlama:
         b, t = x.shape[0], n_tokens
         a = layer.self_attn
         h = layer.input_layernorm(x)
-        q = a.q_proj(h).view(b, t, -1, self.head_dim).transpose(1, 2)
-        k = a.k_proj(h).view(b, t, -1, self.head_dim).transpose(1, 2)
+        q = a.q_proj(h).view(b, t, -1, self.head_dim)
+        k = a.k_proj(h).view(b, t, -1, self.head_dim)
+        if getattr(a, "q_norm", None) is not None:  # Qwen3: each head's query and key normalized, before the rotary
+            q, k = a.q_norm(q), a.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = a.v_proj(h).view(b, t, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, *pos)
         return q, k, v

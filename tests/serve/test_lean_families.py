@@ -1,5 +1,5 @@
-"""The engine's lean path beyond Llama: Mistral and Qwen2 (Qwen2.5) decoders are Llama's as far as it goes (Qwen2
-adds biases to q/k/v), so they are served by it, with the answers of HF ``generate()``; a sliding window shorter
+"""The engine's lean path beyond Llama: Mistral, Qwen2 (Qwen2.5) and Qwen3 decoders are Llama's as far as it goes
+(Qwen2 adds biases to q/k/v, Qwen3 a norm of each query / key head), so they are served by it, with the answers of HF ``generate()``; a sliding window shorter
 than the context keeps a model on the generic path."""
 
 from __future__ import annotations
@@ -34,13 +34,19 @@ def _tiny(family: str, tokenizer, **extra):
     return model.eval()
 
 
-@pytest.mark.parametrize("family,weights", [("qwen2", "float32"), ("mistral", "float32"), ("qwen2", "bfloat16")])
+@pytest.mark.parametrize("family,weights", [("qwen2", "float32"), ("mistral", "float32"), ("qwen2", "bfloat16"),
+                                            ("qwen3", "float32")])
 def test_qwen2_and_mistral_take_the_lean_path_with_generates_answers(lm, tmp_path, family, weights):
     from lmwright.serve.api import load
 
     model = _tiny(family, lm.tokenizer)
     if family == "qwen2":
         assert model.model.layers[0].self_attn.q_proj.bias.abs().sum() > 0
+    if family == "qwen3":  # its per-head query / key norms must matter too
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+                layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
     model.save_pretrained(tmp_path)
     lm.tokenizer.save_pretrained(tmp_path)
     served = load(tmp_path, name=family, weights=weights)
