@@ -35,7 +35,7 @@ def _tiny(family: str, tokenizer, **extra):
 
 
 @pytest.mark.parametrize("family,weights", [("qwen2", "float32"), ("mistral", "float32"), ("qwen2", "bfloat16"),
-                                            ("qwen3", "float32")])
+                                            ("qwen3", "float32"), ("qwen2", "int8")])
 def test_qwen2_and_mistral_take_the_lean_path_with_generates_answers(lm, tmp_path, family, weights):
     from lmwright.serve.api import load
 
