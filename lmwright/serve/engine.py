@@ -4,11 +4,11 @@ The built-in engine runs one scheduler thread that owns the model. Requests wait
 at every step boundary finished sequences leave the running batch and waiting ones join it
 (continuous batching).
 
-Llama-architecture models (Llama, Mistral, Qwen2, Qwen3: ``lean_supported``) take the lean path (``lmwright.serve.lean``): a preallocated slot KV cache (one row per
-running sequence, column = position), the prompts of newly admitted requests packed into one sequence and
-run together with the running batch's decode step (one pass over the weights; at most ``prefill_chunk``
-prompt tokens per step, so a long prompt is prefilled over several steps while decoding goes on), one
-argmax for every greedy row, optionally a ``torch.compile``'d decode step. Finished prompts' KV stays in a
+Llama-architecture models (Llama, Mistral, Qwen2, Qwen3: ``lean_supported``) take the lean path
+(``lmwright.serve.lean``): a preallocated slot KV cache (one row per running sequence, column = position), the
+prompts of newly admitted requests packed into one sequence and run together with the running batch's decode
+step (one pass over the weights; at most ``prefill_chunk`` prompt tokens per step, so a long prompt is prefilled
+over several steps while decoding goes on), one argmax for every greedy row, optionally a ``torch.compile``'d decode step. Finished prompts' KV stays in a
 prefix cache (``prefix_cache_mb``, least recently used out): a new prompt that starts with the same tokens
 (a system prompt, earlier turns of a chat) copies those columns and runs only the rest. Every prompt still
 sees exactly what it would see alone, and greedy outputs equal ``model.generate()``'s.
@@ -287,15 +287,16 @@ class LocalEngine:
         self.stop_ids = default_stop_ids(tokenizer)
         self.device = next(model.parameters()).device
         if lean and not lean_supported(model):
-            raise ConfigError(f"the lean serving path supports Llama, Mistral, Qwen2 and Qwen3 models with SDPA attention and "
-                              f"no sliding window shorter than the context; "
+            raise ConfigError(f"the lean serving path supports Llama, Mistral, Qwen2 and Qwen3 models with SDPA "
+                              f"attention and no sliding window shorter than the context; "
                               f"{type(model).__name__} is served with lean=False")
         self._lean = LeanLlama(model, max_seqs, self.max_context) if lean is not False and lean_supported(model) \
             else None
         # lean path: finished prompts' KV, reused by later prompts that start with the same tokens
         self._prefix = PrefixCache(int(prefix_cache_mb * 2**20)) if self._lean is not None and prefix_cache_mb else None
         if compile and self._lean is None:
-            raise ConfigError("compile=True needs the lean path (a Llama, Mistral, Qwen2 or Qwen3 model with SDPA attention)")
+            raise ConfigError("compile=True needs the lean path (a Llama, Mistral, Qwen2 or Qwen3 model with SDPA "
+                              "attention)")
         if compile:  # before the scheduler starts: no request pays the compile time
             import torch
 

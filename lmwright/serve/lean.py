@@ -1,4 +1,5 @@
-"""A lean forward for Llama-family decoders over a preallocated slot KV cache (the engine's fast path).
+"""A lean forward for Llama-architecture decoders (Llama, Mistral, Qwen2, Qwen3: ``LEAN_MODELS``) over a
+preallocated slot KV cache (the engine's fast path).
 
 The model's own modules do the work (embedding, RMSNorms, rotary embedding, q/k/v/o projections, MLP,
 LM head), so LoRA layers, biases and rope scaling apply exactly as in ``model.forward``; what is left
@@ -10,15 +11,15 @@ prompt), and the running batch's decode tokens with them (``step``), go through 
 as one sequence; attention runs per segment against that request's own prefill buffer (and per decode row
 against its slot), so every prompt sees exactly what it would see alone.
 
-Used only for models whose attention is the stock SDPA Llama attention (``lean_supported``); every other
-model is served through ``model.forward`` with a ``DynamicCache``.
+Used only for models whose layers are Llama's as far as this goes, with SDPA attention and no short sliding
+window (``lean_supported``); every other model is served through ``model.forward`` with a ``DynamicCache``.
 
 Decode rows attend through lmwright's CPU kernel (``lmwright.models.cpu_kernels.decode_attention``: one call per
 layer instead of SDPA over a mask), and so do the prompt rows of a step, every prompt on its own buffer
 (``prefill_attention``: one call per layer instead of an SDPA, a mask and two copies per prompt; a 16-prompt
 burst's step on SmolLM2 in bf16: 493 -> 428 ms at 1 thread, 293 -> 257 ms at 2), where it runs: an AVX-512 CPU,
-and not under ``torch.compile``, which cannot trace it. There the slot cache is in the model's dtype (bf16 keys and values held exactly, fp32 arithmetic); with
-SDPA it is in the attention's dtype.
+and not under ``torch.compile``, which cannot trace it. There the slot cache is in the model's dtype (bf16 keys and
+values held exactly, fp32 arithmetic); with SDPA it is in the attention's dtype.
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ def _base(model):
 
 
 def lean_supported(model) -> bool:
-    """True for a (possibly peft-wrapped) Llama, Mistral, Qwen2 or Qwen3 causal LM (``LEAN_MODELS``) using SDPA attention,
-    no extras, and full attention in every layer (a sliding window shorter than the context would hide columns
+    """True for a (possibly peft-wrapped) Llama, Mistral, Qwen2 or Qwen3 causal LM (``LEAN_MODELS``) using SDPA
+    attention, no extras, and full attention in every layer (a sliding window shorter than the context would hide columns
     this path attends to: Mistral-7B v0.1's 4096, Qwen2 with ``use_sliding_window``)."""
     try:
         from transformers import PreTrainedModel
@@ -125,8 +126,8 @@ class PrefixCache:
     the columns of a cached prompt are exactly what a new prompt with the same first tokens would compute;
     at least the last prompt token is always run, for its logits. Entries are whole prefill buffers
     (per layer ``(1, kv_heads, prompt_len, head_dim)``, never written after the prompt finished), least
-    recently used first out once ``max_bytes`` or ``max_entries`` would be exceeded; a prompt that is a prefix of a cached one
-    adds nothing, one that extends a cached one replaces it (so no key is a prefix of another).
+    recently used first out once ``max_bytes`` or ``max_entries`` would be exceeded; a prompt that is a prefix of a
+    cached one adds nothing, one that extends a cached one replaces it (so no key is a prefix of another).
 
     The keys are also kept sorted: the key sharing the longest prefix with a prompt is one of the two that the prompt
     falls between (a key sharing k tokens with it lies, in sorted order, no farther from it than any key sharing
