@@ -327,7 +327,7 @@ def build_ui(runs_dir: str | Path = "runs", guardrails: Guardrails | None = None
                 temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="temperature")
                 top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="top_p")
                 max_tokens = gr.Slider(1, 1024, value=128, step=1, label="max tokens")
-                seed = gr.Number(value=-1, precision=0, label="seed (-1 = random)")
+                seed = gr.Number(value=-1, precision=0, label="seed (-1 = random)", elem_id="seed")
             with gr.Row():
                 chat_a = gr.Chatbot(label="A", elem_id="chat_a")
                 chat_b = gr.Chatbot(label="B", elem_id="chat_b")

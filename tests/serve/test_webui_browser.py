@@ -104,6 +104,13 @@ def test_browser_chat_streams_an_answer(app_url, driver):
     _wait("the chat box", lambda: driver.find_elements(By.CSS_SELECTOR, "#msg textarea"), 30)
     _pick(driver, "run_a", "beta-run")
     _pick(driver, "run_b", "alpha-run")  # side by side: the same message to a second model
+    # a fixed seed: with the default random one the tiny model sometimes samples its end of text after 2-3 tokens,
+    # an answer too short to show streaming (seed 0: ~90 pieces)
+    seed = driver.find_element(By.CSS_SELECTOR, "#seed input")
+    seed.send_keys(Keys.CONTROL, "a")
+    seed.send_keys("0", Keys.TAB)
+    _wait("the seed set to 0", lambda: driver.find_element(By.CSS_SELECTOR, "#seed input").get_attribute("value")
+          == "0", 10)
     driver.execute_script(OBSERVE)
     box = driver.find_element(By.CSS_SELECTOR, "#msg textarea")
     box.send_keys("hello there")
@@ -132,6 +139,7 @@ def test_browser_chat_streams_an_answer(app_url, driver):
     # streamed: the page showed the answer at several lengths (markdown rendering may shrink it at times, so
     # count distinct lengths rather than demand growth); a reply sent in one piece shows one length
     assert len({n for n in prev if n > 0}) >= 3, f"the answer did not stream in: lengths seen {prev}"
+    assert max(prev) >= 50, f"seed 0's long answer did not arrive: lengths seen {prev}"
     assert driver.find_element(By.CSS_SELECTOR, "#msg textarea").get_attribute("value") == ""
 
 
