@@ -654,8 +654,12 @@ template <typename T> struct Rows {
     T *kc, *vc;
     const int64_t* rows;  // nullptr: decode slots
     int64_t KV, D, cap;
-    T* K(int64_t b, int64_t g) const { return rows ? (T*)rows[3 * b] + g * rows[3 * b + 2] * D : kc + (b * KV + g) * cap * D; }
-    T* V(int64_t b, int64_t g) const { return rows ? (T*)rows[3 * b + 1] + g * rows[3 * b + 2] * D : vc + (b * KV + g) * cap * D; }
+    T* K(int64_t b, int64_t g) const {
+        return rows ? (T*)rows[3 * b] + g * rows[3 * b + 2] * D : kc + (b * KV + g) * cap * D;
+    }
+    T* V(int64_t b, int64_t g) const {
+        return rows ? (T*)rows[3 * b + 1] + g * rows[3 * b + 2] * D : vc + (b * KV + g) * cap * D;
+    }
     int64_t columns(int64_t b) const { return rows ? rows[3 * b + 2] : cap; }
 };
 
@@ -672,7 +676,8 @@ static void attend(const T* q, const T* k, const T* v, const Rows<T>& at, const 
     #pragma omp parallel for num_threads(nt) schedule(static) if(nt > 1)
     for (int64_t bg = 0; bg < B * KV; ++bg) {
         const int64_t b = bg / KV, g = bg % KV, n = pos[b] + 1;
-        if (pos[b] < 0 || pos[b] >= at.columns(b)) {  // outside the cache: no write; nan outputs, which sampling refuses
+        // outside the cache (or the prompt's buffer): no write; nan outputs, which sampling refuses
+        if (pos[b] < 0 || pos[b] >= at.columns(b)) {
             for (int64_t hh = 0; hh < G; ++hh)
                 for (int64_t d = 0; d < D; d += 16) store16(out + (b * H + g * G + hh) * D + d, _mm512_set1_ps(NAN));
             continue;
@@ -735,7 +740,8 @@ static void attend(const T* q, const T* k, const T* v, const Rows<T>& at, const 
             if constexpr (sizeof(T) == 4) {
                 Kb = (const float*)(K + j * D);
             } else {
-                for (int64_t c = 0; c < (whole ? 16 : c16) * D; c += 16) _mm512_storeu_ps(&kf[c], load16(K + j * D + c));
+                for (int64_t c = 0; c < (whole ? 16 : c16) * D; c += 16)
+                    _mm512_storeu_ps(&kf[c], load16(K + j * D + c));
                 Kb = kf.data();
             }
             for (int64_t hh = 0; hh < G; ++hh) {

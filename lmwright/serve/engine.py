@@ -8,9 +8,10 @@ Llama-architecture models (Llama, Mistral, Qwen2, Qwen3: ``lean_supported``) tak
 (``lmwright.serve.lean``): a preallocated slot KV cache (one row per running sequence, column = position), the
 prompts of newly admitted requests packed into one sequence and run together with the running batch's decode
 step (one pass over the weights; at most ``prefill_chunk`` prompt tokens per step, so a long prompt is prefilled
-over several steps while decoding goes on), one argmax for every greedy row, optionally a ``torch.compile``'d decode step. Finished prompts' KV stays in a
-prefix cache (``prefix_cache_mb``, least recently used out): a new prompt that starts with the same tokens
-(a system prompt, earlier turns of a chat) copies those columns and runs only the rest. Every prompt still
+over several steps while decoding goes on), one argmax for every greedy row, optionally a ``torch.compile``'d
+decode step. Finished prompts' KV stays in a prefix cache (``prefix_cache_mb``, least recently used out): a new
+prompt that starts with the same tokens (a system prompt, earlier turns of a chat) copies those columns and runs
+only the rest. Every prompt still
 sees exactly what it would see alone, and greedy outputs equal ``model.generate()``'s.
 
 Every other model takes the generic path: a new request is prefilled alone (batch 1, no padding), then

@@ -50,8 +50,8 @@ def _base(model):
 
 def lean_supported(model) -> bool:
     """True for a (possibly peft-wrapped) Llama, Mistral, Qwen2 or Qwen3 causal LM (``LEAN_MODELS``) using SDPA
-    attention, no extras, and full attention in every layer (a sliding window shorter than the context would hide columns
-    this path attends to: Mistral-7B v0.1's 4096, Qwen2 with ``use_sliding_window``)."""
+    attention, no extras, and full attention in every layer (a sliding window shorter than the context would hide
+    columns this path attends to: Mistral-7B v0.1's 4096, Qwen2 with ``use_sliding_window``)."""
     try:
         from transformers import PreTrainedModel
     except ImportError:  # pragma: no cover

@@ -1,6 +1,6 @@
 """The engine's lean path beyond Llama: Mistral, Qwen2 (Qwen2.5) and Qwen3 decoders are Llama's as far as it goes
-(Qwen2 adds biases to q/k/v, Qwen3 a norm of each query / key head), so they are served by it, with the answers of HF ``generate()``; a sliding window shorter
-than the context keeps a model on the generic path."""
+(Qwen2 adds biases to q/k/v, Qwen3 a norm of each query / key head), so they are served by it, with the answers of
+HF ``generate()``; a sliding window shorter than the context keeps a model on the generic path."""
 
 from __future__ import annotations
 
