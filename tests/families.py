@@ -37,21 +37,25 @@ FAMILY_ATTENTION = {"gemma2": "eager"}
 FAMILY_NAMES = sorted(FAMILIES)
 
 
-def family_config(family: str, tokenizer) -> Any:
+def family_config(family: str, tokenizer, **overrides) -> Any:
     import transformers as tf
 
     cls, kwargs = FAMILIES[family]
     return getattr(tf, cls)(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **kwargs)
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            **{**kwargs, **overrides})
 
 
-def build_family_model(family: str, tokenizer, seed: int = 0, attn_implementation: str | None = None) -> Any:
-    """A random causal LM of ``family`` (float32, eval mode; attention: transformers' default for it)."""
+def build_family_model(family: str, tokenizer, seed: int = 0, attn_implementation: str | None = None,
+                       **overrides) -> Any:
+    """A random causal LM of ``family`` (float32, eval mode; attention: transformers' default for it); ``overrides``
+    change its config."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(family_config(family, tokenizer), attn_implementation=attn_implementation)
+    model = AutoModelForCausalLM.from_config(family_config(family, tokenizer, **overrides),
+                                             attn_implementation=attn_implementation)
     return model.eval()
 
 

@@ -663,15 +663,15 @@ template <typename T> struct Rows {
     int64_t columns(int64_t b) const { return rows ? rows[3 * b + 2] : cap; }
 };
 
-// q (B, H, D), k and v (B, KV, D) the step's new ones (nullptr: the keys and values are in place already, as for a
-// prompt's rows), where each row's keys and values live (Rows), pos (B,) each row's position; out (B, H, D).
+// q (B, H, D), where each row's keys and values live (Rows; the row's own key and value already written at its
+// position by write_rows), pos (B,) each row's position; out (B, H, D).
 // D % 16 == 0. T: float, or uint16_t for bf16 (q, k, v, the cache and out; the arithmetic is fp32 either way, out
 // rounded to bf16 once at the end). Per row and key/value head: the scores of its G query heads, 16 columns at a
 // time (a bf16 block of keys widened to fp32 once for the G heads), softmax per head, then the values weighed for
 // up to 4 heads per pass over them.
 template <typename T>
-static void attend(const T* q, const T* k, const T* v, const Rows<T>& at, const int64_t* pos, T* out, int64_t B,
-                   int64_t H, int64_t KV, int64_t D, float scale, int64_t nt) {
+static void attend(const T* q, const Rows<T>& at, const int64_t* pos, T* out, int64_t B, int64_t H, int64_t KV,
+                   int64_t D, float scale, int64_t nt) {
     const int64_t G = H / KV;  // query heads per key/value head
     #pragma omp parallel for num_threads(nt) schedule(static) if(nt > 1)
     for (int64_t bg = 0; bg < B * KV; ++bg) {
@@ -682,12 +682,8 @@ static void attend(const T* q, const T* k, const T* v, const Rows<T>& at, const 
                 for (int64_t d = 0; d < D; d += 16) store16(out + (b * H + g * G + hh) * D + d, _mm512_set1_ps(NAN));
             continue;
         }
-        T* K = at.K(b, g);
-        T* V = at.V(b, g);
-        if (k) {
-            std::memcpy(K + pos[b] * D, k + (b * KV + g) * D, D * sizeof(T));
-            std::memcpy(V + pos[b] * D, v + (b * KV + g) * D, D * sizeof(T));
-        }
+        const T* K = at.K(b, g);
+        const T* V = at.V(b, g);
         // the next row's (or head's) keys and values are fetched from memory meanwhile, a block for each of these
         const char *K1 = nullptr, *V1 = nullptr;
         int64_t pf = 0;  // bytes of each to fetch
@@ -791,10 +787,9 @@ static void attend(const T* q, const T* k, const T* v, const Rows<T>& at, const 
         }
     }
 }
-#endif
 
-// A prompt's rows: every row's key and value written at its position first (all of them: a row attends to the
-// columns of the rows before it in its prompt, which other threads may be writing), then the attention reads.
+// Every row's key and value written at its position first (all of them: a prompt's row attends to the columns of the
+// rows before it in its prompt, which other threads may be writing), then the attention reads.
 template <typename T>
 static void write_rows(const T* k, const T* v, const Rows<T>& at, const int64_t* pos, int64_t B, int64_t KV,
                        int64_t D, int64_t nt) {
@@ -807,6 +802,16 @@ static void write_rows(const T* k, const T* v, const Rows<T>& at, const int64_t*
     }
 }
 
+template <typename T>
+static void write_then_attend(const void* q, const void* k, const void* v, void* kc, void* vc, const int64_t* rows,
+                              const int64_t* pos, void* out, int64_t B, int64_t H, int64_t KV, int64_t D, int64_t cap,
+                              float scale, int64_t nt) {
+    const Rows<T> at{(T*)kc, (T*)vc, rows, KV, D, cap};
+    write_rows((const T*)k, (const T*)v, at, pos, B, KV, D, nt);
+    attend((const T*)q, at, pos, (T*)out, B, H, KV, D, scale, nt);
+}
+#endif
+
 // bf16 != 0: q, k, v, kc, vc and out hold bf16, else fp32. B < 0: a capability probe. prefill != 0: the rows are a
 // prompt's (or several prompts') tokens, rows (B, 3) gives each one's keys' and values' addresses and columns in its
 // prompt's buffer (kc and vc are not read); else the rows are decode slots 0..B-1 of kc / vc. Either way each row's
@@ -818,17 +823,9 @@ extern "C" void kernel(const void* q, const void* k, const void* v, void* kc, vo
 #ifdef HAVE_KERNEL
     if (B < 0) { ((uint16_t*)out)[0] = 1; return; }
     if (B == 0) return;
-    if (bf16) {
-        const Rows<uint16_t> at{(uint16_t*)kc, (uint16_t*)vc, prefill ? rows : nullptr, KV, D, cap};
-        if (prefill) write_rows((const uint16_t*)k, (const uint16_t*)v, at, pos, B, KV, D, nt);
-        attend((const uint16_t*)q, prefill ? nullptr : (const uint16_t*)k, prefill ? nullptr : (const uint16_t*)v, at,
-               pos, (uint16_t*)out, B, H, KV, D, scale, nt);
-    } else {
-        const Rows<float> at{(float*)kc, (float*)vc, prefill ? rows : nullptr, KV, D, cap};
-        if (prefill) write_rows((const float*)k, (const float*)v, at, pos, B, KV, D, nt);
-        attend((const float*)q, prefill ? nullptr : (const float*)k, prefill ? nullptr : (const float*)v, at, pos,
-               (float*)out, B, H, KV, D, scale, nt);
-    }
+    if (bf16) write_then_attend<uint16_t>(q, k, v, kc, vc, prefill ? rows : nullptr, pos, out, B, H, KV, D, cap,
+                                          scale, nt);
+    else write_then_attend<float>(q, k, v, kc, vc, prefill ? rows : nullptr, pos, out, B, H, KV, D, cap, scale, nt);
 #else
     if (B < 0) { ((uint16_t*)out)[0] = 0; return; }
 #endif

@@ -299,8 +299,6 @@ class LocalEngine:
             raise ConfigError("compile=True needs the lean path (a Llama, Mistral, Qwen2 or Qwen3 model with SDPA "
                               "attention)")
         if compile:  # before the scheduler starts: no request pays the compile time
-            import torch
-
             from lmwright.models.packed_linear import unpack_linears
 
             if unpack_linears(model):  # inductor can lower neither oneDNN's packed linear nor lmwright's kernel

@@ -13,25 +13,22 @@ from lmwright.config import ConfigError
 from lmwright.engine.sampling import SamplingParams
 from lmwright.serve.engine import LocalEngine
 from lmwright.serve.lean import lean_supported
+from tests.families import build_family_model
 
 from .conftest import scramble
 from .test_engine import PROMPTS, _hf_greedy
 
 
 def _tiny(family: str, tokenizer, **extra):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = AutoConfig.for_model(family, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                               max_position_embeddings=256, **extra)
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    """tests/families.py's ``family`` model with ``extra`` config changes, scrambled, its biases random too."""
+    model = build_family_model(family, tokenizer, attn_implementation="sdpa", **extra)
     scramble(model)
     with torch.no_grad():  # Qwen2's q/k/v biases (zero at init) must matter too
         g = torch.Generator().manual_seed(1)
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return model.eval()
+    return model
 
 
 @pytest.mark.parametrize("family,weights", [("qwen2", "float32"), ("mistral", "float32"), ("qwen2", "bfloat16"),
@@ -39,7 +36,7 @@ def _tiny(family: str, tokenizer, **extra):
 def test_qwen2_and_mistral_take_the_lean_path_with_generates_answers(lm, tmp_path, family, weights):
     from lmwright.serve.api import load
 
-    model = _tiny(family, lm.tokenizer)
+    model = _tiny(family, lm.tokenizer, sliding_window=None) if family == "mistral" else _tiny(family, lm.tokenizer)
     if family == "qwen2":
         assert model.model.layers[0].self_attn.q_proj.bias.abs().sum() > 0
     if family == "qwen3":  # its per-head query / key norms must matter too
@@ -72,7 +69,7 @@ def test_qwen2_and_mistral_take_the_lean_path_with_generates_answers(lm, tmp_pat
 
 
 @pytest.mark.parametrize("family,extra", [
-    ("mistral", {"sliding_window": 16}),
+    ("mistral", {}),  # tests/families.py's Mistral: an 8-token window
     ("qwen2", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1}),
 ])
 def test_a_short_sliding_window_keeps_the_generic_path(lm, family, extra):
